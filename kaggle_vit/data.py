@@ -257,7 +257,7 @@ def keep_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 
 def make_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Stratified, shuffled, seeded fold index for every row."""
+    """Stratified, shuffled, seeded fold number (1..n_folds) for every row."""
     from sklearn.model_selection import StratifiedKFold
 
     if n_folds < 2:
@@ -268,7 +268,7 @@ def make_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     folds = np.full(len(labels), -1, dtype=np.int64)
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for k, (_, valid) in enumerate(skf.split(np.zeros(len(labels)), labels)):
-        folds[valid] = k
+        folds[valid] = k + 1
     return folds
 
 
@@ -285,7 +285,7 @@ def load_or_make_folds(path: Path, labels: np.ndarray, n_folds: int, seed: int) 
     if path.exists():
         frame = pd.read_csv(path)
         same = len(frame) == len(labels) and np.array_equal(frame["label"].to_numpy(), labels)
-        if same and frame["fold"].max() + 1 == n_folds:
+        if same and frame["fold"].max() == n_folds:
             return frame["fold"].to_numpy(np.int64)
         raise KaggleVitError(f"{path}: saved folds do not match the data or --folds {n_folds}; delete it to re-split")
     folds = make_folds(labels, n_folds, seed)

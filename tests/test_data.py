@@ -112,8 +112,8 @@ def test_dataset_scales_to_unit_range(comp, small_spec):
 def test_folds_stratified_and_saved(comp, small_spec, tmp_path):
     labels = load_competition(small_spec, comp).train.labels
     folds = load_or_make_folds(tmp_path / "folds.csv", labels, 5, seed=3)
-    assert sorted(np.unique(folds)) == [0, 1, 2, 3, 4]
-    for k in range(5):
+    assert sorted(np.unique(folds)) == [1, 2, 3, 4, 5]
+    for k in range(1, 6):
         per_class = np.bincount(labels[folds == k], minlength=10)
         assert np.all(np.abs(per_class - np.bincount(labels) / 5) <= 1)
     assert np.array_equal(load_or_make_folds(tmp_path / "folds.csv", labels, 5, seed=99), folds)

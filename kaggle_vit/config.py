@@ -1,0 +1,161 @@
+"""TrainConfig: every training choice in one dataclass; presets; TOML load/save; overrides.
+
+Precedence, lowest first: the preset, then a `--config` TOML file, then command-line options.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import KaggleVitError
+from .io import write_text
+
+
+@dataclass
+class TrainConfig:
+    """Model, optimisation, augmentation and CV settings of one run."""
+
+    competition: str = "digit-recognizer"
+    model: str = "kvit_pico_patch7_28"
+    # architecture overrides (None: the registered variant's value)
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    stem_channels: int | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.05
+    # optimisation
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    # augmentation (albumentations, applied to uint8 training images only)
+    aug: str = "affine"  # "rotate", "affine" (rotation + scale + shift) or "none"
+    rotate: float = 10.0
+    scale: float = 0.1
+    shift: float = 0.1
+    # cross-validation and runtime
+    folds: int = 5
+    seed: int = 42
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = -1  # -1: chosen from the CPU count
+    eval_batch_size: int = 1024
+    compile: bool = False
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Architecture keywords given explicitly (not None), for timm.create_model."""
+        names = ("patch_size", "embed_dim", "depth", "num_heads", "stem_channels")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+    def fingerprint(self) -> str:
+        """Short hash of the settings that change results (not device, workers or fold count to run)."""
+        skip = {"device", "num_workers", "eval_batch_size"}
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Chosen by measurement on a 2-core laptop-class CPU: see README's results table.
+    "cpu": {},
+    # An H100-class GPU: a wider, deeper model, bigger batches, more epochs.
+    "gpu": {"model": "kvit_small_patch4_28", "epochs": 30, "batch_size": 512, "lr": 2e-3,
+            "drop_path_rate": 0.1, "warmup_epochs": 2.0},
+}
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    if name not in _FIELDS:
+        raise KaggleVitError(f"{source}: unknown setting '{name}' (known: {', '.join(sorted(_FIELDS))})")
+    default = getattr(TrainConfig(), name)
+    kind = type(default) if default is not None else int
+    if value is None:
+        return None
+    try:
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise KaggleVitError(f"{source}: setting '{name}' = {value!r} should be {kind.__name__}") from None
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    """A copy of `cfg` with `values` applied (None means 'not given' and is skipped)."""
+    clean = {k: _coerce(k, v, source) for k, v in values.items() if v is not None}
+    return dataclasses.replace(cfg, **clean)
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Read a run TOML (flat keys, or under [train]); 'preset' may name a preset."""
+    if not path.is_file():
+        raise KaggleVitError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise KaggleVitError(f"{path}: invalid TOML: {error}") from None
+    return dict(data.get("train", data))
+
+
+def resolve_config(preset: str | None = None, config_file: Path | None = None, **cli: Any) -> TrainConfig:
+    """Preset, then TOML file, then CLI options (None = not given) → one TrainConfig."""
+    from_file = load_toml(config_file) if config_file else {}
+    name = cli.pop("preset_name", None) or preset or from_file.pop("preset", None) or "cpu"
+    from_file.pop("preset", None)
+    if name not in PRESETS:
+        raise KaggleVitError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
+    cfg = apply_overrides(TrainConfig(), PRESETS[name], f"preset {name}")
+    cfg = apply_overrides(cfg, from_file, str(config_file))
+    cfg = apply_overrides(cfg, cli, "command line")
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Reject settings that cannot work, before anything trains."""
+    if cfg.aug not in ("rotate", "affine", "none"):
+        raise KaggleVitError(f"aug must be rotate, affine or none, got '{cfg.aug}'")
+    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
+        raise KaggleVitError(f"amp must be auto, bf16, fp16 or off, got '{cfg.amp}'")
+    for name in ("epochs", "batch_size", "folds"):
+        if getattr(cfg, name) < 1:
+            raise KaggleVitError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if not cfg.lr > 0:
+        raise KaggleVitError(f"lr must be positive, got {cfg.lr}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise TypeError(value)
+
+
+def to_toml(cfg: TrainConfig, header: str = "") -> str:
+    """The config as TOML that `--config` reads back unchanged (None values are left out)."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for key, value in dataclasses.asdict(cfg).items():
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def save_config(cfg: TrainConfig, path: Path, header: str = "") -> Path:
+    """Write the resolved config as TOML, atomically."""
+    return write_text(path, to_toml(cfg, header))

@@ -1,0 +1,173 @@
+"""Stratified k-fold cross-validation: folds → engine.fit → run directory with OOF and test probabilities.
+
+A fold is finished when its `result.json` exists (written last); a fold with only `state.pt`
+resumes from its last completed epoch. Every file is written atomically, so a kill at any
+moment loses at most the epoch in progress.
+"""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .competition import CompetitionSpec
+from .config import TrainConfig, save_config, to_toml
+from .data import CompetitionData, load_or_make_folds, save_folds
+from .engine import NoProgress, Progress, amp_for, fit, predict_logits, select_device
+from .errors import KaggleVitError
+from .io import atomic_path, read_json, write_json
+from .models import build, model_kwargs
+from .report import plot_curves
+
+
+@dataclass(frozen=True)
+class CVResult:
+    """Per-fold summaries and, when every fold is done, the out-of-fold scores."""
+
+    run_dir: Path
+    folds: list[dict]
+    n_folds: int
+    oof_acc: float | None
+    oof_loss: float | None
+    trained: list[int]
+
+    @property
+    def complete(self) -> bool:
+        return self.oof_acc is not None
+
+
+def default_run_dir(cfg: TrainConfig, spec: CompetitionSpec, runs_root: Path = Path("runs")) -> Path:
+    """runs/COMPETITION/MODEL-HASH: the same settings land in the same folder, so a rerun resumes."""
+    return runs_root / spec.name / f"{cfg.model}-{cfg.fingerprint()}"
+
+
+def git_hash() -> str:
+    """The package's git commit, or 'unknown' outside a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, spec: CompetitionSpec) -> None:
+    """Record the resolved config; refuse a folder that holds a run with different settings."""
+    config_path = run_dir / "config.toml"
+    if config_path.exists():
+        from .config import load_toml
+
+        saved = load_toml(config_path)
+        mine = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+        differing = [k for k in ("model", "epochs", "batch_size", "lr", "folds", "seed", "patch_size", "embed_dim",
+                                 "depth", "drop_rate", "aug") if saved.get(k) != mine.get(k)]
+        if differing:
+            raise KaggleVitError(f"{config_path}: this run was made with other settings ({', '.join(differing)}); "
+                                 f"choose another --run-dir")
+        return
+    header = f"kaggle-vit {__version__} (git {git_hash()}), competition spec {spec.path}"
+    save_config(cfg, config_path, header)
+
+
+def _fold_done(run_dir: Path, fold: int) -> bool:
+    return (run_dir / f"fold{fold}" / "result.json").exists()
+
+
+def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
+               progress: Progress, on_epoch=None) -> dict:
+    """Train one fold and write its checkpoint, history, validation and test probabilities."""
+    spec, fold_dir = data.spec, run_dir / f"fold{fold}"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    images, labels = data.train.images, data.train.labels
+    kwargs = model_kwargs(cfg, spec)
+    model = build(cfg.model, kwargs)
+    progress.start_fold(fold, cfg.folds)
+    result = fit(model, (images[tr], labels[tr]), (images[va], labels[va]), cfg, seed=cfg.seed + fold,
+                 state_path=fold_dir / "state.pt", progress=progress, on_epoch=on_epoch)
+    checkpoint = {"model": cfg.model, "kwargs": kwargs, "state_dict": result.best_state, "fold": fold,
+                  "competition": spec.name, "input_size": (spec.channels, spec.height, spec.width),
+                  "num_classes": spec.num_classes, "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]}
+    with atomic_path(fold_dir / "model.pt") as tmp:
+        torch.save(checkpoint, tmp)
+    device = select_device(cfg.device)
+    model.load_state_dict(result.best_state)
+    t0 = time.perf_counter()
+    test_probs = predict_logits(model, data.test.images, device, amp_for(cfg.amp, device), cfg.eval_batch_size).softmax(1)
+    with atomic_path(fold_dir / "test_probs.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, test_probs.numpy().astype(np.float32))
+    with atomic_path(fold_dir / "valid_probs.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, rows=va, probs=result.valid_probs.astype(np.float32))
+    history = pd.DataFrame(result.history)
+    with atomic_path(fold_dir / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+    best = result.history[result.best_epoch - 1]
+    summary = {"fold": fold, "best_epoch": result.best_epoch, "valid_acc": best["valid_acc"],
+               "valid_loss": best["valid_loss"], "train_seconds": result.train_seconds,
+               "test_predict_seconds": time.perf_counter() - t0,
+               "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
+               "amp": result.amp, "device": str(device), "epochs": len(result.history)}
+    write_json(fold_dir / "result.json", summary)
+    (fold_dir / "state.pt").unlink(missing_ok=True)
+    progress.end_fold(summary)
+    return summary
+
+
+def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds: int) -> tuple[float, float]:
+    """Gather every fold's validation probabilities into oof.csv; return OOF accuracy and loss."""
+    labels, n_classes = data.train.labels, data.spec.num_classes
+    probs = np.zeros((len(labels), n_classes), dtype=np.float32)
+    for fold in range(1, n_folds + 1):
+        with np.load(run_dir / f"fold{fold}" / "valid_probs.npz") as z:
+            probs[z["rows"]] = z["probs"]
+    pred = probs.argmax(1)
+    frame = pd.DataFrame({"row": np.arange(len(labels)), "label": labels, "fold": folds, "pred": pred})
+    frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"prob_{c}" for c in range(n_classes)])], axis=1)
+    with atomic_path(run_dir / "oof.csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    acc = float((pred == labels).mean())
+    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    return acc, loss
+
+
+def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: list[int] | None = None,
+           progress: Progress | None = None, on_epoch=None, runs_root: Path | None = None) -> CVResult:
+    """Train every fold not yet finished (or only `only_folds`), then write OOF scores and curves."""
+    progress = progress or NoProgress()
+    spec = data.spec
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_run_dir(run_dir, cfg, spec)
+    shared = (runs_root or run_dir.parent) / f"folds-k{cfg.folds}-seed{cfg.seed}.csv"
+    folds = load_or_make_folds(shared, data.train.labels, cfg.folds, cfg.seed)
+    if not (run_dir / "folds.csv").exists():
+        save_folds(run_dir / "folds.csv", folds, data.train.labels)
+    wanted = only_folds or list(range(1, cfg.folds + 1))
+    bad = [k for k in wanted if not 1 <= k <= cfg.folds]
+    if bad:
+        raise KaggleVitError(f"--fold {bad[0]}: folds are numbered 1..{cfg.folds}")
+    trained = []
+    for fold in wanted:
+        if not _fold_done(run_dir, fold):
+            train_fold(cfg, data, folds, fold, run_dir, progress, on_epoch)
+            trained.append(fold)
+    summaries = [read_json(run_dir / f"fold{k}" / "result.json") for k in range(1, cfg.folds + 1) if _fold_done(run_dir, k)]
+    oof_acc = oof_loss = None
+    if len(summaries) == cfg.folds:
+        oof_acc, oof_loss = _write_oof(run_dir, data, folds, cfg.folds)
+    histories = {s["fold"]: pd.read_csv(run_dir / f"fold{s['fold']}" / "history.csv").to_dict("records") for s in summaries}
+    if histories:
+        plot_curves(histories, run_dir / "curves.png")
+    metrics = {"competition": spec.name, "model": cfg.model, "folds": summaries, "n_folds": cfg.folds,
+               "oof_acc": oof_acc, "oof_loss": oof_loss,
+               "train_seconds": sum(s["train_seconds"] for s in summaries),
+               "test_predict_seconds": sum(s["test_predict_seconds"] for s in summaries),
+               "version": __version__, "git": git_hash(), "config": to_toml(cfg)}
+    write_json(run_dir / "metrics.json", metrics)
+    return CVResult(run_dir, summaries, cfg.folds, oof_acc, oof_loss, trained)

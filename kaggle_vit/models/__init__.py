@@ -1,0 +1,55 @@
+"""Model factory: our registered ViTs and timm's reference ViTs, shaped to the competition."""
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+from torch import nn
+
+from ..competition import CompetitionSpec
+from ..config import TrainConfig
+from ..errors import KaggleVitError
+from . import vit  # noqa: F401  (registers the kvit_* family with timm)
+from .vit import KaggleViT
+
+__all__ = ["KaggleViT", "create_model", "fitting_patch_size", "model_kwargs"]
+
+
+def fitting_patch_size(spec: CompetitionSpec) -> int:
+    """The divisor of the image nearest a 7×7 patch grid (4 for 28×28): timm ViTs' 16 fits no MNIST."""
+    sizes = spec.patch_sizes(limit=min(spec.height, spec.width))
+    if not sizes:
+        raise KaggleVitError(f"{spec.path}: {spec.height}x{spec.width} has no patch size > 1 that divides it")
+    return min(sizes, key=lambda p: abs(spec.height / p - 7))
+
+
+def model_kwargs(cfg: TrainConfig, spec: CompetitionSpec) -> dict[str, Any]:
+    """Keyword arguments for timm.create_model: the competition's shape plus the config's choices."""
+    if cfg.model not in timm.list_models():
+        raise KaggleVitError(f"unknown model '{cfg.model}' (ours: {', '.join(timm.list_models('kvit*'))}; or a timm ViT)")
+    kwargs: dict[str, Any] = dict(
+        num_classes=spec.num_classes, in_chans=spec.channels, img_size=(spec.height, spec.width),
+        drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
+        **cfg.model_overrides(),
+    )
+    if not cfg.model.startswith("kvit"):
+        if "stem_channels" in kwargs:
+            raise KaggleVitError(f"stem_channels applies to kvit models only, not '{cfg.model}'")
+        kwargs.setdefault("patch_size", fitting_patch_size(spec))
+    patch = kwargs.get("patch_size")
+    if patch is not None and (spec.height % patch or spec.width % patch):
+        raise KaggleVitError(f"patch_size {patch} does not divide {spec.height}x{spec.width}; use one of {spec.patch_sizes()}")
+    return kwargs
+
+
+def create_model(cfg: TrainConfig, spec: CompetitionSpec) -> nn.Module:
+    """Build the config's model for the competition (no pretrained weights: nothing is downloaded)."""
+    return build(cfg.model, model_kwargs(cfg, spec))
+
+
+def build(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """timm.create_model with a clear error for impossible shapes."""
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (ValueError, TypeError, AssertionError) as error:
+        raise KaggleVitError(f"cannot build {name} with {kwargs}: {error}") from None

@@ -1,0 +1,234 @@
+"""KaggleViT: a compact Vision Transformer for small images, registered with timm.
+
+Conv patch embedding (optionally after a small conv stem), a class token, learned position
+embeddings, pre-norm blocks of multi-head self-attention (fused `scaled_dot_product_attention`)
+and an MLP, dropout and stochastic depth, and a linear head on the class token. Shared parts
+(MLP, DropPath, initialisers) come from `timm.layers`, as in timm's own ViT.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; fused kernel in training, explicit weights when asked for."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.attn_drop = num_heads, attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        weights = None
+        if return_attention:
+            weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+            x = weights @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c))), weights
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)), each with drop path."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y, weights = self.attn(self.norm1(x), return_attention)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x))), weights
+
+
+def conv_stem(in_chans: int, channels: int, patch_size: int) -> tuple[nn.Module, int]:
+    """3×3 conv + BN + GELU layers taking the patch size's factors of 2 with stride 2, as in
+    "Early convolutions help transformers see better" (Xiao et al., 2021), or one stride-1 layer
+    for an odd patch size. Returns the stem and the stride left for the patch convolution."""
+    downs = (patch_size & -patch_size).bit_length() - 1  # how many times 2 divides the patch size
+    layers, c_in = [], in_chans
+    for _ in range(max(1, downs)):
+        layers += [nn.Conv2d(c_in, channels, 3, stride=2 if downs else 1, padding=1, bias=False),
+                   nn.BatchNorm2d(channels), nn.GELU()]
+        c_in = channels
+    return nn.Sequential(*layers), patch_size >> downs
+
+
+class KaggleViT(nn.Module):
+    """Vision Transformer for small images; hyper-parameters as keywords, timm-style."""
+
+    def __init__(
+        self,
+        *,
+        img_size: int | Sequence[int] = 28,
+        patch_size: int = 4,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        embed_dim: int = 192,
+        depth: int = 6,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        stem_channels: int = 0,
+        global_pool: str = "token",
+    ):
+        super().__init__()
+        h, w = _pair(img_size)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide the {h}x{w} image")
+        self.img_size, self.patch_size, self.in_chans = (h, w), patch_size, in_chans
+        self.num_classes, self.embed_dim, self.num_features = num_classes, embed_dim, embed_dim
+        self.global_pool = global_pool
+        self.grid_size = (h // patch_size, w // patch_size)
+        self.stem, rest = conv_stem(in_chans, stem_channels, patch_size) if stem_channels else (nn.Identity(), patch_size)
+        self.patch_embed = nn.Conv2d(stem_channels or in_chans, embed_dim, rest, stride=rest)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1] + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, r) for r in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW should not decay (timm's convention)."""
+        return {"pos_embed", "cls_token"}
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head, e.g. to fine-tune on a competition with another class count."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Token features after the final norm: (B, 1 + patches, embed_dim)."""
+        x = self._tokens(x)
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Attention weights of every block, each (B, heads, tokens, tokens), for visualisation."""
+        x, maps = self._tokens(x), []
+        for block in self.blocks:
+            x, weights = block(x, return_attention=True)
+            maps.append(weights)
+        return maps
+
+
+def _cfg(**overrides) -> dict:
+    return {
+        "url": "", "num_classes": 10, "input_size": (1, 28, 28), "fixed_input_size": True,
+        "mean": (0.5,), "std": (0.5,), "interpolation": "bilinear", "crop_pct": 1.0,
+        "first_conv": "patch_embed", "classifier": "head", "license": "mit", **overrides,
+    }
+
+
+# Defined above the registered functions: timm reads it when each is decorated.
+default_cfgs = generate_default_cfgs({
+    "kvit_pico_patch7_28.untrained": _cfg(),
+    "kvit_pico_patch4_28.untrained": _cfg(),
+    "kvit_nano_patch4_28.untrained": _cfg(),
+    "kvit_tiny_patch4_28.untrained": _cfg(),
+    "kvit_small_patch4_28.untrained": _cfg(),
+    "kvit_base_patch4_28.untrained": _cfg(),
+})
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> KaggleViT:
+    if pretrained:
+        raise ValueError(f"{variant}: no pretrained weights exist; train it with kaggle-vit cv")
+    return build_model_with_cfg(KaggleViT, variant, pretrained=False, **kwargs)
+
+
+def _variant(variant: str, arch: dict, kwargs: dict) -> KaggleViT:
+    return _create(variant, **{**arch, **kwargs})
+
+
+@register_model
+def kvit_pico_patch7_28(pretrained: bool = False, **kwargs) -> KaggleViT:
+    """The CPU default: a 4×4 patch grid (16 tokens), width 64, depth 4, 4 heads, conv stem of 16."""
+    return _variant("kvit_pico_patch7_28", dict(patch_size=7, embed_dim=64, depth=4, num_heads=4, stem_channels=16), kwargs)
+
+
+@register_model
+def kvit_pico_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
+    """A 7×7 patch grid (49 tokens), width 64, depth 4, 4 heads, conv stem of 16 channels."""
+    return _variant("kvit_pico_patch4_28", dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, stem_channels=16), kwargs)
+
+
+@register_model
+def kvit_nano_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
+    """Width 96, depth 6, 4 heads, conv stem of 24 channels."""
+    return _variant("kvit_nano_patch4_28", dict(patch_size=4, embed_dim=96, depth=6, num_heads=4, stem_channels=24), kwargs)
+
+
+@register_model
+def kvit_tiny_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
+    """Width 192, depth 6, 3 heads, conv stem of 32 channels."""
+    return _variant("kvit_tiny_patch4_28", dict(patch_size=4, embed_dim=192, depth=6, num_heads=3, stem_channels=32), kwargs)
+
+
+@register_model
+def kvit_small_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
+    """Width 256, depth 8, 8 heads, conv stem of 32 channels: a GPU model."""
+    return _variant("kvit_small_patch4_28", dict(patch_size=4, embed_dim=256, depth=8, num_heads=8, stem_channels=32), kwargs)
+
+
+@register_model
+def kvit_base_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
+    """Width 384, depth 9, 6 heads, conv stem of 48 channels: the most accurate, for GPUs."""
+    return _variant("kvit_base_patch4_28", dict(patch_size=4, embed_dim=384, depth=9, num_heads=6, stem_channels=48), kwargs)

@@ -1,0 +1,72 @@
+"""Progress displays for training: a rich live bar, or one plain line per fold for notebooks and CI."""
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class RichProgress:
+    """Fold, epoch, loss, accuracy, images/s and time left, live in the terminal."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+        self.bar = Progress(
+            TextColumn("[bold]fold {task.fields[fold]}/{task.fields[folds]}[/] epoch {task.fields[epoch]}"),
+            BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  val acc {task.fields[acc]}  {task.fields[ips]:.0f} img/s"),
+            TimeRemainingColumn(), console=self.console, transient=True,
+        )
+        self.task = None
+        self.fold, self.folds = 0, 0
+        self.t0, self.images, self.last_acc = 0.0, 0, "-"
+
+    def start_fold(self, fold: int, folds: int) -> None:
+        self.fold, self.folds, self.last_acc = fold, folds, "-"
+        self.bar.start()
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.t0, self.images = time.perf_counter(), 0
+        self.task = self.bar.add_task("", total=steps, fold=self.fold, folds=self.folds,
+                                      epoch=f"{epoch}/{epochs}", loss=0.0, acc=self.last_acc, ips=0.0)
+
+    def step(self, loss: float, images: int) -> None:
+        self.images += images
+        ips = self.images / max(1e-9, time.perf_counter() - self.t0)
+        self.bar.update(self.task, advance=1, loss=loss, ips=ips)
+
+    def end_epoch(self, record: dict) -> None:
+        self.last_acc = f"{100 * record['valid_acc']:.2f}%"
+        self.console.print(
+            f"fold {self.fold} epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
+            f"acc {100 * record['train_acc']:.2f}% | valid loss {record['valid_loss']:.4f} "
+            f"acc {self.last_acc} | {record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s",
+            highlight=False,
+        )
+
+    def end_fold(self, summary: dict) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+            self.task = None
+        self.bar.stop()
+
+
+class LineProgress:
+    """Quiet mode: one line per finished fold, nothing live."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console()
+
+    def start_fold(self, fold: int, folds: int) -> None: ...
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
+    def step(self, loss: float, images: int) -> None: ...
+    def end_epoch(self, record: dict) -> None: ...
+
+    def end_fold(self, summary: dict) -> None:
+        self.console.print(
+            f"fold {summary['fold']}: valid acc {100 * summary['valid_acc']:.2f}% (epoch {summary['best_epoch']}), "
+            f"{summary['train_seconds']:.0f}s", highlight=False,
+        )
