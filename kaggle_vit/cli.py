@@ -162,6 +162,202 @@ def cv(
         out.print(f"folds done: {done or 'none'} of {result.n_folds}; OOF scores appear when all are done")
 
 
+def _run_dir(spec: CompetitionSpec, run_dir: Optional[Path]) -> Path:
+    from .submit import latest_run
+
+    return run_dir if run_dir is not None else latest_run(spec)
+
+
+@app.command()
+@user_errors
+def submit(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A cv run folder (default: the competition's latest).")] = None,
+    competition: CompetitionOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the submission.")] = Path("submission.csv"),
+    folds: Annotated[Optional[str], typer.Option("--folds", help="Folds to ensemble, e.g. 1,3 (default: all).")] = None,
+    tta: Annotated[int, typer.Option("--tta", help="Test-time augmentation: N views (the image and N-1 small rotations).")] = 1,
+    weighting: Annotated[str, typer.Option("--weighting", help="mean, or oof (weight folds by validation accuracy).")] = "mean",
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Ensemble the finished folds even if some are missing.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda.")] = "auto",
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Average the fold models' probabilities on test.csv and write a validated submission.csv."""
+    from .submit import make_submission
+
+    spec = load_spec(competition or "digit-recognizer")
+    data = load_data(spec, data_dir)
+    run = _run_dir(spec, run_dir)
+    result = make_submission(run, data, output, _parse_folds(folds), weighting, tta, allow_missing, device)
+    weights = ", ".join(f"{k}: {w:.3f}" for k, w in zip(result.folds, result.weights))
+    out.print(f"wrote [cyan]{result.path}[/] ({len(data.test):,} rows) from {run}")
+    out.print(f"  folds {result.folds} ({weighting} weights {weights}), tta {tta}")
+    out.print("  predicted class counts: " + ", ".join(f"{spec.class_names[c]}: {n}" for c, n in result.class_counts.items()))
+
+
+@app.command()
+@user_errors
+def score(
+    submission_file: Annotated[Path, typer.Argument(help="The submission CSV to score.")],
+    solution: Annotated[Optional[Path], typer.Option("--solution", help="Answer key (default: the offline build's solution.csv).")] = None,
+    competition: CompetitionOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Run whose OOF accuracy to show (default: latest).")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Score a submission against a solution file: the local private leaderboard."""
+    from .submit import fold_scores, latest_run, run_folds, score_submission
+
+    spec = load_spec(competition or "digit-recognizer")
+    solution = solution or data_dir_for(spec, data_dir) / spec.solution_file
+    accuracy = score_submission(submission_file, solution, spec)
+    out.print(f"{submission_file}: {spec.metric} [bold]{100 * accuracy:.3f}%[/] on {solution}")
+    try:
+        run = run_dir or latest_run(spec)
+        from .io import read_json
+
+        oof = read_json(run / "metrics.json").get("oof_acc")
+        done = sorted(run_folds(run)[1])
+        if oof is not None:
+            out.print(f"  OOF accuracy of {run}: {100 * oof:.3f}% ({len(done)} folds)")
+        singles = fold_scores(run, load_data(spec, data_dir), solution, done)
+        best = max(singles, key=singles.get)
+        out.print("  single folds on the same rows: " + ", ".join(f"fold {k}: {100 * a:.3f}%" for k, a in singles.items())
+                  + f" (best: fold {best})")
+    except KaggleVitError:
+        pass
+
+
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A cv run folder (default: the competition's latest).")] = None,
+    competition: CompetitionOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Write PNGs into the run folder: curves, OOF confusion matrix, predictions, mistakes, attention maps."""
+    from .report import make_report
+
+    spec = load_spec(competition or "digit-recognizer")
+    data = load_data(spec, data_dir)
+    for path in make_report(_run_dir(spec, run_dir), data):
+        out.print(f"wrote [cyan]{path}[/]")
+
+
+@app.command()
+@user_errors
+def tune(
+    competition: CompetitionOpt = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="Trials for this worker to run.")] = 20,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop starting trials after this many seconds.")] = None,
+    n_jobs: Annotated[int, typer.Option("--n-jobs", help="Trials at once in this process (threads).")] = 1,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help="Epochs per trial.")] = None,
+    tune_folds: Annotated[int, typer.Option("--tune-folds", help="Folds each trial trains (of --folds).")] = 1,
+    folds: Annotated[Optional[int], typer.Option("--folds", help="How the data is split (default 5).")] = None,
+    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Default: kvit-COMPETITION.")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="sqlite:///... (default, in the runs folder) or postgresql://...")] = None,
+    pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none.")] = "median",
+    space: Annotated[Optional[Path], typer.Option("--space", help="TOML search space overriding the default.")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu: the base config.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Base config TOML.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Default: runs/COMPETITION/tune-STUDY.")] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Optuna search over patch size, depth, dropout, learning rate and width, pruning weak trials."""
+    from rich.table import Table
+
+    from .config import resolve_config
+    from .tune import load_space, run_tune
+
+    base = resolve_config(preset, config, competition=competition, epochs=epochs, folds=folds, device=device)
+    spec = load_spec(base.competition)
+    data = load_data(spec, data_dir)
+    name = study_name or f"kvit-{spec.name}"
+    target = out_dir or Path("runs") / spec.name / f"tune-{name}"
+    result = run_tune(data, base, target, storage, name, trials, timeout, n_jobs, tune_folds, pruner,
+                      load_space(space) if space else None)
+    states = [t.state.name.lower() for t in result.study.trials]
+    counts = {s: states.count(s) for s in sorted(set(states))}
+    table = Table(title=f"study {name}: {len(states)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    for col in ("trial", "valid acc", "params"):
+        table.add_column(col)
+    done = [t for t in result.study.trials if t.value is not None]
+    for t in sorted(done, key=lambda t: -t.value)[:5]:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        table.add_row(str(t.number), f"{100 * t.value:.2f}%", params)
+    out.print(table)
+    if result.best_path:
+        out.print(f"best config: [cyan]{result.best_path}[/] (kaggle-vit cv --config {result.best_path})")
+    for path in result.plots:
+        out.print(f"wrote [cyan]{path}[/]")
+
+
+@app.command()
+@user_errors
+def notebook(
+    competition: CompetitionOpt = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Default: notebooks/COMPETITION.ipynb.")] = None,
+) -> None:
+    """Write a Kaggle notebook that carries the whole package and runs offline: CV, plots, submission."""
+    from .notebook import write_notebook
+
+    spec = load_spec(competition or "digit-recognizer")
+    path = write_notebook(spec, output or Path("notebooks") / f"{spec.name}.ipynb")
+    out.print(f"wrote [cyan]{path}[/] ({path.stat().st_size / 1024:.0f} KiB)")
+
+
+@app.command()
+@user_errors
+def bench(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A kvit_* model (default: the preset's).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: auto).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b")] = None,
+    rounds: Annotated[int, typer.Option("--rounds", help="Interleaved timing rounds (medians reported).")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    competition: CompetitionOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Images/s of our ViT vs timm's VisionTransformer of the same shape, and of the data pipeline."""
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    from .bench import bench_data, bench_models, timm_twin
+    from .config import resolve_config
+    from .models import create_model
+
+    cfg = resolve_config(preset, None, competition=competition, model=model, device=device, batch_size=batch_size)
+    spec = load_spec(cfg.competition)
+    ours = create_model(cfg, spec)
+    if not hasattr(ours, "attention_maps"):
+        raise KaggleVitError(f"--model {cfg.model}: bench compares a kvit_* model with timm's twin")
+    same_shape = create_model(dataclasses.replace(cfg, stem_channels=0), spec)
+    contenders = {f"{cfg.model}": ours, "kvit, no stem (same shape as timm)": same_shape, "timm VisionTransformer": timm_twin(ours)}
+    rows = bench_models(contenders, cfg, rounds=rounds)
+    data = load_data(spec, data_dir)
+    rows.append(bench_data(data.train.images, data.train.labels, cfg))
+    rate = {(r.name, r.mode): r.images_per_s for r in rows}
+    ratio = rate[("kvit, no stem (same shape as timm)", "train")] / rate[("timm VisionTransformer", "train")]
+    data_ratio = rows[-1].images_per_s / rate[(cfg.model, "train")]
+    if as_json:
+        out.print_json(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "train_ratio_vs_timm": ratio,
+                                   "data_vs_train_ratio": data_ratio, "device": cfg.device, "batch_size": cfg.batch_size}))
+        return
+    table = Table(title=f"images/s, median of {rounds} interleaved rounds (batch {cfg.batch_size})")
+    for col in ("contender", "mode", "images/s"):
+        table.add_column(col, justify="right" if col == "images/s" else "left")
+    for r in rows:
+        table.add_row(r.name, r.mode, f"{r.images_per_s:,.0f}")
+    out.print(table)
+    out.print(f"training throughput, ours / timm (same shape): [bold]{ratio:.2f}[/]; "
+              f"data pipeline / training step: [bold]{data_ratio:.1f}x[/]")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

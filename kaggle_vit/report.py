@@ -1,9 +1,11 @@
-"""Plots a competitor looks at: training curves (more views arrive with `kaggle-vit report`)."""
+"""Plots a competitor looks at: curves, confusion matrix, prediction grids, attention rollout."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -33,3 +35,108 @@ def plot_curves(histories: dict[int, list[dict]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_confusion(labels: np.ndarray, preds: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """Confusion matrix of out-of-fold predictions (counts; the diagonal is correct)."""
+    n = len(class_names)
+    matrix = np.bincount(labels * n + preds, minlength=n * n).reshape(n, n)
+    fig, ax = plt.subplots(figsize=(0.55 * n + 2.5, 0.55 * n + 2))
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    ax.imshow(off, cmap="Reds")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="black" if i != j else "tab:green", fontweight="bold" if i == j else "normal")
+    ax.set(xticks=range(n), yticks=range(n), xticklabels=class_names, yticklabels=class_names,
+           xlabel="predicted", ylabel="true",
+           title=f"OOF confusion matrix: {100 * np.trace(matrix) / matrix.sum():.2f}% correct of {matrix.sum():,}")
+    return _save(fig, path)
+
+
+def _image(img: np.ndarray) -> np.ndarray:
+    """(C, H, W) uint8 → something imshow draws: (H, W) for grey, (H, W, C) for colour."""
+    return img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+
+
+def plot_grid(images: np.ndarray, titles: list[str], path: Path, suptitle: str, cols: int = 10,
+              colors: list[str] | None = None) -> Path:
+    """A grid of uint8 (N, C, H, W) images, each with its own title (labels, predictions)."""
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(_image(images[i]), cmap="gray")
+            ax.set_title(titles[i], fontsize=8, color=(colors[i] if colors else "black"))
+    fig.suptitle(suptitle, fontsize=10)
+    return _save(fig, path)
+
+
+def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): heads averaged, residual added, layers multiplied.
+    Returns the class token's attention to each patch, (B, patches)."""
+    rollout = None
+    for attn in maps:
+        a = attn.mean(dim=1)
+        a = a + torch.eye(a.shape[-1], device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    return rollout[:, 0, 1:]
+
+
+def plot_attention(model, images: np.ndarray, labels: list[str], path: Path) -> Path:
+    """Each image beside its attention-rollout map over the patches (a kvit model's attention)."""
+    from .data import to_float
+
+    model.eval()
+    x = to_float(torch.from_numpy(images)).to(next(model.parameters()).device)
+    rollout = attention_rollout(model.attention_maps(x)).float().cpu()
+    gh, gw = model.grid_size
+    heat = rollout.reshape(-1, 1, gh, gw)
+    heat = torch.nn.functional.interpolate(heat, size=images.shape[-2:], mode="nearest")[:, 0].numpy()
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(_image(images[i]), cmap="gray")
+        axes[0, i].set_title(labels[i], fontsize=8)
+        axes[1, i].imshow(_image(images[i]), cmap="gray")
+        axes[1, i].imshow(heat[i], cmap="inferno", alpha=0.6)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.suptitle("attention rollout from the class token to the patches (bright: attended)", fontsize=10)
+    return _save(fig, path)
+
+
+def make_report(run_dir: Path, data, n_images: int = 30, n_attention: int = 8) -> list[Path]:
+    """Write every view of a run into its folder: curves, OOF confusion, test predictions, OOF mistakes, attention."""
+    import pandas as pd
+
+    from .submit import choose_folds, fold_test_probs, load_fold_model
+
+    spec, names = data.spec, list(data.spec.class_names)
+    folds = choose_folds(run_dir, None, allow_missing=True)
+    histories = {k: pd.read_csv(run_dir / f"fold{k}" / "history.csv").to_dict("records") for k in folds}
+    written = [plot_curves(histories, run_dir / "curves.png")]
+    test_probs = np.mean([fold_test_probs(run_dir, k, data, 1) for k in folds], axis=0)
+    pred = test_probs.argmax(1)[:n_images]
+    titles = [f"id {i}: {names[p]} ({100 * test_probs[j, p]:.0f}%)" for j, (i, p) in enumerate(zip(data.test.ids, pred))]
+    written.append(plot_grid(data.test.images[:n_images], titles, run_dir / "test_predictions.png",
+                             f"first {n_images} test images with the fold ensemble's predicted label", cols=6))
+    oof_path = run_dir / "oof.csv"
+    if oof_path.exists():
+        oof = pd.read_csv(oof_path)
+        labels, preds = oof["label"].to_numpy(), oof["pred"].to_numpy()
+        written.append(plot_confusion(labels, preds, names, run_dir / "confusion.png"))
+        wrong = np.flatnonzero(labels != preds)[:n_images]
+        titles = [f"true {names[labels[r]]}, pred {names[preds[r]]}" for r in wrong]
+        written.append(plot_grid(data.train.images[wrong], titles, run_dir / "mistakes.png",
+                                 f"OOF mistakes: {len(np.flatnonzero(labels != preds))} of {len(labels):,} rows "
+                                 f"(first {len(wrong)} shown)", cols=6, colors=["tab:red"] * len(wrong)))
+    model = load_fold_model(run_dir, next(iter(folds)), spec)
+    if hasattr(model, "attention_maps"):
+        idx = np.arange(n_attention)
+        labels = [f"train row {r + 1}: {names[data.train.labels[r]]}" for r in idx]
+        written.append(plot_attention(model, data.train.images[idx], labels, run_dir / "attention.png"))
+    return written

@@ -1,0 +1,181 @@
+"""Fold ensemble → submission.csv, validated before it is written; scoring against a solution file."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .competition import CompetitionSpec
+from .data import CompetitionData, _read_csv, load_sample_ids
+from .engine import amp_for, predict_logits, select_device
+from .errors import KaggleVitError
+from .io import atomic_path, read_json
+from .models import build
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `make_submission` wrote and from which folds."""
+
+    path: Path
+    folds: list[int]
+    weights: list[float]
+    class_counts: dict[int, int]
+    fold_test_probs: dict[int, np.ndarray]
+    probs: np.ndarray
+
+
+def latest_run(spec: CompetitionSpec, runs_root: Path = Path("runs")) -> Path:
+    """The most recently updated run of a competition that has at least one finished fold."""
+    runs = [p.parent for p in (runs_root / spec.name).glob("*/metrics.json")]
+    if not runs:
+        raise KaggleVitError(f"{runs_root / spec.name}: no runs yet; run kaggle-vit cv first")
+    return max(runs, key=lambda p: (p / "metrics.json").stat().st_mtime)
+
+
+def run_folds(run_dir: Path) -> tuple[int, dict[int, dict]]:
+    """Fold count of a run and the summaries of its finished folds."""
+    metrics = run_dir / "metrics.json"
+    if not metrics.exists():
+        raise KaggleVitError(f"{run_dir}: not a kaggle-vit run (no metrics.json)")
+    n_folds = int(read_json(metrics)["n_folds"])
+    done = {k: read_json(run_dir / f"fold{k}" / "result.json") for k in range(1, n_folds + 1)
+            if (run_dir / f"fold{k}" / "result.json").exists()}
+    return n_folds, done
+
+
+def choose_folds(run_dir: Path, wanted: list[int] | None, allow_missing: bool) -> dict[int, dict]:
+    """The finished folds to ensemble; a missing one is an error unless `allow_missing`."""
+    n_folds, done = run_folds(run_dir)
+    wanted = wanted or list(range(1, n_folds + 1))
+    missing = [k for k in wanted if k not in done]
+    if missing and not allow_missing:
+        raise KaggleVitError(f"{run_dir}: fold(s) {missing} not finished; finish them with kaggle-vit cv, "
+                             f"choose --folds, or pass --allow-missing to use fewer")
+    chosen = {k: done[k] for k in wanted if k in done}
+    if not chosen:
+        raise KaggleVitError(f"{run_dir}: no finished folds among {wanted}")
+    return chosen
+
+
+def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> torch.nn.Module:
+    """A fold's best model, refusing one trained for another image size or class count."""
+    ckpt = torch.load(run_dir / f"fold{fold}" / "model.pt", map_location="cpu", weights_only=False)
+    want = ((spec.channels, spec.height, spec.width), spec.num_classes)
+    if (tuple(ckpt["input_size"]), ckpt["num_classes"]) != want:
+        raise KaggleVitError(f"{run_dir}/fold{fold}/model.pt: trained on {tuple(ckpt['input_size'])} images with "
+                             f"{ckpt['num_classes']} classes, but {spec.name} has {want[0]} and {want[1]}")
+    model = build(ckpt["model"], ckpt["kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def tta_angles(n: int, max_degrees: float = 8.0) -> list[float]:
+    """n rotation angles spread evenly in ±max_degrees, the unrotated image first."""
+    if n <= 1:
+        return [0.0]
+    return [0.0] + [float(a) for a in np.linspace(-max_degrees, max_degrees, n - 1 + (n - 1) % 2) if a != 0][: n - 1]
+
+
+def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int, device: str = "auto") -> np.ndarray:
+    """A fold model's test probabilities: saved by cv, or recomputed with `tta` rotations."""
+    saved = run_dir / f"fold{fold}" / "test_probs.npy"
+    if tta <= 1 and saved.exists():
+        probs = np.load(saved)
+        if probs.shape == (len(data.test), data.spec.num_classes):
+            return probs
+    from .augment import rotation_transform
+
+    model, dev = load_fold_model(run_dir, fold, data.spec), select_device(device)
+    model.to(dev)
+    amp = amp_for("auto", dev)
+    total = np.zeros((len(data.test), data.spec.num_classes), dtype=np.float64)
+    angles = tta_angles(tta)
+    for angle in angles:
+        images = data.test.images
+        if angle:
+            rot = rotation_transform(angle)
+            images = np.stack([rot(image=im.transpose(1, 2, 0))["image"].reshape(im.shape[1:] + (im.shape[0],))
+                               for im in images]).transpose(0, 3, 1, 2)
+            images = np.ascontiguousarray(images)
+        total += predict_logits(model, images, dev, amp).softmax(1).numpy()
+    return (total / len(angles)).astype(np.float32)
+
+
+def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids: np.ndarray, source: str) -> np.ndarray:
+    """Check columns, row count, ids (unique, matching the sample) and labels; return the labels."""
+    id_col, label_col = spec.submission_columns
+    if list(frame.columns) != [id_col, label_col]:
+        raise KaggleVitError(f"{source}: row 0: columns {list(frame.columns)}, expected {[id_col, label_col]}")
+    for col in (id_col, label_col):
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = values.isna() | (values != values.round())
+        if bad.any():
+            r = int(np.argmax(bad.to_numpy()))
+            raise KaggleVitError(f"{source}: row {r + 1}, column '{col}': '{frame[col].iloc[r]}' is not an integer")
+    ids, labels = frame[id_col].to_numpy(np.int64), frame[label_col].to_numpy(np.int64)
+    dup = pd.Series(ids).duplicated().to_numpy()
+    if dup.any():
+        r = int(np.argmax(dup))
+        raise KaggleVitError(f"{source}: row {r + 1}, column '{id_col}': duplicate id {ids[r]}")
+    if len(ids) != len(expected_ids):
+        absent = sorted(set(expected_ids.tolist()) - set(ids.tolist()))[:1]
+        what = f"; id {absent[0]} is missing" if absent else ""
+        raise KaggleVitError(f"{source}: {len(ids)} rows, expected {len(expected_ids)}{what}")
+    mismatch = ids != expected_ids
+    if mismatch.any():
+        r = int(np.argmax(mismatch))
+        raise KaggleVitError(f"{source}: row {r + 1}, column '{id_col}': id {ids[r]}, expected {expected_ids[r]}")
+    out_of_range = (labels < 0) | (labels >= spec.num_classes)
+    if out_of_range.any():
+        r = int(np.argmax(out_of_range))
+        raise KaggleVitError(f"{source}: row {r + 1}, column '{label_col}': label {labels[r]} is outside 0..{spec.num_classes - 1}")
+    return labels
+
+
+def make_submission(run_dir: Path, data: CompetitionData, output: Path, folds: list[int] | None = None,
+                    weighting: str = "mean", tta: int = 1, allow_missing: bool = False, device: str = "auto") -> Submission:
+    """Average the chosen folds' test probabilities (plain or OOF-accuracy-weighted) and write the submission."""
+    spec = data.spec
+    if weighting not in ("mean", "oof"):
+        raise KaggleVitError(f"--weighting must be mean or oof, got '{weighting}'")
+    chosen = choose_folds(run_dir, folds, allow_missing)
+    for k in chosen:
+        load_fold_model(run_dir, k, spec)  # refuses mismatched image sizes or class counts before any work
+    per_fold = {k: fold_test_probs(run_dir, k, data, tta, device) for k in chosen}
+    raw = np.array([chosen[k]["valid_acc"] if weighting == "oof" else 1.0 for k in chosen], dtype=np.float64)
+    weights = raw / raw.sum()
+    probs = sum(w * per_fold[k] for w, k in zip(weights, chosen))
+    labels = probs.argmax(1)
+    sample_ids = load_sample_ids(data.data_dir / spec.sample_submission_file, spec)
+    frame = pd.DataFrame({spec.submission_columns[0]: data.test.ids, spec.submission_columns[1]: labels})
+    validate_submission(frame, spec, sample_ids, str(output))
+    with atomic_path(output) as tmp:
+        frame.to_csv(tmp, index=False)
+    counts = dict(sorted(Counter(labels.tolist()).items()))
+    return Submission(output, list(chosen), weights.tolist(), counts, per_fold, probs)
+
+
+def read_submission(path: Path, spec: CompetitionSpec, expected_ids: np.ndarray) -> np.ndarray:
+    """Read and validate a submission file; return its labels in id order."""
+    return validate_submission(_read_csv(Path(path)), spec, expected_ids, str(path))
+
+
+def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) -> float:
+    """The competition metric (accuracy) of a submission against a solution file."""
+    truth = _read_csv(Path(solution))
+    if list(truth.columns[:2]) != list(spec.submission_columns):
+        raise KaggleVitError(f"{solution}: row 0: columns {list(truth.columns)}, expected {list(spec.submission_columns)}")
+    ids = truth[spec.submission_columns[0]].to_numpy(np.int64)
+    labels = read_submission(submission, spec, ids)
+    return float((labels == truth[spec.submission_columns[1]].to_numpy(np.int64)).mean())
+
+
+def fold_scores(run_dir: Path, data: CompetitionData, solution: Path, folds: list[int]) -> dict[int, float]:
+    """Held-out accuracy of each single fold model (from its saved test probabilities)."""
+    truth = _read_csv(solution)[data.spec.submission_columns[1]].to_numpy(np.int64)
+    return {k: float((fold_test_probs(run_dir, k, data, 1).argmax(1) == truth).mean()) for k in folds}

@@ -1,0 +1,200 @@
+"""Optuna search over the ViT's shape and training: a thin layer over `cv.run_cv`.
+
+Each trial samples a TrainConfig, trains `tune_folds` folds through the same code as `kaggle-vit
+cv`, and reports every epoch's validation accuracy (step = fold position × epochs + epoch, the
+same for every trial) so the pruner can stop weak trials. The study lives in a real database:
+SQLite in the competition's runs folder by default, PostgreSQL for many workers; a heartbeat
+marks the trials of killed workers failed so the others go on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from .config import TrainConfig, save_config
+from .cv import run_cv
+from .data import CompetitionData
+from .errors import KaggleVitError
+
+HEADS = (2, 3, 4, 6, 8)
+
+
+def default_space(data: CompetitionData) -> dict[str, dict[str, Any]]:
+    """Patch sizes that divide the image (4 up to half its side), depth, dropout, learning rate, width."""
+    spec = data.spec
+    patches = [p for p in spec.patch_sizes(limit=min(spec.height, spec.width) // 2) if p >= 4] or spec.patch_sizes()
+    return {
+        "patch_size": {"choices": patches},
+        "depth": {"low": 2, "high": 8},
+        "drop_rate": {"low": 0.0, "high": 0.3},
+        "lr": {"low": 5e-4, "high": 5e-3, "log": True},
+        "embed_dim": {"choices": [48, 64, 96, 128, 192]},
+    }
+
+
+def heads_for(embed_dim: int) -> int:
+    """The most heads (of 2, 3, 4, 6, 8) that divide the width with at least 16 dimensions each."""
+    fitting = [h for h in HEADS if embed_dim % h == 0 and embed_dim // h >= 16]
+    if not fitting:
+        raise KaggleVitError(f"embed_dim {embed_dim}: no head count in {HEADS} divides it into heads of ≥ 16")
+    return max(fitting)
+
+
+def _suggest(trial: optuna.Trial, name: str, rule: dict[str, Any]) -> Any:
+    if "choices" in rule:
+        return trial.suggest_categorical(name, list(rule["choices"]))
+    low, high = rule["low"], rule["high"]
+    if isinstance(low, int) and isinstance(high, int) and not rule.get("log"):
+        return trial.suggest_int(name, low, high)
+    return trial.suggest_float(name, float(low), float(high), log=bool(rule.get("log", False)))
+
+
+def sample_config(trial: optuna.Trial, base: TrainConfig, space: dict[str, dict[str, Any]],
+                  patch_sizes: list[int]) -> TrainConfig:
+    """The base config with this trial's choices (width picks a compatible head count)."""
+    values = {name: _suggest(trial, name, rule) for name, rule in space.items()}
+    if "patch_size" in values and values["patch_size"] not in patch_sizes:
+        raise KaggleVitError(f"search space: patch_size {values['patch_size']} does not divide the image ({patch_sizes})")
+    if "embed_dim" in values:
+        values.setdefault("num_heads", heads_for(values["embed_dim"]))
+    try:
+        return dataclasses.replace(base, **values)
+    except TypeError as error:
+        raise KaggleVitError(f"search space: {error}") from None
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    """median (default), hyperband, or none."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise KaggleVitError(f"--pruner must be median, hyperband or none, got '{name}'")
+
+
+def open_study(storage: str, study_name: str, pruner: str, seed: int) -> optuna.Study:
+    """Create or resume a study; its storage's heartbeat fails trials whose worker died."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=2, grace_period=10,
+                                         engine_kwargs={"pool_pre_ping": True})
+    return optuna.create_study(study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
+                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=make_pruner(pruner))
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The study after this worker's trials, and where its outputs went."""
+
+    study: optuna.Study
+    best_config: TrainConfig | None
+    best_path: Path | None
+    plots: list[Path]
+
+
+def objective(data: CompetitionData, base: TrainConfig, space: dict, tune_folds: list[int], trials_dir: Path,
+              runs_root: Path):
+    """The Optuna objective: sample, train the tune folds with run_cv, report each epoch, maybe prune."""
+    patch_sizes = data.spec.patch_sizes(limit=min(data.spec.height, data.spec.width))
+
+    def run(trial: optuna.Trial) -> float:
+        cfg = sample_config(trial, base, space, patch_sizes)
+        step = {"n": 0}
+
+        def report(record: dict) -> None:
+            trial.report(record["valid_acc"], step["n"])
+            step["n"] += 1
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        result = run_cv(cfg, data, trials_dir / f"trial{trial.number}", only_folds=tune_folds, on_epoch=report,
+                        runs_root=runs_root)
+        scores = [f["valid_acc"] for f in result.folds if f["fold"] in tune_folds]
+        return sum(scores) / len(scores)
+
+    return run
+
+
+def write_outputs(study: optuna.Study, base: TrainConfig, out_dir: Path) -> tuple[TrainConfig | None, Path | None, list[Path]]:
+    """best.toml (reads back with `cv --config`), optimisation-history and importance PNGs."""
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return None, None, []
+    best = study.best_trial
+    values = dict(best.params)
+    if "embed_dim" in values:
+        values.setdefault("num_heads", heads_for(values["embed_dim"]))
+    cfg = dataclasses.replace(base, **values)
+    best_path = save_config(cfg, out_dir / "best.toml",
+                            f"best of study '{study.study_name}': trial {best.number}, value {best.value:.5f}\n"
+                            f"use: kaggle-vit cv --config {out_dir / 'best.toml'}")
+    plots = _plots(study, out_dir, len(complete))
+    return cfg, best_path, plots
+
+
+def _plots(study: optuna.Study, out_dir: Path, n_complete: int) -> list[Path]:
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    from .io import atomic_path
+
+    plots = []
+    makers = [("optimization_history.png", ovm.plot_optimization_history)]
+    if n_complete >= 2:
+        makers.append(("param_importances.png", ovm.plot_param_importances))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, make in makers:
+            try:
+                ax = make(study)
+            except (ValueError, RuntimeError):
+                continue  # e.g. importances need parameters that vary across completed trials
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            with atomic_path(out_dir / name) as tmp:
+                fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+            plt.close(fig)
+            plots.append(out_dir / name)
+    return plots
+
+
+def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: str | None = None,
+             study_name: str | None = None, trials: int | None = 20, timeout: float | None = None, n_jobs: int = 1,
+             tune_folds: int = 1, pruner: str = "median", space: dict | None = None) -> TuneResult:
+    """Run (or resume) a study, then write best.toml and the plots into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    study_name = study_name or f"kvit-{data.spec.name}"
+    if not 1 <= tune_folds <= base.folds:
+        raise KaggleVitError(f"--tune-folds must be in 1..{base.folds}, got {tune_folds}")
+    study = open_study(storage, study_name, pruner, base.seed)
+    study.set_user_attr("competition", data.spec.name)
+    obj = objective(data, base, space or default_space(data), list(range(1, tune_folds + 1)), out_dir / "trials",
+                    out_dir.parent)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(obj, n_trials=trials, timeout=timeout, n_jobs=n_jobs, catch=(KaggleVitError,))
+    cfg, best_path, plots = write_outputs(study, base, out_dir)
+    return TuneResult(study, cfg, best_path, plots)
+
+
+def load_space(path: Path) -> dict[str, dict[str, Any]]:
+    """A search space from TOML: one table per parameter, with `choices` or `low`/`high`[/`log`]."""
+    import tomllib
+
+    try:
+        space = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise KaggleVitError(f"{path}: {error}") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name, rule in space.items():
+        if name not in known:
+            raise KaggleVitError(f"{path}: [{name}] is not a TrainConfig setting")
+        if not isinstance(rule, dict) or not ("choices" in rule or {"low", "high"} <= set(rule)):
+            raise KaggleVitError(f"{path}: [{name}] needs choices = [...] or low and high")
+    return space

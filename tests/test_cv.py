@@ -1,0 +1,102 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from kaggle_vit.cli import app
+from kaggle_vit.config import TrainConfig, resolve_config, to_toml
+from kaggle_vit.cv import run_cv
+from kaggle_vit.data import load_competition
+
+runner = CliRunner()
+TINY = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=1, batch_size=64,
+            folds=2, device="cpu", num_workers=0)
+
+
+@pytest.fixture
+def tiny_toml(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(to_toml(TrainConfig(**TINY)))
+    return path
+
+
+def test_fold_loop_writes_every_artifact(small_comp, small_spec, tmp_path):
+    data = load_competition(small_spec, small_comp)
+    run = tmp_path / "run"
+    result = run_cv(TrainConfig(**TINY), data, run)
+    assert result.complete and result.trained == [1, 2] and 0.0 <= result.oof_acc <= 1.0
+    for name in ("config.toml", "folds.csv", "oof.csv", "metrics.json", "curves.png"):
+        assert (run / name).is_file(), name
+    for k in (1, 2):
+        for name in ("model.pt", "history.csv", "test_probs.npy", "valid_probs.npz", "result.json"):
+            assert (run / f"fold{k}" / name).is_file(), name
+        assert not (run / f"fold{k}" / "state.pt").exists()
+        assert np.load(run / f"fold{k}" / "test_probs.npy").shape == (200, 10)
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) == 600 and set(oof["fold"]) == {1, 2}
+    assert np.isclose((oof["pred"] == oof["label"]).mean(), result.oof_acc)
+    assert np.allclose(oof[[f"prob_{c}" for c in range(10)]].sum(1), 1, atol=1e-4)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["oof_acc"] == result.oof_acc and len(metrics["folds"]) == 2
+    assert Image.open(run / "curves.png").size[0] > 400
+    # The saved config reproduces the run.
+    assert resolve_config(config_file=run / "config.toml") == TrainConfig(**TINY)
+
+
+def test_resume_skips_finished_folds(small_comp, small_spec, tmp_path, monkeypatch):
+    data = load_competition(small_spec, small_comp)
+    run = tmp_path / "run"
+    first = run_cv(TrainConfig(**TINY), data, run, only_folds=[1])
+    assert not first.complete and first.trained == [1]
+    before = (run / "fold1" / "model.pt").read_bytes()
+    second = run_cv(TrainConfig(**TINY), data, run)
+    assert second.trained == [2] and second.complete
+    assert (run / "fold1" / "model.pt").read_bytes() == before
+    from kaggle_vit.errors import KaggleVitError
+
+    with pytest.raises(KaggleVitError, match="other settings"):
+        run_cv(TrainConfig(**{**TINY, "lr": 0.1}), data, run)
+
+
+def test_cli_cv_quiet(small_comp, tiny_toml, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["cv", "--config", str(tiny_toml), "--data-dir", str(small_comp), "--quiet",
+                                 "--model", "vit_tiny_patch16_224"])
+    assert result.exit_code == 0, result.output
+    assert "OOF accuracy" in result.output
+    runs = list((tmp_path / "runs" / "digit-recognizer").glob("vit_tiny_patch16_224-*"))
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
+    bad = runner.invoke(app, ["cv", "--config", str(tiny_toml), "--data-dir", str(small_comp), "--fold", "7"])
+    assert bad.exit_code == 2 and "folds are numbered 1..2" in bad.output
+
+
+def test_sigkill_mid_fold_then_rerun_completes(small_comp, tmp_path):
+    cfg = tmp_path / "kill.toml"
+    cfg.write_text(to_toml(TrainConfig(**{**TINY, "folds": 3, "epochs": 4})))
+    cmd = [sys.executable, "-m", "kaggle_vit.cli", "cv", "--config", str(cfg), "--data-dir", str(small_comp),
+           "--run-dir", str(tmp_path / "run"), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = tmp_path / "run" / "fold2" / "state.pt"
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "fold 2 never started"
+    fold1 = (tmp_path / "run" / "fold1" / "result.json").read_text()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "fold1" / "result.json").read_text() == fold1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["oof_acc"] is not None and [f["fold"] for f in metrics["folds"]] == [1, 2, 3]
+    assert json.loads((tmp_path / "run" / "fold2" / "result.json").read_text())["epochs"] == 4

@@ -1,0 +1,72 @@
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kaggle_vit.config import TrainConfig
+from kaggle_vit.data import load_competition, to_float
+from kaggle_vit.engine import amp_for, fit, make_optimizer, make_scheduler
+
+TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=32,
+                   lr=2e-3, aug="rotate", num_workers=0, device="cpu")
+
+
+def _model(cfg=TINY):
+    from kaggle_vit.competition import load_spec
+    from kaggle_vit.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(cfg, load_spec("digit-recognizer"))
+
+
+def test_one_step_lowers_the_loss(small_comp, small_spec):
+    d = load_competition(small_spec, small_comp)
+    x, y = to_float(torch.from_numpy(d.train.images[:64])), torch.as_tensor(d.train.labels[:64])
+    model = _model()
+    opt = make_optimizer(model, TINY)
+    model.train()
+    before = F.cross_entropy(model(x), y)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = F.cross_entropy(model(x), y)
+    assert after.item() < before.item()
+
+
+def test_schedule_warms_up_then_decays():
+    model = torch.nn.Linear(2, 2)
+    cfg = dataclasses.replace(TINY, epochs=2, warmup_epochs=0.5)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[4] == max(lrs) and lrs[-1] < 0.05 * cfg.lr
+    assert amp_for("auto", torch.device("cpu")).name == "off"
+
+
+def test_fit_is_repeatable_and_resumes_exactly(small_comp, small_spec, tmp_path):
+    d = load_competition(small_spec, small_comp)
+    train, valid = (d.train.images[:480], d.train.labels[:480]), (d.train.images[480:], d.train.labels[480:])
+    straight = fit(_model(), train, valid, TINY, seed=1)
+    again = fit(_model(), train, valid, TINY, seed=1)
+    assert straight.history[-1]["valid_loss"] == again.history[-1]["valid_loss"]
+    # Interrupt after epoch 1 (its state is saved, as a kill would find it), then run again.
+    state = tmp_path / "state.pt"
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    try:
+        fit(_model(), train, valid, TINY, seed=1, state_path=state, on_epoch=stop)
+    except KeyboardInterrupt:
+        pass
+    assert state.exists()
+    resumed = fit(_model(), train, valid, TINY, seed=1, state_path=state)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert resumed.history[-1]["valid_loss"] == straight.history[-1]["valid_loss"]
+    assert len(straight.history) == 2 and straight.best_state is not None
+    assert straight.valid_probs.shape == (120, 10) and np.allclose(straight.valid_probs.sum(1), 1, atol=1e-5)

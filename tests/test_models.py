@@ -1,0 +1,57 @@
+import pytest
+import timm
+import torch
+
+import kaggle_vit  # noqa: F401  (registers the kvit family)
+from kaggle_vit.competition import load_spec
+from kaggle_vit.config import TrainConfig
+from kaggle_vit.errors import KaggleVitError
+from kaggle_vit.models import KaggleViT, create_model, fitting_patch_size
+
+
+@pytest.mark.parametrize("patch, chans, size", [(2, 1, 28), (4, 1, 28), (7, 3, 28), (14, 1, 28), (4, 3, 32), (8, 1, 32)])
+def test_shapes_for_patch_sizes_and_channels(patch, chans, size):
+    model = KaggleViT(img_size=size, patch_size=patch, in_chans=chans, num_classes=7, embed_dim=32, depth=2,
+                      num_heads=2, stem_channels=8)
+    x = torch.randn(3, chans, size, size)
+    assert model(x).shape == (3, 7)
+    tokens = (size // patch) ** 2 + 1
+    assert model.forward_features(x).shape == (3, tokens, 32)
+    maps = model.attention_maps(x)
+    assert len(maps) == 2 and maps[0].shape == (3, 2, tokens, tokens)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(3, 2, tokens), atol=1e-5)
+
+
+def test_explicit_attention_matches_fused_kernel():
+    model = KaggleViT(embed_dim=32, depth=2, num_heads=4).eval()
+    x = torch.randn(2, 1, 28, 28)
+    tokens = model._tokens(x)
+    block = model.blocks[0]
+    fused, _ = block(tokens)
+    explicit, weights = block(tokens, return_attention=True)
+    assert weights is not None and torch.allclose(fused, explicit, atol=1e-5)
+
+
+def test_timm_registry_round_trip():
+    names = timm.list_models("kvit*")
+    assert {"kvit_pico_patch7_28", "kvit_tiny_patch4_28", "kvit_base_patch4_28"} <= set(names)
+    model = timm.create_model("kvit_tiny_patch4_28", num_classes=10, in_chans=1)
+    assert isinstance(model, KaggleViT) and model.pretrained_cfg["input_size"] == (1, 28, 28)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    custom = timm.create_model("kvit_pico_patch4_28", num_classes=47, in_chans=3, img_size=32, patch_size=8,
+                               embed_dim=48, depth=3, num_heads=3, drop_rate=0.1, drop_path_rate=0.1)
+    assert custom(torch.randn(1, 3, 32, 32)).shape == (1, 47) and len(custom.blocks) == 3
+    with pytest.raises(ValueError, match="does not divide"):
+        timm.create_model("kvit_pico_patch4_28", patch_size=5)
+
+
+def test_timm_reference_vit_shaped_to_competition():
+    spec = load_spec("digit-recognizer")
+    assert fitting_patch_size(spec) == 4
+    model = create_model(TrainConfig(model="vit_tiny_patch16_224", depth=2), spec)
+    assert type(model).__name__ == "VisionTransformer"
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(KaggleVitError, match="patch_size 5 does not divide 28x28"):
+        create_model(TrainConfig(patch_size=5), spec)
+    with pytest.raises(KaggleVitError, match="unknown model"):
+        create_model(TrainConfig(model="no_such_model"), spec)

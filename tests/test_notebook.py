@@ -1,0 +1,54 @@
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from kaggle_vit.competition import load_spec
+from kaggle_vit.notebook import build_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_notebook_is_in_sync():
+    committed = ROOT / "notebooks" / "digit-recognizer.ipynb"
+    fresh = json.dumps(build_notebook(load_spec("digit-recognizer")), indent=1, sort_keys=True) + "\n"
+    assert committed.read_text() == fresh, "regenerate it: kaggle-vit notebook"
+
+
+def test_generated_notebook_runs_like_on_kaggle(tmp_path, small_comp):
+    kaggle = tmp_path / "kaggle"
+    shutil.copytree(small_comp, kaggle / "input" / "digit-recognizer")
+    (kaggle / "working").mkdir()
+    nb = nbformat.from_dict(build_notebook(load_spec("digit-recognizer")))
+    config = nb.cells[2]
+    config.source = (config.source.replace("Path('/kaggle')", f"Path({str(kaggle)!r})")
+                     .replace("OVERRIDES = {}", "OVERRIDES = {'epochs': 1, 'folds': 2, 'embed_dim': 32, 'depth': 1, "
+                              "'num_heads': 2, 'num_workers': 0}")
+                     .replace("PRESET = 'gpu' if torch.cuda.is_available() else 'cpu'", "PRESET = 'cpu'"))
+    nb.cells[1].source = nb.cells[1].source.replace("pathlib.Path('/kaggle/working')", f"pathlib.Path({str(kaggle / 'working')!r})")
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    sub = pd.read_csv(kaggle / "working" / "submission.csv")
+    assert list(sub.columns) == ["ImageId", "Label"] and len(sub) == 200 and sub["Label"].between(0, 9).all()
+    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= 4  # curves, predictions, confusion, mistakes (and attention) shown inline
+    first = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert str(kaggle / "working" / "kvit_pkg" / "kaggle_vit" / "__init__.py") in first
+
+
+def test_walkthrough_uses_only_the_public_api():
+    import ast
+
+    import kaggle_vit
+
+    nb = json.loads((ROOT / "notebooks" / "walkthrough.ipynb").read_text())
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            tree = ast.parse("".join(cell["source"]))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "kv":
+                    assert node.attr in kaggle_vit.__all__, node.attr

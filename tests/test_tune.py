@@ -1,0 +1,131 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from kaggle_vit.cli import app
+from kaggle_vit.config import TrainConfig, to_toml
+from kaggle_vit.tune import heads_for
+
+runner = CliRunner()
+BASE = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=1, num_heads=2, epochs=3, batch_size=64, folds=2,
+            device="cpu", num_workers=0)
+SPACE = """
+[patch_size]
+choices = [7, 14]
+[depth]
+low = 1
+high = 2
+[drop_rate]
+low = 0.0
+high = 0.3
+[lr]
+low = 1e-4
+high = 5e-3
+log = true
+[embed_dim]
+choices = [32, 48]
+"""
+
+
+@pytest.fixture
+def setup(tmp_path, small_comp):
+    (tmp_path / "base.toml").write_text(to_toml(TrainConfig(**BASE)))
+    (tmp_path / "space.toml").write_text(SPACE)
+    data = tmp_path / "data" / "digit-recognizer"
+    shutil.copytree(small_comp, data)
+    return tmp_path
+
+
+def _tune_args(root: Path, *extra: str) -> list[str]:
+    return ["tune", "--config", str(root / "base.toml"), "--space", str(root / "space.toml"), *extra]
+
+
+def test_tune_prunes_writes_best_and_resumes(setup, monkeypatch):
+    monkeypatch.chdir(setup)
+    first = runner.invoke(app, _tune_args(setup, "--trials", "6", "--epochs", "2"))
+    assert first.exit_code == 0, first.output
+    out = setup / "runs" / "digit-recognizer" / "tune-kvit-digit-recognizer"
+    study = optuna.load_study(study_name="kvit-digit-recognizer", storage=f"sqlite:///{out / 'study.db'}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 6 and states.count(optuna.trial.TrialState.PRUNED) >= 1
+    assert (out / "best.toml").exists() and (out / "optimization_history.png").exists()
+    assert "best config" in first.output
+    cv = runner.invoke(app, ["cv", "--config", str(out / "best.toml"), "--folds", "2", "--epochs", "1", "--quiet"])
+    assert cv.exit_code == 0, cv.output
+    assert "OOF accuracy" in cv.output
+    again = runner.invoke(app, _tune_args(setup, "--trials", "2", "--epochs", "2"))
+    assert again.exit_code == 0, again.output
+    study = optuna.load_study(study_name="kvit-digit-recognizer", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 8
+
+
+def test_heads_fit_width():
+    assert [heads_for(w) for w in (32, 48, 64, 96, 192)] == [2, 3, 4, 6, 8]
+
+
+def _postgres_url(tmp_path: Path) -> str | None:
+    """A throwaway PostgreSQL server on loopback (Debian's package), or None when not installed."""
+    if os.environ.get("KVIT_TEST_POSTGRES_URL"):
+        return os.environ["KVIT_TEST_POSTGRES_URL"]
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not bins:
+        return None
+    bindir, pgdata = bins[-1].parent, tmp_path / "pg"
+    pgdata.mkdir()
+    as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_pg:
+        shutil.chown(pgdata, "postgres")
+    subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(pgdata), "-A", "trust", "-U", "kvit"], check=True,
+                   capture_output=True)
+    port = 15432 + os.getpid() % 1000
+    subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(pgdata), "-w", "-l", str(pgdata / "log"), "-o",
+                    f"-p {port} -k {pgdata} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "kvit", "optuna"], check=True)
+    return f"postgresql://kvit@127.0.0.1:{port}/optuna"
+
+
+@pytest.mark.postgres
+def test_two_workers_share_a_postgres_study_and_survive_a_kill(setup, tmp_path):
+    url = _postgres_url(tmp_path)
+    if url is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    cmd = [sys.executable, "-m", "kaggle_vit.cli", *_tune_args(setup, "--storage", url, "--study-name", "shared",
+                                                               "--epochs", "3", "--pruner", "none")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    a = subprocess.Popen([*cmd, "--trials", "3"], cwd=setup, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    b = subprocess.Popen([*cmd, "--trials", "3"], cwd=setup, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert a.wait(timeout=600) == 0, a.stdout.read().decode()
+    assert b.wait(timeout=600) == 0, b.stdout.read().decode()
+    study = optuna.load_study(study_name="shared", storage=url)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == 6 and sorted(numbers) == list(range(6))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # Two workers again; one is killed mid-trial: the other finishes, and the study stays usable.
+    victim = subprocess.Popen([*cmd, "--trials", "50"], cwd=setup, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    other = subprocess.Popen([*cmd, "--trials", "3"], cwd=setup, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline, running = time.time() + 120, []
+    while not running and time.time() < deadline:
+        time.sleep(0.2)
+        mine = [t for t in optuna.load_study(study_name="shared", storage=url).trials
+                if t.state == optuna.trial.TrialState.RUNNING and t.number >= 6]
+        running = mine if len(mine) >= 2 else []
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert running, "the workers never ran trials at once"
+    assert other.wait(timeout=600) == 0, other.stdout.read().decode()
+    time.sleep(11)  # past the heartbeat's grace period
+    later = subprocess.run([*cmd, "--trials", "1"], cwd=setup, env=env, capture_output=True, text=True, timeout=600)
+    assert later.returncode == 0, later.stdout + later.stderr
+    study = optuna.load_study(study_name="shared", storage=url)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and optuna.trial.TrialState.RUNNING not in states
+    assert states.count(optuna.trial.TrialState.COMPLETE) >= 6 + 3 + 1
