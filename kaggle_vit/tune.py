@@ -81,10 +81,14 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 def open_study(storage: str, study_name: str, pruner: str, seed: int) -> optuna.Study:
     """Create or resume a study; its storage's heartbeat fails trials whose worker died."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=2, grace_period=10,
-                                         engine_kwargs={"pool_pre_ping": True})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=2, grace_period=10,
+                                             engine_kwargs={"pool_pre_ping": True})
+    except ImportError:
+        raise KaggleVitError(f"--storage {storage.split('@')[-1]}: its database driver is missing "
+                             f"(PostgreSQL: pip install 'kaggle-vit[postgres]')") from None
     return optuna.create_study(study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
                                sampler=optuna.samplers.TPESampler(seed=seed), pruner=make_pruner(pruner))
 

@@ -45,7 +45,7 @@ def test_fold_loop_writes_every_artifact(small_comp, small_spec, tmp_path):
     oof = pd.read_csv(run / "oof.csv")
     assert len(oof) == 600 and set(oof["fold"]) == {1, 2}
     assert np.isclose((oof["pred"] == oof["label"]).mean(), result.oof_acc)
-    assert np.allclose(oof[[f"prob_{c}" for c in range(10)]].sum(1), 1, atol=1e-4)
+    assert np.allclose(oof[[f"prob_{c}" for c in range(10)]].sum(axis=1), 1, atol=1e-4)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["oof_acc"] == result.oof_acc and len(metrics["folds"]) == 2
     assert Image.open(run / "curves.png").size[0] > 400

@@ -23,7 +23,7 @@ def test_generated_notebook_runs_like_on_kaggle(tmp_path, small_comp):
     kaggle = tmp_path / "kaggle"
     shutil.copytree(small_comp, kaggle / "input" / "digit-recognizer")
     (kaggle / "working").mkdir()
-    nb = nbformat.from_dict(build_notebook(load_spec("digit-recognizer")))
+    nb = nbformat.reads(json.dumps(build_notebook(load_spec("digit-recognizer"))), as_version=4)
     config = nb.cells[2]
     config.source = (config.source.replace("Path('/kaggle')", f"Path({str(kaggle)!r})")
                      .replace("OVERRIDES = {}", "OVERRIDES = {'epochs': 1, 'folds': 2, 'embed_dim': 32, 'depth': 1, "

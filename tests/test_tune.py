@@ -3,6 +3,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,32 +72,36 @@ def test_heads_fit_width():
     assert [heads_for(w) for w in (32, 48, 64, 96, 192)] == [2, 3, 4, 6, 8]
 
 
-def _postgres_url(tmp_path: Path) -> str | None:
-    """A throwaway PostgreSQL server on loopback (Debian's package), or None when not installed."""
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on loopback (Debian's package; .ci/run installs it)."""
     if os.environ.get("KVIT_TEST_POSTGRES_URL"):
-        return os.environ["KVIT_TEST_POSTGRES_URL"]
+        yield os.environ["KVIT_TEST_POSTGRES_URL"]
+        return
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not bins:
-        return None
-    bindir, pgdata = bins[-1].parent, tmp_path / "pg"
-    pgdata.mkdir()
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    bindir, pgdata = bins[-1].parent, Path(tempfile.mkdtemp(prefix="kvit-pg-"))
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_pg:
         shutil.chown(pgdata, "postgres")
-    subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(pgdata), "-A", "trust", "-U", "kvit"], check=True,
-                   capture_output=True)
+    subprocess.run([*as_pg, str(bindir / "initdb"), "-D", str(pgdata / "db"), "-A", "trust", "-U", "kvit"],
+                   check=True, capture_output=True)
     port = 15432 + os.getpid() % 1000
-    subprocess.run([*as_pg, str(bindir / "pg_ctl"), "-D", str(pgdata), "-w", "-l", str(pgdata / "log"), "-o",
+    pg_ctl = [*as_pg, str(bindir / "pg_ctl"), "-D", str(pgdata / "db"), "-w"]
+    subprocess.run([*pg_ctl, "-l", str(pgdata / "log"), "-o",
                     f"-p {port} -k {pgdata} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
-    subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "kvit", "optuna"], check=True)
-    return f"postgresql://kvit@127.0.0.1:{port}/optuna"
+    try:
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "kvit", "optuna"], check=True)
+        yield f"postgresql://kvit@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(pgdata, ignore_errors=True)
 
 
 @pytest.mark.postgres
-def test_two_workers_share_a_postgres_study_and_survive_a_kill(setup, tmp_path):
-    url = _postgres_url(tmp_path)
-    if url is None:
-        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+def test_two_workers_share_a_postgres_study_and_survive_a_kill(setup, postgres_url):
+    url = postgres_url
     cmd = [sys.executable, "-m", "kaggle_vit.cli", *_tune_args(setup, "--storage", url, "--study-name", "shared",
                                                                "--epochs", "3", "--pruner", "none")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
