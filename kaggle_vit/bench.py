@@ -28,12 +28,13 @@ class BenchRow:
 
 
 def timm_twin(model: nn.Module) -> nn.Module:
-    """timm's VisionTransformer with our model's image size, patch, width, depth, heads and MLP ratio."""
+    """timm's VisionTransformer with our model's image size, patch, width, depth, heads, MLP ratio and
+    stochastic depth (the regularisers cost time too, so both pay for the same ones)."""
     mlp_ratio = model.blocks[0].mlp.fc1.out_features / model.embed_dim
     return timm.models.vision_transformer.VisionTransformer(
         img_size=model.img_size, patch_size=model.patch_size, in_chans=model.in_chans, num_classes=model.num_classes,
         embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
-        mlp_ratio=mlp_ratio, qkv_bias=True)
+        mlp_ratio=mlp_ratio, qkv_bias=True, drop_path_rate=model.drop_path_rate)
 
 
 def _train_step(model, opt, x, y, device, amp):

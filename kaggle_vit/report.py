@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 import torch
 
@@ -32,6 +33,7 @@ def plot_curves(histories: dict[int, list[dict]], path: Path) -> Path:
     ax_loss.set(title="loss (dashed: train, solid: validation)", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="accuracy (dashed: train, solid: validation)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)

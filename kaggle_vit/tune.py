@@ -24,16 +24,18 @@ from .errors import KaggleVitError
 HEADS = (2, 3, 4, 6, 8)
 
 
-def default_space(data: CompetitionData) -> dict[str, dict[str, Any]]:
-    """Patch sizes that divide the image (4 up to half its side), depth, dropout, learning rate, width."""
+def default_space(data: CompetitionData, device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Patch sizes that divide the image (4 up to a quarter of its side), depth, dropout, learning
+    rate and width; narrower on a CPU, where a wide patch-4 trial would take most of an hour."""
     spec = data.spec
-    patches = [p for p in spec.patch_sizes(limit=min(spec.height, spec.width) // 2) if p >= 4] or spec.patch_sizes()
+    patches = [p for p in spec.patch_sizes(limit=min(spec.height, spec.width) // 4) if p >= 4] or spec.patch_sizes()
+    gpu = device.startswith("cuda")
     return {
         "patch_size": {"choices": patches},
-        "depth": {"low": 2, "high": 8},
+        "depth": {"low": 4, "high": 10} if gpu else {"low": 2, "high": 6},
         "drop_rate": {"low": 0.0, "high": 0.3},
         "lr": {"low": 5e-4, "high": 5e-3, "log": True},
-        "embed_dim": {"choices": [48, 64, 96, 128, 192]},
+        "embed_dim": {"choices": [96, 128, 192, 256] if gpu else [32, 48, 64, 96]},
     }
 
 
@@ -71,7 +73,7 @@ def sample_config(trial: optuna.Trial, base: TrainConfig, space: dict[str, dict[
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
     """median (default), hyperband, or none."""
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1)
     if name == "none":
@@ -179,7 +181,10 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
         raise KaggleVitError(f"--tune-folds must be in 1..{base.folds}, got {tune_folds}")
     study = open_study(storage, study_name, pruner, base.seed)
     study.set_user_attr("competition", data.spec.name)
-    obj = objective(data, base, space or default_space(data), list(range(1, tune_folds + 1)), out_dir / "trials",
+    from .engine import select_device
+
+    device = str(select_device(base.device))
+    obj = objective(data, base, space or default_space(data, device), list(range(1, tune_folds + 1)), out_dir / "trials",
                     out_dir.parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(obj, n_trials=trials, timeout=timeout, n_jobs=n_jobs, catch=(KaggleVitError,))

@@ -70,12 +70,16 @@ def test_resume_skips_finished_folds(small_comp, small_spec, tmp_path, monkeypat
 
 def test_cli_cv_quiet(small_comp, tiny_toml, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["cv", "--config", str(tiny_toml), "--data-dir", str(small_comp), "--quiet",
+    plain = tmp_path / "plain.toml"  # timm's vit_tiny at its own width and depth, only reshaped to 28x28
+    plain.write_text(to_toml(TrainConfig(epochs=1, folds=2, device="cpu", num_workers=0)))
+    result = runner.invoke(app, ["cv", "--config", str(plain), "--data-dir", str(small_comp), "--quiet",
                                  "--model", "vit_tiny_patch16_224"])
     assert result.exit_code == 0, result.output
     assert "OOF accuracy" in result.output
     runs = list((tmp_path / "runs" / "digit-recognizer").glob("vit_tiny_patch16_224-*"))
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
+    ckpt = __import__("torch").load(runs[0] / "fold1" / "model.pt", weights_only=False)
+    assert ckpt["kwargs"]["patch_size"] == 4 and ckpt["state_dict"]["pos_embed"].shape == (1, 50, 192)
     bad = runner.invoke(app, ["cv", "--config", str(tiny_toml), "--data-dir", str(small_comp), "--fold", "7"])
     assert bad.exit_code == 2 and "folds are numbered 1..2" in bad.output
 

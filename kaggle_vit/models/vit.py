@@ -101,7 +101,7 @@ class KaggleViT(nn.Module):
             raise ValueError(f"patch_size {patch_size} does not divide the {h}x{w} image")
         self.img_size, self.patch_size, self.in_chans = (h, w), patch_size, in_chans
         self.num_classes, self.embed_dim, self.num_features = num_classes, embed_dim, embed_dim
-        self.global_pool = global_pool
+        self.global_pool, self.drop_path_rate = global_pool, drop_path_rate
         self.grid_size = (h // patch_size, w // patch_size)
         self.stem, rest = conv_stem(in_chans, stem_channels, patch_size) if stem_channels else (nn.Identity(), patch_size)
         self.patch_embed = nn.Conv2d(stem_channels or in_chans, embed_dim, rest, stride=rest)
