@@ -1,11 +1,11 @@
 """Competition specs: one TOML file per competition, loaded into a frozen dataclass."""
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import KaggleVitError
+from .io import read_toml
 
 
 @dataclass(frozen=True)
@@ -128,10 +128,4 @@ def load_spec(name_or_path: str | Path) -> CompetitionSpec:
         if not path.exists():
             known = ", ".join(list_competitions())
             raise KaggleVitError(f"unknown competition '{name_or_path}' (bundled: {known}; or give a path to a spec .toml)")
-    if not path.is_file():
-        raise KaggleVitError(f"{path}: competition spec not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise KaggleVitError(f"{path}: invalid TOML: {err}") from None
-    return parse_spec(data, str(path))
+    return parse_spec(read_toml(path, "competition spec"), str(path))

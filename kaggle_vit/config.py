@@ -7,13 +7,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import KaggleVitError
-from .io import write_text
+from .io import read_toml, write_text
 
 
 @dataclass
@@ -101,12 +100,7 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> Tr
 
 def load_toml(path: Path) -> dict[str, Any]:
     """Read a run TOML (flat keys, or under [train]); 'preset' may name a preset."""
-    if not path.is_file():
-        raise KaggleVitError(f"{path}: config file not found")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise KaggleVitError(f"{path}: invalid TOML: {error}") from None
+    data = read_toml(path, "config file")
     return dict(data.get("train", data))
 
 

@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .competition import CompetitionSpec
-from .config import TrainConfig, save_config, to_toml
+from .config import TrainConfig, load_toml, save_config, to_toml
 from .data import CompetitionData, load_or_make_folds, save_folds
 from .engine import NoProgress, Progress, amp_for, fit, predict_logits, select_device
 from .errors import KaggleVitError
@@ -62,8 +62,6 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, spec: CompetitionSpec) -> 
     """Record the resolved config; refuse a folder that holds a run with different settings."""
     config_path = run_dir / "config.toml"
     if config_path.exists():
-        from .config import load_toml
-
         saved = load_toml(config_path)
         mine = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
         differing = [k for k in ("model", "epochs", "batch_size", "lr", "folds", "seed", "patch_size", "embed_dim",

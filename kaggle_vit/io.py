@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import KaggleVitError
 
 
 def _umask() -> int:
@@ -41,6 +44,17 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write `obj` as indented JSON atomically."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_toml(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or bad syntax is one KaggleVitError line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KaggleVitError(f"{path}: {what} not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise KaggleVitError(f"{path}: invalid TOML: {error}") from None
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

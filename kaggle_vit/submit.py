@@ -62,13 +62,19 @@ def choose_folds(run_dir: Path, wanted: list[int] | None, allow_missing: bool) -
     return chosen
 
 
-def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> torch.nn.Module:
-    """A fold's best model, refusing one trained for another image size or class count."""
+def read_checkpoint(run_dir: Path, fold: int, spec: CompetitionSpec) -> dict:
+    """A fold's checkpoint, refusing one trained for another image size or class count."""
     ckpt = torch.load(run_dir / f"fold{fold}" / "model.pt", map_location="cpu", weights_only=False)
     want = ((spec.channels, spec.height, spec.width), spec.num_classes)
     if (tuple(ckpt["input_size"]), ckpt["num_classes"]) != want:
         raise KaggleVitError(f"{run_dir}/fold{fold}/model.pt: trained on {tuple(ckpt['input_size'])} images with "
                              f"{ckpt['num_classes']} classes, but {spec.name} has {want[0]} and {want[1]}")
+    return ckpt
+
+
+def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> torch.nn.Module:
+    """A fold's best model, in eval mode (its checkpoint checked against the competition)."""
+    ckpt = read_checkpoint(run_dir, fold, spec)
     model = build(ckpt["model"], ckpt["kwargs"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval()
@@ -145,7 +151,7 @@ def make_submission(run_dir: Path, data: CompetitionData, output: Path, folds: l
         raise KaggleVitError(f"--weighting must be mean or oof, got '{weighting}'")
     chosen = choose_folds(run_dir, folds, allow_missing)
     for k in chosen:
-        load_fold_model(run_dir, k, spec)  # refuses mismatched image sizes or class counts before any work
+        read_checkpoint(run_dir, k, spec)  # refuses mismatched image sizes or class counts before any work
     per_fold = {k: fold_test_probs(run_dir, k, data, tta, device) for k in chosen}
     raw = np.array([chosen[k]["valid_acc"] if weighting == "oof" else 1.0 for k in chosen], dtype=np.float64)
     weights = raw / raw.sum()

@@ -20,6 +20,7 @@ from .config import TrainConfig, save_config
 from .cv import run_cv
 from .data import CompetitionData
 from .errors import KaggleVitError
+from .io import read_toml
 
 HEADS = (2, 3, 4, 6, 8)
 
@@ -194,12 +195,7 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
 
 def load_space(path: Path) -> dict[str, dict[str, Any]]:
     """A search space from TOML: one table per parameter, with `choices` or `low`/`high`[/`log`]."""
-    import tomllib
-
-    try:
-        space = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as error:
-        raise KaggleVitError(f"{path}: {error}") from None
+    space = read_toml(path, "search space")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, rule in space.items():
         if name not in known:

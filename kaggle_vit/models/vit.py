@@ -188,47 +188,44 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> KaggleViT:
+def _create(variant: str, pretrained: bool, arch: dict, kwargs: dict) -> KaggleViT:
+    """Build a registered variant: its architecture numbers, overridden by the caller's keywords."""
     if pretrained:
         raise ValueError(f"{variant}: no pretrained weights exist; train it with kaggle-vit cv")
-    return build_model_with_cfg(KaggleViT, variant, pretrained=False, **kwargs)
-
-
-def _variant(variant: str, arch: dict, kwargs: dict) -> KaggleViT:
-    return _create(variant, **{**arch, **kwargs})
+    return build_model_with_cfg(KaggleViT, variant, pretrained=False, **{**arch, **kwargs})
 
 
 @register_model
 def kvit_pico_patch7_28(pretrained: bool = False, **kwargs) -> KaggleViT:
     """The CPU default: a 4×4 patch grid (16 tokens), width 64, depth 4, 4 heads, conv stem of 16."""
-    return _variant("kvit_pico_patch7_28", dict(patch_size=7, embed_dim=64, depth=4, num_heads=4, stem_channels=16), kwargs)
+    return _create("kvit_pico_patch7_28", pretrained, dict(patch_size=7, embed_dim=64, depth=4, num_heads=4, stem_channels=16), kwargs)
 
 
 @register_model
 def kvit_pico_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
     """A 7×7 patch grid (49 tokens), width 64, depth 4, 4 heads, conv stem of 16 channels."""
-    return _variant("kvit_pico_patch4_28", dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, stem_channels=16), kwargs)
+    return _create("kvit_pico_patch4_28", pretrained, dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, stem_channels=16), kwargs)
 
 
 @register_model
 def kvit_nano_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
     """Width 96, depth 6, 4 heads, conv stem of 24 channels."""
-    return _variant("kvit_nano_patch4_28", dict(patch_size=4, embed_dim=96, depth=6, num_heads=4, stem_channels=24), kwargs)
+    return _create("kvit_nano_patch4_28", pretrained, dict(patch_size=4, embed_dim=96, depth=6, num_heads=4, stem_channels=24), kwargs)
 
 
 @register_model
 def kvit_tiny_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
     """Width 192, depth 6, 3 heads, conv stem of 32 channels."""
-    return _variant("kvit_tiny_patch4_28", dict(patch_size=4, embed_dim=192, depth=6, num_heads=3, stem_channels=32), kwargs)
+    return _create("kvit_tiny_patch4_28", pretrained, dict(patch_size=4, embed_dim=192, depth=6, num_heads=3, stem_channels=32), kwargs)
 
 
 @register_model
 def kvit_small_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
     """Width 256, depth 8, 8 heads, conv stem of 32 channels: a GPU model."""
-    return _variant("kvit_small_patch4_28", dict(patch_size=4, embed_dim=256, depth=8, num_heads=8, stem_channels=32), kwargs)
+    return _create("kvit_small_patch4_28", pretrained, dict(patch_size=4, embed_dim=256, depth=8, num_heads=8, stem_channels=32), kwargs)
 
 
 @register_model
 def kvit_base_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
     """Width 384, depth 9, 6 heads, conv stem of 48 channels: the most accurate, for GPUs."""
-    return _variant("kvit_base_patch4_28", dict(patch_size=4, embed_dim=384, depth=9, num_heads=6, stem_channels=48), kwargs)
+    return _create("kvit_base_patch4_28", pretrained, dict(patch_size=4, embed_dim=384, depth=9, num_heads=6, stem_channels=48), kwargs)
