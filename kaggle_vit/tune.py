@@ -9,6 +9,8 @@ marks the trials of killed workers failed so the others go on.
 from __future__ import annotations
 
 import dataclasses
+import random
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,16 +84,33 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise KaggleVitError(f"--pruner must be median, hyperband or none, got '{name}'")
 
 
-def open_study(storage: str, study_name: str, pruner: str, seed: int) -> optuna.Study:
-    """Create or resume a study; its storage's heartbeat fails trials whose worker died."""
+def _connect(url: str) -> optuna.storages.RDBStorage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=2, grace_period=10,
-                                             engine_kwargs={"pool_pre_ping": True})
+            return optuna.storages.RDBStorage(url, heartbeat_interval=2, grace_period=10,
+                                              engine_kwargs={"pool_pre_ping": True})
     except ImportError:
-        raise KaggleVitError(f"--storage {storage.split('@')[-1]}: its database driver is missing "
+        raise KaggleVitError(f"--storage {url.split('@')[-1]}: its database driver is missing "
                              f"(PostgreSQL: pip install 'kaggle-vit[postgres]')") from None
+
+
+def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The study database; workers that start together on an empty database race to create its
+    tables (a unique-key error for the loser), so a failed connection is retried."""
+    from sqlalchemy.exc import DBAPIError
+
+    for _ in range(attempts - 1):
+        try:
+            return _connect(url)
+        except DBAPIError:
+            time.sleep(0.5 + random.random())
+    return _connect(url)
+
+
+def open_study(storage: str, study_name: str, pruner: str, seed: int) -> optuna.Study:
+    """Create or resume a study; its storage's heartbeat fails trials whose worker died."""
+    rdb = _storage(storage)
     return optuna.create_study(study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
                                sampler=optuna.samplers.TPESampler(seed=seed), pruner=make_pruner(pruner))
 
