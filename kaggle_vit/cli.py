@@ -134,6 +134,7 @@ def cv(
     patch_size: Annotated[Optional[int], typer.Option("--patch-size", help="Must divide the image size.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     aug: Annotated[Optional[str], typer.Option("--aug", help="affine, rotate or none.")] = None,
+    aug_group: Annotated[Optional[int], typer.Option("--aug-group", help="Images per augmentation draw (1: each its own).")] = None,
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default: spare cores).")] = None,
@@ -148,7 +149,7 @@ def cv(
 
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
-                         seed=seed, aug=aug, amp=amp, device=device, num_workers=workers)
+                         seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers)
     spec = load_spec(cfg.competition)
     data = load_data(spec, data_dir)
     target = run_dir or default_run_dir(cfg, spec)

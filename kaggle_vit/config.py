@@ -27,6 +27,7 @@ class TrainConfig:
     depth: int | None = None
     num_heads: int | None = None
     stem_channels: int | None = None
+    stem_pool: bool | None = None
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.05
@@ -43,6 +44,7 @@ class TrainConfig:
     rotate: float = 10.0
     scale: float = 0.1
     shift: float = 0.1
+    aug_group: int = 1  # images per albumentations call; a group shares one random draw
     # cross-validation and runtime
     folds: int = 5
     seed: int = 42
@@ -54,7 +56,7 @@ class TrainConfig:
 
     def model_overrides(self) -> dict[str, Any]:
         """Architecture keywords given explicitly (not None), for timm.create_model."""
-        names = ("patch_size", "embed_dim", "depth", "num_heads", "stem_channels")
+        names = ("patch_size", "embed_dim", "depth", "num_heads", "stem_channels", "stem_pool")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def fingerprint(self) -> str:
@@ -79,7 +81,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if name not in _FIELDS:
         raise KaggleVitError(f"{source}: unknown setting '{name}' (known: {', '.join(sorted(_FIELDS))})")
     default = getattr(TrainConfig(), name)
-    kind = type(default) if default is not None else int
+    kind = type(default) if default is not None else (bool if "bool" in str(_FIELDS[name].type) else int)
     if value is None:
         return None
     try:
@@ -124,7 +126,7 @@ def validate_config(cfg: TrainConfig) -> None:
         raise KaggleVitError(f"aug must be rotate, affine or none, got '{cfg.aug}'")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise KaggleVitError(f"amp must be auto, bf16, fp16 or off, got '{cfg.amp}'")
-    for name in ("epochs", "batch_size", "folds"):
+    for name in ("epochs", "batch_size", "folds", "aug_group"):
         if getattr(cfg, name) < 1:
             raise KaggleVitError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if not cfg.lr > 0:

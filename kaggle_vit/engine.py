@@ -130,7 +130,7 @@ def _worker_init(worker_id: int) -> None:
 def train_loader(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch_seed: int, device: torch.device) -> DataLoader:
     """Shuffled, augmented batches; the order and augmentation depend only on `epoch_seed`."""
     workers, pin = num_workers(cfg, device), device.type == "cuda"
-    ds = ImageDataset(images, labels, train_transform(cfg, seed=epoch_seed))
+    ds = ImageDataset(images, labels, train_transform(cfg, seed=epoch_seed), group=cfg.aug_group)
     gen = torch.Generator().manual_seed(epoch_seed)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                       collate_fn=keep_batch, num_workers=workers, generator=gen, pin_memory=pin,

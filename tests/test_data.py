@@ -117,3 +117,19 @@ def test_folds_stratified_and_saved(comp, small_spec, tmp_path):
         per_class = np.bincount(labels[folds == k], minlength=10)
         assert np.all(np.abs(per_class - np.bincount(labels) / 5) <= 1)
     assert np.array_equal(load_or_make_folds(tmp_path / "folds.csv", labels, 5, seed=99), folds)
+
+
+def test_grouped_augmentation_shares_one_draw_per_group(comp, small_spec):
+    from kaggle_vit.augment import train_transform
+    from kaggle_vit.config import TrainConfig
+
+    image = load_competition(small_spec, comp).train.images[:1]
+    same = np.repeat(image, 10, axis=0)  # ten copies of one digit
+    ds = ImageDataset(same, np.zeros(10, dtype=np.int64), train_transform(TrainConfig(rotate=30), seed=0), group=4)
+    x, _ = ds.__getitems__(list(range(10)))
+    assert x.shape == (10, 1, 28, 28)
+    groups = [x[0:4], x[4:8], x[8:10]]  # 10 = 4 + 4 + 2: the last group is short
+    for g in groups:
+        assert all(torch.equal(g[0], im) for im in g)  # one rotation per group
+    assert not torch.equal(groups[0][0], groups[1][0]) and not torch.equal(groups[1][0], groups[2][0])
+    assert not torch.equal(x[0], ImageDataset(same)[0][0])  # and it did rotate

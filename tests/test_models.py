@@ -22,6 +22,22 @@ def test_shapes_for_patch_sizes_and_channels(patch, chans, size):
     assert torch.allclose(maps[0].sum(-1), torch.ones(3, 2, tokens), atol=1e-5)
 
 
+@pytest.mark.parametrize("pool", [False, True])
+def test_conv_stem_downsamples_by_the_patch_size(pool):
+    model = KaggleViT(patch_size=4, embed_dim=32, depth=1, num_heads=2, stem_channels=8, stem_pool=pool)
+    convs = [m for m in model.stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16]  # channels double at each stage
+    assert any(isinstance(m, torch.nn.MaxPool2d) for m in model.stem) == pool
+    assert model.stem(torch.randn(2, 1, 28, 28)).shape == (2, 16, 7, 7)
+    assert model.patch_embed.kernel_size == (1, 1)
+
+
+def test_linear_init_scales_with_width():
+    wide, narrow = KaggleViT(embed_dim=256, depth=1, num_heads=4), KaggleViT(embed_dim=32, depth=1, num_heads=4)
+    for model, width in ((wide, 256), (narrow, 32)):
+        assert abs(model.blocks[0].attn.qkv.weight.std().item() - width ** -0.5) < 0.1 * width ** -0.5
+
+
 def test_explicit_attention_matches_fused_kernel():
     model = KaggleViT(embed_dim=32, depth=2, num_heads=4).eval()
     x = torch.randn(2, 1, 28, 28)

@@ -33,8 +33,9 @@ def model_kwargs(cfg: TrainConfig, spec: CompetitionSpec) -> dict[str, Any]:
         **cfg.model_overrides(),
     )
     if not cfg.model.startswith("kvit"):
-        if "stem_channels" in kwargs:
-            raise KaggleVitError(f"stem_channels applies to kvit models only, not '{cfg.model}'")
+        for name in ("stem_channels", "stem_pool"):
+            if name in kwargs:
+                raise KaggleVitError(f"{name} applies to kvit models only, not '{cfg.model}'")
         kwargs.setdefault("patch_size", fitting_patch_size(spec))
     patch = kwargs.get("patch_size")
     if patch is not None and (spec.height % patch or spec.width % patch):
