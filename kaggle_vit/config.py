@@ -20,7 +20,7 @@ class TrainConfig:
     """Model, optimisation, augmentation and CV settings of one run."""
 
     competition: str = "digit-recognizer"
-    model: str = "kvit_pico_patch7_28"
+    model: str = "kvit_pico_patch4_28"
     # architecture overrides (None: the registered variant's value)
     patch_size: int | None = None
     embed_dim: int | None = None
@@ -30,11 +30,11 @@ class TrainConfig:
     stem_pool: bool | None = None
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.05
+    drop_path_rate: float = 0.0
     # optimisation
-    epochs: int = 4
+    epochs: int = 6
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.0
@@ -44,7 +44,7 @@ class TrainConfig:
     rotate: float = 10.0
     scale: float = 0.1
     shift: float = 0.1
-    aug_group: int = 1  # images per albumentations call; a group shares one random draw
+    aug_group: int = 8  # images per albumentations call; a group shares one random draw
     # cross-validation and runtime
     folds: int = 5
     seed: int = 42

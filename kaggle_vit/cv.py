@@ -20,7 +20,7 @@ from . import __version__
 from .competition import CompetitionSpec
 from .config import TrainConfig, load_toml, save_config, to_toml
 from .data import CompetitionData, load_or_make_folds, save_folds
-from .engine import NoProgress, Progress, amp_for, fit, predict_logits, select_device
+from .engine import NoProgress, Progress, amp_for, fit, predict_logits, seed_everything, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, read_json, write_json
 from .models import build, model_kwargs
@@ -86,6 +86,7 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     images, labels = data.train.images, data.train.labels
     kwargs = model_kwargs(cfg, spec)
+    seed_everything(cfg.seed + fold)  # the fold's initial weights do not depend on what ran before
     model = build(cfg.model, kwargs)
     progress.start_fold(fold, cfg.folds)
     result = fit(model, (images[tr], labels[tr]), (images[va], labels[va]), cfg, seed=cfg.seed + fold,

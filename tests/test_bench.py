@@ -25,6 +25,6 @@ def test_bench_reports_ratios_as_json(small_comp):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     modes = {(r["name"], r["mode"]) for r in report["rows"]}
-    assert ("timm VisionTransformer", "train") in modes and ("kvit_pico_patch7_28", "infer") in modes
+    assert ("timm VisionTransformer", "train") in modes and ("kvit_pico_patch4_28", "infer") in modes
     assert report["train_ratio_vs_timm"] > 0 and report["data_vs_train_ratio"] > 0
     assert all(r["images_per_s"] > 0 for r in report["rows"])

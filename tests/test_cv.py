@@ -68,6 +68,15 @@ def test_resume_skips_finished_folds(small_comp, small_spec, tmp_path, monkeypat
         run_cv(TrainConfig(**{**TINY, "lr": 0.1}), data, run)
 
 
+def test_a_fold_trains_the_same_alone_or_after_others(small_comp, small_spec, tmp_path):
+    # --fold 2 on another machine, or fold 2 after a resume, must equal fold 2 of one full run.
+    data = load_competition(small_spec, small_comp)
+    run_cv(TrainConfig(**TINY), data, tmp_path / "all")
+    run_cv(TrainConfig(**TINY), data, tmp_path / "alone", only_folds=[2])
+    probs = [np.load(tmp_path / d / "fold2" / "test_probs.npy") for d in ("all", "alone")]
+    np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
+
+
 def test_cli_cv_quiet(small_comp, tiny_toml, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plain = tmp_path / "plain.toml"  # timm's vit_tiny at its own width and depth, only reshaped to 28x28

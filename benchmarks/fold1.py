@@ -1,0 +1,47 @@
+"""One-fold accuracy-per-minute probe behind README's recipe table.
+
+    python benchmarks/fold1.py '{"epochs": 6, "stem_channels": 32, "depth": 2}'
+
+Trains the given settings (TrainConfig fields, over the defaults) on fold 1 of the saved 5-fold
+split of digit-recognizer through the same `fit` as `kaggle-vit cv`, and prints each epoch's
+validation accuracy and the wall time. `"subset": N` trains on the first N training rows only.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kaggle_vit.competition import load_spec
+from kaggle_vit.config import TrainConfig, apply_overrides, validate_config
+from kaggle_vit.data import load_competition, load_or_make_folds
+from kaggle_vit.engine import fit
+from kaggle_vit.models import create_model
+
+
+def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: Path = Path("runs/digit-recognizer")) -> None:
+    """Train fold 1 with `overrides` and print per-epoch validation accuracy, wall time, images/s."""
+    subset = overrides.pop("subset", None)
+    cfg = apply_overrides(TrainConfig(), overrides, "benchmarks/fold1.py")
+    validate_config(cfg)
+    spec = load_spec(cfg.competition)
+    data = load_competition(spec, data_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    folds = load_or_make_folds(runs / f"folds-k{cfg.folds}-seed{cfg.seed}.csv", data.train.labels, cfg.folds, cfg.seed)
+    tr, va = np.flatnonzero(folds != 1), np.flatnonzero(folds == 1)
+    tr = tr[:subset] if subset else tr
+    model = create_model(cfg, spec)
+    t0 = time.perf_counter()
+    result = fit(model, (data.train.images[tr], data.train.labels[tr]), (data.train.images[va], data.train.labels[va]),
+                 cfg, seed=cfg.seed + 1)
+    accs = " ".join(f"{h['valid_acc'] * 100:.2f}" for h in result.history)
+    rate = np.median([h["images_per_s"] for h in result.history])
+    print(f"{cfg.model} {json.dumps(overrides)}: valid % per epoch [{accs}], "
+          f"{time.perf_counter() - t0:.1f} s, {rate:.0f} train images/s")
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1] if len(sys.argv) > 1 else "{}"))
