@@ -4,7 +4,9 @@
 
 Trains the given settings (TrainConfig fields, over the defaults) on fold 1 of the saved 5-fold
 split of digit-recognizer through the same `fit` as `kaggle-vit cv`, and prints each epoch's
-validation accuracy and the wall time. `"subset": N` trains on the first N training rows only.
+validation accuracy and the wall time. Fold 1 is seeded as `kaggle-vit cv` seeds it, so the same
+settings train the same model as `kaggle-vit cv --fold 1`. `"subset": N` trains on the first N
+training rows only.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 from kaggle_vit.competition import load_spec
 from kaggle_vit.config import TrainConfig, apply_overrides, validate_config
 from kaggle_vit.data import load_competition, load_or_make_folds
-from kaggle_vit.engine import fit
+from kaggle_vit.engine import fit, seed_everything
 from kaggle_vit.models import create_model
 
 
@@ -33,6 +35,7 @@ def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: 
     folds = load_or_make_folds(runs / f"folds-k{cfg.folds}-seed{cfg.seed}.csv", data.train.labels, cfg.folds, cfg.seed)
     tr, va = np.flatnonzero(folds != 1), np.flatnonzero(folds == 1)
     tr = tr[:subset] if subset else tr
+    seed_everything(cfg.seed + 1)  # as `kaggle-vit cv` seeds fold 1 before building its model
     model = create_model(cfg, spec)
     t0 = time.perf_counter()
     result = fit(model, (data.train.images[tr], data.train.labels[tr]), (data.train.images[va], data.train.labels[va]),
