@@ -4,7 +4,8 @@
 
 Trains the given settings (TrainConfig fields, over the defaults) on fold 1 of the saved 5-fold
 split of digit-recognizer through the same `fit` as `kaggle-vit cv`, and prints each epoch's
-validation accuracy and the wall time. Fold 1 is seeded as `kaggle-vit cv` seeds it, so the same
+validation accuracy, the best epoch's accuracy with the run's test-time views, and the
+training wall time. Fold 1 is seeded as `kaggle-vit cv` seeds it, so the same
 settings train the same model as `kaggle-vit cv --fold 1`. `"subset": N` trains on the first N
 training rows only.
 """
@@ -20,7 +21,7 @@ import numpy as np
 from kaggle_vit.competition import load_spec
 from kaggle_vit.config import TrainConfig, apply_overrides, validate_config
 from kaggle_vit.data import load_competition, load_or_make_folds
-from kaggle_vit.engine import fit, seed_everything
+from kaggle_vit.engine import fit, inference_amp, predict_probs, seed_everything, select_device
 from kaggle_vit.models import create_model
 
 
@@ -40,10 +41,15 @@ def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: 
     t0 = time.perf_counter()
     result = fit(model, (data.train.images[tr], data.train.labels[tr]), (data.train.images[va], data.train.labels[va]),
                  cfg, seed=cfg.seed + 1)
+    train_s = time.perf_counter() - t0
+    model.load_state_dict(result.best_state)
+    device = select_device(cfg.device)
+    probs = predict_probs(model, data.train.images[va], device, inference_amp(cfg.amp, device), cfg.eval_batch_size, cfg.tta)
+    tta_acc = (probs.argmax(1) == data.train.labels[va]).mean() * 100
     accs = " ".join(f"{h['valid_acc'] * 100:.2f}" for h in result.history)
     rate = np.median([h["images_per_s"] for h in result.history])
-    print(f"{cfg.model} {json.dumps(overrides)}: valid % per epoch [{accs}], "
-          f"{time.perf_counter() - t0:.1f} s, {rate:.0f} train images/s")
+    print(f"{cfg.model} {json.dumps(overrides)}: valid % per epoch [{accs}], {tta_acc:.2f}% with {cfg.tta} views; "
+          f"{train_s:.1f} s training, {rate:.0f} train images/s")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .engine import amp_for, autocast, make_optimizer, select_device, train_loader
+from .engine import amp_for, autocast, inference_amp, make_optimizer, select_device, train_loader
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,10 @@ def _timed(fn, n: int, device: torch.device) -> float:
 
 
 def bench_models(models: dict[str, nn.Module], cfg: TrainConfig, rounds: int = 5, steps: int = 10) -> list[BenchRow]:
-    """Training and inference images/s of each model, rounds interleaved."""
+    """Training and inference images/s of each model, rounds interleaved, each mode in the autocast
+    cv uses for it (inference in bf16 on a CPU with AMX, training in fp32 there)."""
     device = select_device(cfg.device)
-    amp = amp_for(cfg.amp, device)
+    amp, eval_amp = amp_for(cfg.amp, device), inference_amp(cfg.amp, device)
     shape = next(iter(models.values())).img_size
     chans = next(iter(models.values())).in_chans
     x = torch.randn(cfg.batch_size, chans, *shape, device=device)
@@ -72,7 +73,7 @@ def bench_models(models: dict[str, nn.Module], cfg: TrainConfig, rounds: int = 5
             model.train()
             t_train = _timed(lambda: _train_step(model, opts[name], x, y, device, amp), steps, device)
             model.eval()
-            with torch.no_grad(), autocast(device, amp):
+            with torch.no_grad(), autocast(device, eval_amp):
                 t_eval = _timed(lambda: model(xe), max(1, steps // 4), device)
             if r:
                 times.setdefault((name, "train"), []).append(steps * cfg.batch_size / t_train)

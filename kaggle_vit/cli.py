@@ -107,15 +107,16 @@ def fold_table(result) -> "Table":
     from rich.table import Table
 
     table = Table(title=f"cross-validation: {result.run_dir}")
-    for col in ("fold", "best epoch", "valid acc", "valid loss", "train time", "img/s", "amp"):
+    for col in ("fold", "best epoch", "valid acc", "no TTA", "valid loss", "train time", "img/s", "amp"):
         table.add_column(col, justify="right")
     for f in result.folds:
-        table.add_row(str(f["fold"]), str(f["best_epoch"]), f"{100 * f['valid_acc']:.2f}%", f"{f['valid_loss']:.4f}",
-                      f"{f['train_seconds']:.0f}s", f"{f['images_per_s']:.0f}", f["amp"])
+        plain = f.get("valid_acc_plain", f["valid_acc"])
+        table.add_row(str(f["fold"]), str(f["best_epoch"]), f"{100 * f['valid_acc']:.2f}%", f"{100 * plain:.2f}%",
+                      f"{f['valid_loss']:.4f}", f"{f['train_seconds']:.0f}s", f"{f['images_per_s']:.0f}", f["amp"])
     if result.complete:
         table.add_section()
-        table.add_row("OOF", "", f"{100 * result.oof_acc:.2f}%", f"{result.oof_loss:.4f}",
-                      f"{sum(f['train_seconds'] for f in result.folds):.0f}s", "", "")
+        table.add_row("OOF", "", f"{100 * result.oof_acc:.2f}%", f"{100 * result.oof_acc_plain:.2f}%",
+                      f"{result.oof_loss:.4f}", f"{sum(f['train_seconds'] for f in result.folds):.0f}s", "", "")
     return table
 
 
@@ -138,6 +139,9 @@ def cv(
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default: spare cores).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Folds trained at once (0: auto, 2 on a CPU).")] = None,
+    tta: Annotated[Optional[int], typer.Option("--tta", help="Test-time views for OOF and test predictions: 1 (off) to 9.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Default: runs/COMPETITION/MODEL-HASH.")] = None,
     data_dir: DataDirOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per fold; no live display.")] = False,
@@ -149,7 +153,8 @@ def cv(
 
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
-                         seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers)
+                         seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers,
+                         jobs=jobs, tta=tta, compile=compile)
     spec = load_spec(cfg.competition)
     data = load_data(spec, data_dir)
     target = run_dir or default_run_dir(cfg, spec)
@@ -157,7 +162,9 @@ def cv(
     result = run_cv(cfg, data, target, _parse_folds(fold), progress)
     out.print(fold_table(result))
     if result.complete:
-        out.print(f"OOF accuracy {100 * result.oof_acc:.2f}% over {len(data.train):,} rows; run in [cyan]{result.run_dir}[/]")
+        views = result.folds[0].get("tta", 1)
+        out.print(f"OOF accuracy {100 * result.oof_acc:.2f}% over {len(data.train):,} rows with {views} test-time "
+                  f"view(s) ({100 * result.oof_acc_plain:.2f}% without); run in [cyan]{result.run_dir}[/]")
     else:
         done = [f["fold"] for f in result.folds]
         out.print(f"folds done: {done or 'none'} of {result.n_folds}; OOF scores appear when all are done")
@@ -176,7 +183,7 @@ def submit(
     competition: CompetitionOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the submission.")] = Path("submission.csv"),
     folds: Annotated[Optional[str], typer.Option("--folds", help="Folds to ensemble, e.g. 1,3 (default: all).")] = None,
-    tta: Annotated[int, typer.Option("--tta", help="Test-time augmentation: N views (the image and N-1 small rotations).")] = 1,
+    tta: Annotated[Optional[int], typer.Option("--tta", help="Recompute with N test-time views (1-9; default: as cv saved them).")] = None,
     weighting: Annotated[str, typer.Option("--weighting", help="mean, or oof (weight folds by validation accuracy).")] = "mean",
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Ensemble the finished folds even if some are missing.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda.")] = "auto",
@@ -191,7 +198,7 @@ def submit(
     result = make_submission(run, data, output, _parse_folds(folds), weighting, tta, allow_missing, device)
     weights = ", ".join(f"{k}: {w:.3f}" for k, w in zip(result.folds, result.weights))
     out.print(f"wrote [cyan]{result.path}[/] ({len(data.test):,} rows) from {run}")
-    out.print(f"  folds {result.folds} ({weighting} weights {weights}), tta {tta}")
+    out.print(f"  folds {result.folds} ({weighting} weights {weights}), test-time views {tta or 'as saved by cv'}")
     out.print("  predicted class counts: " + ", ".join(f"{spec.class_names[c]}: {n}" for c, n in result.class_counts.items()))
 
 

@@ -26,6 +26,7 @@ class TrainConfig:
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
+    mlp_ratio: float | None = None
     stem_channels: int | None = None
     stem_pool: bool | None = None
     drop_rate: float = 0.0
@@ -51,17 +52,19 @@ class TrainConfig:
     amp: str = "auto"  # auto | bf16 | fp16 | off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = -1  # -1: chosen from the CPU count
-    eval_batch_size: int = 1024
+    jobs: int = 0  # folds trained at once in worker processes; 0: 2 on a CPU with 2+ cores, else 1
+    eval_batch_size: int = 256  # 5,400 vs 4,100 images/s at 1024 on the 2-core CPU
+    tta: int = 5  # test-time views (the image and one-pixel shifts) for the OOF and test predictions
     compile: bool = False
 
     def model_overrides(self) -> dict[str, Any]:
         """Architecture keywords given explicitly (not None), for timm.create_model."""
-        names = ("patch_size", "embed_dim", "depth", "num_heads", "stem_channels", "stem_pool")
+        names = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem_channels", "stem_pool")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def fingerprint(self) -> str:
         """Short hash of the settings that change results (not device, workers or fold count to run)."""
-        skip = {"device", "num_workers", "eval_batch_size"}
+        skip = {"device", "num_workers", "eval_batch_size", "jobs"}
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -71,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     # An H100-class GPU: a wider, deeper model, bigger batches, more epochs.
     "gpu": {"model": "kvit_small_patch4_28", "epochs": 30, "batch_size": 256, "lr": 2e-3, "aug": "affine",
-            "label_smoothing": 0.1, "drop_path_rate": 0.1, "warmup_epochs": 2.0},
+            "label_smoothing": 0.1, "drop_path_rate": 0.1, "warmup_epochs": 2.0, "eval_batch_size": 1024},
 }
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -81,7 +84,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if name not in _FIELDS:
         raise KaggleVitError(f"{source}: unknown setting '{name}' (known: {', '.join(sorted(_FIELDS))})")
     default = getattr(TrainConfig(), name)
-    kind = type(default) if default is not None else (bool if "bool" in str(_FIELDS[name].type) else int)
+    annotation = str(_FIELDS[name].type)
+    kind = type(default) if default is not None else (bool if "bool" in annotation else float if "float" in annotation else int)
     if value is None:
         return None
     try:
@@ -126,9 +130,13 @@ def validate_config(cfg: TrainConfig) -> None:
         raise KaggleVitError(f"aug must be rotate, affine or none, got '{cfg.aug}'")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise KaggleVitError(f"amp must be auto, bf16, fp16 or off, got '{cfg.amp}'")
+    if cfg.jobs < 0:
+        raise KaggleVitError(f"jobs must be 0 (auto) or more, got {cfg.jobs}")
     for name in ("epochs", "batch_size", "folds", "aug_group"):
         if getattr(cfg, name) < 1:
             raise KaggleVitError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if not 1 <= cfg.tta <= 9:
+        raise KaggleVitError(f"tta must be 1 (off) to 9 views, got {cfg.tta}")
     if not cfg.lr > 0:
         raise KaggleVitError(f"lr must be positive, got {cfg.lr}")
 

@@ -20,11 +20,12 @@ from . import __version__
 from .competition import CompetitionSpec
 from .config import TrainConfig, load_toml, save_config, to_toml
 from .data import CompetitionData, load_or_make_folds, save_folds
-from .engine import NoProgress, Progress, amp_for, fit, predict_logits, seed_everything, select_device
+from .engine import NoProgress, Progress, fit, inference_amp, maybe_compile, predict_probs, seed_everything, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, read_json, write_json
 from .models import build, model_kwargs
 from .report import plot_curves
+from .workers import auto_jobs, train_folds_parallel
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class CVResult:
     oof_acc: float | None
     oof_loss: float | None
     trained: list[int]
+    oof_acc_plain: float | None = None  # without test-time views
 
     @property
     def complete(self) -> bool:
@@ -98,19 +100,22 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
         torch.save(checkpoint, tmp)
     device = select_device(cfg.device)
     model.load_state_dict(result.best_state)
+    predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
     t0 = time.perf_counter()
-    test_probs = predict_logits(model, data.test.images, device, amp_for(cfg.amp, device), cfg.eval_batch_size).softmax(1)
+    valid_probs = predict_probs(predictor, images[va], device, amp, cfg.eval_batch_size, cfg.tta, pad=cfg.compile)
+    test_probs = predict_probs(predictor, data.test.images, device, amp, cfg.eval_batch_size, cfg.tta, pad=cfg.compile)
     with atomic_path(fold_dir / "test_probs.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, test_probs.numpy().astype(np.float32))
+        np.save(fh, test_probs)
     with atomic_path(fold_dir / "valid_probs.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, rows=va, probs=result.valid_probs.astype(np.float32))
+        np.savez(fh, rows=va, probs=valid_probs, probs_plain=result.valid_probs.astype(np.float32))
     history = pd.DataFrame(result.history)
     with atomic_path(fold_dir / "history.csv") as tmp:
         history.to_csv(tmp, index=False)
     best = result.history[result.best_epoch - 1]
-    summary = {"fold": fold, "best_epoch": result.best_epoch, "valid_acc": best["valid_acc"],
-               "valid_loss": best["valid_loss"], "train_seconds": result.train_seconds,
-               "test_predict_seconds": time.perf_counter() - t0,
+    summary = {"fold": fold, "best_epoch": result.best_epoch,
+               "valid_acc": float((valid_probs.argmax(1) == labels[va]).mean()), "tta": cfg.tta,
+               "valid_acc_plain": best["valid_acc"], "valid_loss": best["valid_loss"],
+               "train_seconds": result.train_seconds, "predict_seconds": time.perf_counter() - t0,
                "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
                "amp": result.amp, "device": str(device), "epochs": len(result.history)}
     write_json(fold_dir / "result.json", summary)
@@ -119,26 +124,30 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     return summary
 
 
-def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds: int) -> tuple[float, float]:
-    """Gather every fold's validation probabilities into oof.csv; return OOF accuracy and loss."""
+def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds: int) -> dict[str, float]:
+    """Gather every fold's validation probabilities into oof.csv; return OOF accuracy and loss (of
+    the run's predictor, with its test-time views) and the accuracy without test-time views."""
     labels, n_classes = data.train.labels, data.spec.num_classes
     probs = np.zeros((len(labels), n_classes), dtype=np.float32)
+    plain = np.zeros(len(labels), dtype=np.int64)
     for fold in range(1, n_folds + 1):
         with np.load(run_dir / f"fold{fold}" / "valid_probs.npz") as z:
             probs[z["rows"]] = z["probs"]
+            plain[z["rows"]] = (z["probs_plain"] if "probs_plain" in z else z["probs"]).argmax(1)
     pred = probs.argmax(1)
     frame = pd.DataFrame({"row": np.arange(len(labels)), "label": labels, "fold": folds, "pred": pred})
     frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"prob_{c}" for c in range(n_classes)])], axis=1)
     with atomic_path(run_dir / "oof.csv") as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
-    acc = float((pred == labels).mean())
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    return acc, loss
+    return {"oof_acc": float((pred == labels).mean()), "oof_loss": loss, "oof_acc_plain": float((plain == labels).mean())}
 
 
 def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: list[int] | None = None,
            progress: Progress | None = None, on_epoch=None, runs_root: Path | None = None) -> CVResult:
-    """Train every fold not yet finished (or only `only_folds`), then write OOF scores and curves."""
+    """Train every fold not yet finished (or only `only_folds`), then write OOF scores and curves.
+    Folds train `cfg.jobs` at a time in worker processes (`workers`), or in this process when one
+    at a time or when `on_epoch` (tune's pruning hook) must see every epoch."""
     progress = progress or NoProgress()
     spec = data.spec
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,22 +160,24 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     bad = [k for k in wanted if not 1 <= k <= cfg.folds]
     if bad:
         raise KaggleVitError(f"--fold {bad[0]}: folds are numbered 1..{cfg.folds}")
-    trained = []
-    for fold in wanted:
-        if not _fold_done(run_dir, fold):
+    trained = [k for k in wanted if not _fold_done(run_dir, k)]
+    jobs = 1 if on_epoch is not None else auto_jobs(cfg, select_device(cfg.device), len(trained))
+    if jobs > 1:
+        train_folds_parallel(cfg, data, folds, trained, run_dir, jobs, progress)
+    else:
+        for fold in trained:
             train_fold(cfg, data, folds, fold, run_dir, progress, on_epoch)
-            trained.append(fold)
     summaries = [read_json(run_dir / f"fold{k}" / "result.json") for k in range(1, cfg.folds + 1) if _fold_done(run_dir, k)]
-    oof_acc = oof_loss = None
+    oof = {"oof_acc": None, "oof_loss": None, "oof_acc_plain": None}
     if len(summaries) == cfg.folds:
-        oof_acc, oof_loss = _write_oof(run_dir, data, folds, cfg.folds)
+        oof = _write_oof(run_dir, data, folds, cfg.folds)
     histories = {s["fold"]: pd.read_csv(run_dir / f"fold{s['fold']}" / "history.csv").to_dict("records") for s in summaries}
     if histories:
         plot_curves(histories, run_dir / "curves.png")
     metrics = {"competition": spec.name, "model": cfg.model, "folds": summaries, "n_folds": cfg.folds,
-               "oof_acc": oof_acc, "oof_loss": oof_loss,
+               **oof, "tta": cfg.tta,
                "train_seconds": sum(s["train_seconds"] for s in summaries),
-               "test_predict_seconds": sum(s["test_predict_seconds"] for s in summaries),
+               "predict_seconds": sum(s.get("predict_seconds", 0.0) for s in summaries),
                "version": __version__, "git": git_hash(), "config": to_toml(cfg)}
     write_json(run_dir / "metrics.json", metrics)
-    return CVResult(run_dir, summaries, cfg.folds, oof_acc, oof_loss, trained)
+    return CVResult(run_dir, summaries, cfg.folds, oof["oof_acc"], oof["oof_loss"], trained, oof["oof_acc_plain"])

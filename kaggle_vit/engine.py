@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .augment import train_transform
+from .augment import shift, train_transform, tta_shifts
 from .config import TrainConfig
 from .data import ImageDataset, keep_batch, to_float
 from .errors import KaggleVitError
@@ -54,6 +55,23 @@ def amp_for(mode: str, device: torch.device) -> Amp:
         mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     return Amp(dtype, dtype == torch.float16 and device.type == "cuda")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bf16 tiles (Linux /proc/cpuinfo; False where unknown)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def inference_amp(mode: str, device: torch.device) -> Amp:
+    """Autocast for prediction: as for training, except that `auto` on a CPU with AMX predicts in
+    bf16, measured at 1.9x the fp32 images/s (where training in bf16 ran at 0.4x, so it stays fp32)."""
+    if mode == "auto" and device.type == "cpu" and cpu_has_amx():
+        return Amp(torch.bfloat16, False)
+    return amp_for(mode, device)
 
 
 def autocast(device: torch.device, amp: Amp):
@@ -139,16 +157,51 @@ def train_loader(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch
                       worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None)
 
 
+def maybe_compile(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """`torch.compile(model)` when cfg.compile, else the model itself. On the 2-core CPU, compiled
+    inference ran 1.6x and training 1.07x the eager images/s (README); the compiled code is cached,
+    so later folds of a run reuse it."""
+    return torch.compile(model) if cfg.compile else model
+
+
+def _batches(images: np.ndarray, batch_size: int, device: torch.device, pad: bool):
+    """(float batch in [-1, 1] on `device`, real count) pairs; with `pad` the last batch is padded to
+    full size, so a compiled model sees one shape and never recompiles."""
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        n = len(chunk)
+        if pad and n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+        yield to_float(torch.from_numpy(chunk)).to(device, non_blocking=True), n
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device, amp: Amp, batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device, amp: Amp, batch_size: int = 256,
+                   pad: bool = False) -> torch.Tensor:
     """Logits for uint8 (N, C, H, W) images, batched, in eval mode, as float32 on the CPU."""
     model.eval()
     outs = []
-    for start in range(0, len(images), batch_size):
-        x = to_float(torch.from_numpy(images[start : start + batch_size])).to(device, non_blocking=True)
+    for x, n in _batches(images, batch_size, device, pad):
         with autocast(device, amp):
-            outs.append(model(x).float().cpu())
+            outs.append(model(x)[:n].float().cpu())
     return torch.cat(outs)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images: np.ndarray, device: torch.device, amp: Amp, batch_size: int = 256,
+                  views: int = 1, pad: bool = False) -> np.ndarray:
+    """Class probabilities averaged over `views` test-time views (the image, then one-pixel shifts:
+    `augment.tta_shifts`), float32 (N, classes). cv uses it for both the OOF and the test
+    predictions, so the OOF score measures the predictor the submission uses."""
+    model.eval()
+    shifts, outs = tta_shifts(views), []
+    for x, n in _batches(images, batch_size, device, pad):
+        total = 0
+        for dx, dy in shifts:
+            with autocast(device, amp):
+                total = total + model(shift(x, dx, dy))[:n].float().softmax(1)
+        outs.append((total / len(shifts)).cpu())
+    return torch.cat(outs).numpy()
 
 
 @dataclass
@@ -211,7 +264,7 @@ def fit(
     """Train for cfg.epochs, validating each epoch and keeping the best; resumes from `state_path`."""
     progress = progress or NoProgress()
     device = select_device(cfg.device)
-    amp = amp_for(cfg.amp, device)
+    amp, eval_amp = amp_for(cfg.amp, device), inference_amp(cfg.amp, device)
     model.to(device)
     seed_everything(seed)
     steps = max(1, len(train[0]) // cfg.batch_size)
@@ -221,7 +274,7 @@ def fit(
     st = _State()
     if state_path is not None and state_path.exists():
         st = _load_state(state_path, model, opt, sched, scaler)
-    step_fn = torch.compile(model) if cfg.compile else model
+    step_fn = maybe_compile(model, cfg)
     valid_labels = torch.as_tensor(valid[1])
     while st.epoch < cfg.epochs:
         epoch = st.epoch + 1
@@ -249,7 +302,7 @@ def fit(
             seen += n
             progress.step(loss.item(), n)
         train_time = time.perf_counter() - t0
-        logits = predict_logits(model, valid[0], device, amp, cfg.eval_batch_size)
+        logits = predict_logits(step_fn, valid[0], device, eval_amp, cfg.eval_batch_size, pad=cfg.compile)
         record = {
             "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
             "valid_loss": F.cross_entropy(logits, valid_labels).item(),

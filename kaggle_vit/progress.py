@@ -48,6 +48,10 @@ class RichProgress:
         )
 
     def end_fold(self, summary: dict) -> None:
+        if summary["fold"] != self.fold:  # a fold that trained beside the one shown (cv --jobs)
+            self.console.print(f"fold {summary['fold']}: valid acc {100 * summary['valid_acc']:.2f}% "
+                               f"(epoch {summary['best_epoch']}), {summary['train_seconds']:.0f}s", highlight=False)
+            return
         if self.task is not None:
             self.bar.remove_task(self.task)
             self.task = None

@@ -10,8 +10,9 @@ import pandas as pd
 import torch
 
 from .competition import CompetitionSpec
+from .config import load_toml
 from .data import CompetitionData, _read_csv, load_sample_ids
-from .engine import amp_for, predict_logits, select_device
+from .engine import inference_amp, predict_probs, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
 from .models import build
@@ -80,36 +81,19 @@ def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> torch.nn
     return model.eval()
 
 
-def tta_angles(n: int, max_degrees: float = 8.0) -> list[float]:
-    """n rotation angles spread evenly in ±max_degrees, the unrotated image first."""
-    if n <= 1:
-        return [0.0]
-    return [0.0] + [float(a) for a in np.linspace(-max_degrees, max_degrees, n - 1 + (n - 1) % 2) if a != 0][: n - 1]
-
-
-def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int, device: str = "auto") -> np.ndarray:
-    """A fold model's test probabilities: saved by cv, or recomputed with `tta` rotations."""
+def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | None = None,
+                    device: str = "auto") -> np.ndarray:
+    """A fold model's test probabilities: as cv saved them (with the run's test-time views), or,
+    when `tta` is given, recomputed with that many views."""
     saved = run_dir / f"fold{fold}" / "test_probs.npy"
-    if tta <= 1 and saved.exists():
+    if tta is None and saved.exists():
         probs = np.load(saved)
         if probs.shape == (len(data.test), data.spec.num_classes):
             return probs
-    from .augment import rotation_transform
-
     model, dev = load_fold_model(run_dir, fold, data.spec), select_device(device)
     model.to(dev)
-    amp = amp_for("auto", dev)
-    total = np.zeros((len(data.test), data.spec.num_classes), dtype=np.float64)
-    angles = tta_angles(tta)
-    for angle in angles:
-        images = data.test.images
-        if angle:
-            rot = rotation_transform(angle)
-            images = np.stack([rot(image=im.transpose(1, 2, 0))["image"].reshape(im.shape[1:] + (im.shape[0],))
-                               for im in images]).transpose(0, 3, 1, 2)
-            images = np.ascontiguousarray(images)
-        total += predict_logits(model, images, dev, amp).softmax(1).numpy()
-    return (total / len(angles)).astype(np.float32)
+    views = tta if tta is not None else int(load_toml(run_dir / "config.toml").get("tta", 1))
+    return predict_probs(model, data.test.images, dev, inference_amp("auto", dev), views=views)
 
 
 def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids: np.ndarray, source: str) -> np.ndarray:
@@ -144,7 +128,7 @@ def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids
 
 
 def make_submission(run_dir: Path, data: CompetitionData, output: Path, folds: list[int] | None = None,
-                    weighting: str = "mean", tta: int = 1, allow_missing: bool = False, device: str = "auto") -> Submission:
+                    weighting: str = "mean", tta: int | None = None, allow_missing: bool = False, device: str = "auto") -> Submission:
     """Average the chosen folds' test probabilities (plain or OOF-accuracy-weighted) and write the submission."""
     spec = data.spec
     if weighting not in ("mean", "oof"):
@@ -184,4 +168,4 @@ def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) ->
 def fold_scores(run_dir: Path, data: CompetitionData, solution: Path, folds: list[int]) -> dict[int, float]:
     """Held-out accuracy of each single fold model (from its saved test probabilities)."""
     truth = _read_csv(solution)[data.spec.submission_columns[1]].to_numpy(np.int64)
-    return {k: float((fold_test_probs(run_dir, k, data, 1).argmax(1) == truth).mean()) for k in folds}
+    return {k: float((fold_test_probs(run_dir, k, data).argmax(1) == truth).mean()) for k in folds}

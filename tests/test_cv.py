@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -17,10 +18,11 @@ from kaggle_vit.cli import app
 from kaggle_vit.config import TrainConfig, resolve_config, to_toml
 from kaggle_vit.cv import run_cv
 from kaggle_vit.data import load_competition
+from kaggle_vit.errors import KaggleVitError
 
 runner = CliRunner()
 TINY = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=1, batch_size=64,
-            folds=2, device="cpu", num_workers=0)
+            folds=2, device="cpu", num_workers=0, tta=3)
 
 
 @pytest.fixture
@@ -48,6 +50,13 @@ def test_fold_loop_writes_every_artifact(small_comp, small_spec, tmp_path):
     assert np.allclose(oof[[f"prob_{c}" for c in range(10)]].sum(axis=1), 1, atol=1e-4)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["oof_acc"] == result.oof_acc and len(metrics["folds"]) == 2
+    # OOF is scored with the run's test-time views; the score without them is kept beside it.
+    plain = np.zeros(600, dtype=int)
+    for k in (1, 2):
+        with np.load(run / f"fold{k}" / "valid_probs.npz") as z:
+            assert z["probs"].shape == z["probs_plain"].shape and not np.allclose(z["probs"], z["probs_plain"])
+            plain[z["rows"]] = z["probs_plain"].argmax(1)
+    assert np.isclose(metrics["oof_acc_plain"], (plain == oof["label"]).mean()) and metrics["tta"] == 3
     assert Image.open(run / "curves.png").size[0] > 400
     # The saved config reproduces the run.
     assert resolve_config(config_file=run / "config.toml") == TrainConfig(**TINY)
@@ -71,10 +80,35 @@ def test_resume_skips_finished_folds(small_comp, small_spec, tmp_path, monkeypat
 def test_a_fold_trains_the_same_alone_or_after_others(small_comp, small_spec, tmp_path):
     # --fold 2 on another machine, or fold 2 after a resume, must equal fold 2 of one full run.
     data = load_competition(small_spec, small_comp)
-    run_cv(TrainConfig(**TINY), data, tmp_path / "all")
-    run_cv(TrainConfig(**TINY), data, tmp_path / "alone", only_folds=[2])
+    run_cv(TrainConfig(**TINY, jobs=1), data, tmp_path / "all")
+    run_cv(TrainConfig(**TINY, jobs=1), data, tmp_path / "alone", only_folds=[2])
     probs = [np.load(tmp_path / d / "fold2" / "test_probs.npy") for d in ("all", "alone")]
     np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
+
+
+def test_parallel_folds_train_as_in_one_process(small_comp, small_spec, tmp_path):
+    # Two worker processes (one thread each, as --jobs 2 gives on two cores) train each fold exactly
+    # as this process does with one thread: same probabilities, every artifact, OOF scored.
+    data = load_competition(small_spec, small_comp)
+    parallel = run_cv(TrainConfig(**TINY, jobs=2), data, tmp_path / "parallel")
+    assert parallel.complete and parallel.trained == [1, 2]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_cv(TrainConfig(**TINY, jobs=1), data, tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("test_probs.npy",):
+        for k in (1, 2):
+            a, b = (np.load(tmp_path / d / f"fold{k}" / name) for d in ("parallel", "one"))
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    assert parallel.oof_acc == json.loads((tmp_path / "one" / "metrics.json").read_text())["oof_acc"]
+
+
+def test_a_failing_worker_is_reported_with_its_fold(small_comp, small_spec, tmp_path):
+    data = load_competition(small_spec, small_comp)
+    with pytest.raises(KaggleVitError, match=r"^fold 1: epoch 1: the loss became nan"):
+        run_cv(TrainConfig(**{**TINY, "lr": 1e9, "grad_clip": 1e9, "jobs": 2}), data, tmp_path / "bad")
 
 
 def test_cli_cv_quiet(small_comp, tiny_toml, tmp_path, monkeypatch):

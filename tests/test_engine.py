@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from kaggle_vit.config import TrainConfig
 from kaggle_vit.data import load_competition, to_float
-from kaggle_vit.engine import amp_for, fit, make_optimizer, make_scheduler
+from kaggle_vit.augment import shift, tta_shifts
+from kaggle_vit.engine import amp_for, fit, make_optimizer, make_scheduler, predict_logits, predict_probs
 
 TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=32,
                    lr=2e-3, aug="rotate", num_workers=0, device="cpu")
@@ -70,3 +71,26 @@ def test_fit_is_repeatable_and_resumes_exactly(small_comp, small_spec, tmp_path)
     assert resumed.history[-1]["valid_loss"] == straight.history[-1]["valid_loss"]
     assert len(straight.history) == 2 and straight.best_state is not None
     assert straight.valid_probs.shape == (120, 10) and np.allclose(straight.valid_probs.sum(1), 1, atol=1e-5)
+
+
+def test_shift_moves_the_image_and_repeats_the_border():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    right = shift(x, 1, 0)[0, 0]
+    assert torch.equal(right[:, 1:], x[0, 0, :, :3]) and torch.equal(right[:, 0], x[0, 0, :, 0])
+    up = shift(x, 0, -1)[0, 0]
+    assert torch.equal(up[:3], x[0, 0, 1:]) and torch.equal(up[3], x[0, 0, 3])
+    assert tta_shifts(5) == [(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)]
+
+
+def test_predict_probs_averages_the_shifted_views(small_comp, small_spec):
+    images = load_competition(small_spec, small_comp).train.images[:70]
+    model, cpu, off = _model().eval(), torch.device("cpu"), amp_for("off", torch.device("cpu"))
+    plain = predict_probs(model, images, cpu, off, batch_size=32)
+    assert np.allclose(plain, predict_logits(model, images, cpu, off, 32).softmax(1).numpy(), atol=1e-6)
+    x = to_float(torch.from_numpy(images))
+    with torch.no_grad():
+        by_hand = sum(model(shift(x, dx, dy)).softmax(1) for dx, dy in tta_shifts(3)) / 3
+    three = predict_probs(model, images, cpu, off, batch_size=32, views=3)
+    assert np.allclose(three, by_hand.numpy(), atol=1e-5) and not np.allclose(three, plain, atol=1e-3)
+    # A padded last batch (what a compiled model is given) changes no prediction.
+    assert np.allclose(predict_probs(model, images, cpu, off, batch_size=32, views=3, pad=True), three, atol=1e-6)

@@ -14,11 +14,11 @@ from kaggle_vit.cv import run_cv
 from kaggle_vit.data import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import attention_rollout, make_report
-from kaggle_vit.submit import make_submission, tta_angles
+from kaggle_vit.submit import make_submission
 
 runner = CliRunner()
 TINY = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=64, folds=2,
-            device="cpu", num_workers=0)
+            device="cpu", num_workers=0, tta=2)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,9 @@ def test_submission_is_the_fold_mean(trained, small_spec, tmp_path):
     one = make_submission(run, data, tmp_path / "one.csv", folds=[2], weighting="oof", tta=3)
     assert one.folds == [2] and one.weights == [1.0]
     assert np.allclose(one.probs.sum(1), 1, atol=1e-4)
-    assert tta_angles(3) == [0.0, -8.0, 8.0]
+    assert not np.allclose(one.probs, np.load(run / "fold2" / "test_probs.npy"))  # recomputed with 3 views
+    again = make_submission(run, data, tmp_path / "again.csv", folds=[2], tta=TINY["tta"])
+    assert np.allclose(again.probs, np.load(run / "fold2" / "test_probs.npy"), atol=1e-5)  # the saved views
 
 
 def test_refuses_missing_fold_and_other_shapes(trained, small_spec, tmp_path):
