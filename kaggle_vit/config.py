@@ -33,7 +33,7 @@ class TrainConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     # optimisation
-    epochs: int = 6
+    epochs: int = 7
     batch_size: int = 64
     lr: float = 4e-3
     weight_decay: float = 0.05

@@ -71,3 +71,23 @@ def test_timm_reference_vit_shaped_to_competition():
         create_model(TrainConfig(patch_size=5), spec)
     with pytest.raises(KaggleVitError, match="unknown model"):
         create_model(TrainConfig(model="no_such_model"), spec)
+
+
+@pytest.mark.parametrize("depth, qkv_bias", [(1, True), (2, True), (3, False)])
+def test_class_token_shortcut_gives_the_full_models_logits_and_gradients(depth, qkv_bias):
+    # forward() runs the last block for the class token only; it must equal the full computation.
+    torch.manual_seed(0)
+    model = KaggleViT(embed_dim=32, depth=depth, num_heads=4, stem_channels=8, qkv_bias=qkv_bias)
+    x = torch.randn(4, 1, 28, 28)
+    model.eval()
+    assert torch.allclose(model(x), model.forward_head(model.forward_features(x)), atol=1e-5)
+    model.train()  # batch norm in the stem uses batch statistics: both paths see the same batch
+    grads = []
+    for run in (model, lambda t: model.forward_head(model.forward_features(t))):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(run(x), torch.arange(4)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for fast, full in zip(*grads):
+        assert torch.allclose(fast, full, atol=1e-5)
+    tokens = model.eval()._tokens(x)
+    assert torch.allclose(model.blocks[-1].forward_class(tokens), model.blocks[-1](tokens)[0][:, :1], atol=1e-5)
