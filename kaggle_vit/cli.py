@@ -162,8 +162,7 @@ def cv(
     result = run_cv(cfg, data, target, _parse_folds(fold), progress)
     out.print(fold_table(result))
     if result.complete:
-        views = result.folds[0].get("tta", 1)
-        out.print(f"OOF accuracy {100 * result.oof_acc:.2f}% over {len(data.train):,} rows with {views} test-time "
+        out.print(f"OOF accuracy {100 * result.oof_acc:.2f}% over {len(data.train):,} rows with {cfg.tta} test-time "
                   f"view(s) ({100 * result.oof_acc_plain:.2f}% without); run in [cyan]{result.run_dir}[/]")
     else:
         done = [f["fold"] for f in result.folds]

@@ -62,11 +62,15 @@ class TrainConfig:
         names = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem_channels", "stem_pool")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-    def fingerprint(self) -> str:
-        """Short hash of the settings that change results (not device, workers or fold count to run)."""
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change results: all but where and how fast the run goes (device,
+        DataLoader workers, evaluation batch size, folds trained at once)."""
         skip = {"device", "num_workers", "eval_batch_size", "jobs"}
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def fingerprint(self) -> str:
+        """Short hash of `result_settings`: the same settings give the same run folder."""
+        return hashlib.sha256(json.dumps(self.result_settings(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 PRESETS: dict[str, dict[str, Any]] = {

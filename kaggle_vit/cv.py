@@ -6,7 +6,6 @@ moment loses at most the epoch in progress.
 """
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import time
 from dataclasses import dataclass
@@ -65,9 +64,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, spec: CompetitionSpec) -> 
     config_path = run_dir / "config.toml"
     if config_path.exists():
         saved = load_toml(config_path)
-        mine = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
-        differing = [k for k in ("model", "epochs", "batch_size", "lr", "folds", "seed", "patch_size", "embed_dim",
-                                 "depth", "drop_rate", "aug") if saved.get(k) != mine.get(k)]
+        differing = [k for k, v in cfg.result_settings().items() if saved.get(k) != v]
         if differing:
             raise KaggleVitError(f"{config_path}: this run was made with other settings ({', '.join(differing)}); "
                                  f"choose another --run-dir")

@@ -7,6 +7,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+def fold_line(summary: dict) -> str:
+    """One finished fold in a line: its accuracy, best epoch and training time."""
+    return (f"fold {summary['fold']}: valid acc {100 * summary['valid_acc']:.2f}% (epoch {summary['best_epoch']}), "
+            f"{summary['train_seconds']:.0f}s")
+
+
 class RichProgress:
     """Fold, epoch, loss, accuracy, images/s and time left, live in the terminal."""
 
@@ -49,8 +55,7 @@ class RichProgress:
 
     def end_fold(self, summary: dict) -> None:
         if summary["fold"] != self.fold:  # a fold that trained beside the one shown (cv --jobs)
-            self.console.print(f"fold {summary['fold']}: valid acc {100 * summary['valid_acc']:.2f}% "
-                               f"(epoch {summary['best_epoch']}), {summary['train_seconds']:.0f}s", highlight=False)
+            self.console.print(fold_line(summary), highlight=False)
             return
         if self.task is not None:
             self.bar.remove_task(self.task)
@@ -70,7 +75,4 @@ class LineProgress:
     def end_epoch(self, record: dict) -> None: ...
 
     def end_fold(self, summary: dict) -> None:
-        self.console.print(
-            f"fold {summary['fold']}: valid acc {100 * summary['valid_acc']:.2f}% (epoch {summary['best_epoch']}), "
-            f"{summary['train_seconds']:.0f}s", highlight=False,
-        )
+        self.console.print(fold_line(summary), highlight=False)

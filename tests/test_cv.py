@@ -71,10 +71,13 @@ def test_resume_skips_finished_folds(small_comp, small_spec, tmp_path, monkeypat
     second = run_cv(TrainConfig(**TINY), data, run)
     assert second.trained == [2] and second.complete
     assert (run / "fold1" / "model.pt").read_bytes() == before
-    from kaggle_vit.errors import KaggleVitError
 
     with pytest.raises(KaggleVitError, match="other settings"):
         run_cv(TrainConfig(**{**TINY, "lr": 0.1}), data, run)
+    # every setting that changes results counts (test-time views, MLP width), not where the run goes
+    with pytest.raises(KaggleVitError, match=r"other settings \(mlp_ratio, tta\)"):
+        run_cv(TrainConfig(**{**TINY, "tta": 1, "mlp_ratio": 2.0}), data, run)
+    assert run_cv(TrainConfig(**{**TINY, "jobs": 1, "eval_batch_size": 64}), data, run).trained == []
 
 
 def test_a_fold_trains_the_same_alone_or_after_others(small_comp, small_spec, tmp_path):
