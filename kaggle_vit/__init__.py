@@ -1,25 +1,47 @@
 """kaggle-vit: Vision Transformers for Kaggle image-classification competitions.
 
-Importing the package registers its ViT family (`kvit_*`) with timm. The Python API below is
-what the CLI calls; the CLI itself (`kaggle_vit.cli`, Typer) is never imported here, so a
-notebook needs no CLI library.
+The Python API below is what the CLI calls. Names are imported on first use (PEP 562), so
+`kaggle-vit --help` and `kaggle-vit data` start without torch, timm or albumentations; using a
+model (`create_model`, `run_cv`, ...) registers the `kvit_*` family with timm. The CLI itself
+(`kaggle_vit.cli`, Typer) is never imported here, so a notebook needs no CLI library.
 """
+from __future__ import annotations
+
+import importlib
+import os
+
 __version__ = "0.1.0"
 
-from .competition import CompetitionSpec, list_competitions, load_spec
-from .config import PRESETS, TrainConfig, resolve_config, save_config
-from .cv import CVResult, default_run_dir, run_cv
-from .data import CompetitionData, ImageDataset, ImageTable, load_competition, make_folds
-from .engine import FitResult, fit
-from .errors import KaggleVitError
-from .fetch import ensure_data
-from .models import KaggleViT, create_model
-from .report import make_report, plot_curves
-from .submit import Submission, latest_run, make_submission, score_submission
+# albumentations checks online for a newer release on import and, offline (Kaggle with internet
+# off, CI), prints a warning in every process that imports it. Spawned fold workers inherit this.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-__all__ = [
-    "CVResult", "CompetitionData", "CompetitionSpec", "FitResult", "ImageDataset", "ImageTable", "KaggleViT",
-    "KaggleVitError", "PRESETS", "Submission", "TrainConfig", "create_model", "default_run_dir", "ensure_data",
-    "fit", "latest_run", "list_competitions", "load_competition", "load_spec", "make_folds", "make_report",
-    "make_submission", "plot_curves", "resolve_config", "run_cv", "save_config", "score_submission",
-]
+_EXPORTS = {
+    "competition": ("CompetitionSpec", "list_competitions", "load_spec"),
+    "config": ("PRESETS", "TrainConfig", "resolve_config", "save_config"),
+    "cv": ("CVResult", "default_run_dir", "run_cv"),
+    "data": ("CompetitionData", "ImageTable", "load_competition", "make_folds"),
+    "dataset": ("ImageDataset",),
+    "engine": ("FitResult", "fit"),
+    "errors": ("KaggleVitError",),
+    "fetch": ("ensure_data",),
+    "models": ("KaggleViT", "create_model"),
+    "report": ("make_report", "plot_curves"),
+    "submit": ("Submission", "latest_run", "make_submission", "score_submission"),
+    "versions": ("check_versions",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    """Import the module that defines `name` when it is first used."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'kaggle_vit' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

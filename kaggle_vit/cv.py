@@ -1,12 +1,14 @@
 """Stratified k-fold cross-validation: folds → engine.fit → run directory with OOF and test probabilities.
 
-A fold is finished when its `result.json` exists (written last); a fold with only `state.pt`
-resumes from its last completed epoch. Every file is written atomically, so a kill at any
-moment loses at most the epoch in progress.
+A fold is finished when its `result.json` exists (written last) and its other files read back;
+a fold with only `state.pt` resumes from its last completed epoch. Every file is written
+atomically, so a kill at any moment loses at most the epoch in progress; a damaged file costs at
+most its fold, which is trained again (an unreadable `state.pt` restarts the fold).
 """
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +21,14 @@ from . import __version__
 from .competition import CompetitionSpec
 from .config import TrainConfig, load_toml, save_config, to_toml
 from .data import CompetitionData, load_or_make_folds, save_folds
-from .engine import NoProgress, Progress, fit, inference_amp, maybe_compile, predict_probs, seed_everything, select_device
-from .errors import KaggleVitError
+from .engine import (NoProgress, Progress, fit, inference_amp, maybe_compile, predict_probs, read_state,
+                     seed_everything, select_device)
+from .errors import Interrupted, KaggleVitError
 from .io import atomic_path, read_json, write_json
 from .models import build, model_kwargs
+from .notices import notice
 from .report import plot_curves
+from .rundir import fold_dir, fold_problem
 from .workers import auto_jobs, train_folds_parallel
 
 
@@ -73,27 +78,92 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, spec: CompetitionSpec) -> 
     save_config(cfg, config_path, header)
 
 
-def _fold_done(run_dir: Path, fold: int) -> bool:
-    return (run_dir / f"fold{fold}" / "result.json").exists()
+def _check_writable(run_dir: Path) -> None:
+    """Fail with one line, before any work, when the run folder cannot be written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as error:
+        raise KaggleVitError(f"{run_dir}: cannot write to the run folder ({error.strerror}); "
+                             f"choose another --run-dir") from None
+
+
+def _finished(run_dir: Path, fold: int) -> bool:
+    """Whether a fold is done: result.json written and every file of it readable. A fold with a
+    damaged or missing file is marked unfinished (its result.json removed) so it trains again."""
+    result = fold_dir(run_dir, fold) / "result.json"
+    if not result.exists():
+        return False
+    problem = fold_problem(run_dir, fold)
+    if problem:
+        notice(f"fold {fold}: {problem}; training the fold again")
+        result.unlink()
+        return False
+    return True
+
+
+def _resume_state(path: Path, fold: int, epochs: int) -> dict | None:
+    """A fold's saved training state, saying that it resumes; an unreadable one restarts the fold."""
+    if not path.exists():
+        return None
+    try:
+        state = read_state(path)
+    except Exception as error:  # noqa: BLE001 - a damaged state file costs the fold's epochs, not the run
+        notice(f"fold {fold}: {path} is unreadable ({type(error).__name__}); restarting the fold from its first epoch")
+        return None
+    notice(f"fold {fold}: resuming after epoch {state['state']['epoch']} of {epochs}")
+    return state
+
+
+class _Tracked:
+    """The user's Progress, remembering which fold and epoch are training (for Ctrl-C's message)."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.fold = progress, 0
+        self.running: dict[int, tuple[int, int]] = {}
+
+    def start_fold(self, fold: int, folds: int) -> None:
+        self.fold, self.running[fold] = fold, (0, 0)
+        self.progress.start_fold(fold, folds)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        self.running[self.fold] = (epoch, epochs)
+        self.progress.start_epoch(epoch, epochs, steps)
+
+    def step(self, loss: float, images: int) -> None:
+        self.progress.step(loss, images)
+
+    def end_epoch(self, record: dict) -> None:
+        self.progress.end_epoch(record)
+
+    def end_fold(self, summary: dict) -> None:
+        self.running.pop(summary["fold"], None)
+        self.progress.end_fold(summary)
 
 
 def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
                progress: Progress, on_epoch=None) -> dict:
     """Train one fold and write its checkpoint, history, validation and test probabilities."""
-    spec, fold_dir = data.spec, run_dir / f"fold{fold}"
-    fold_dir.mkdir(parents=True, exist_ok=True)
+    spec, out = data.spec, fold_dir(run_dir, fold)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.pt"
     tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     images, labels = data.train.images, data.train.labels
     kwargs = model_kwargs(cfg, spec)
     seed_everything(cfg.seed + fold)  # the fold's initial weights do not depend on what ran before
     model = build(cfg.model, kwargs)
     progress.start_fold(fold, cfg.folds)
-    result = fit(model, (images[tr], labels[tr]), (images[va], labels[va]), cfg, seed=cfg.seed + fold,
-                 state_path=fold_dir / "state.pt", progress=progress, on_epoch=on_epoch)
+    try:
+        result = fit(model, (images[tr], labels[tr]), (images[va], labels[va]), cfg, seed=cfg.seed + fold,
+                     state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs), progress=progress,
+                     on_epoch=on_epoch)
+    except KaggleVitError as error:
+        raise KaggleVitError(f"fold {fold}: {error}") from None
     checkpoint = {"model": cfg.model, "kwargs": kwargs, "state_dict": result.best_state, "fold": fold,
                   "competition": spec.name, "input_size": (spec.channels, spec.height, spec.width),
                   "num_classes": spec.num_classes, "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]}
-    with atomic_path(fold_dir / "model.pt") as tmp:
+    with atomic_path(out / "model.pt") as tmp:
         torch.save(checkpoint, tmp)
     device = select_device(cfg.device)
     model.load_state_dict(result.best_state)
@@ -101,12 +171,12 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     t0 = time.perf_counter()
     valid_probs = predict_probs(predictor, images[va], device, amp, cfg.eval_batch_size, cfg.tta, pad=cfg.compile)
     test_probs = predict_probs(predictor, data.test.images, device, amp, cfg.eval_batch_size, cfg.tta, pad=cfg.compile)
-    with atomic_path(fold_dir / "test_probs.npy") as tmp, open(tmp, "wb") as fh:
+    with atomic_path(out / "test_probs.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, test_probs)
-    with atomic_path(fold_dir / "valid_probs.npz") as tmp, open(tmp, "wb") as fh:
+    with atomic_path(out / "valid_probs.npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, rows=va, probs=valid_probs, probs_plain=result.valid_probs.astype(np.float32))
     history = pd.DataFrame(result.history)
-    with atomic_path(fold_dir / "history.csv") as tmp:
+    with atomic_path(out / "history.csv") as tmp:
         history.to_csv(tmp, index=False)
     best = result.history[result.best_epoch - 1]
     summary = {"fold": fold, "best_epoch": result.best_epoch,
@@ -115,8 +185,8 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
                "train_seconds": result.train_seconds, "predict_seconds": time.perf_counter() - t0,
                "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
                "amp": result.amp, "device": str(device), "epochs": len(result.history)}
-    write_json(fold_dir / "result.json", summary)
-    (fold_dir / "state.pt").unlink(missing_ok=True)
+    write_json(out / "result.json", summary)
+    state_path.unlink(missing_ok=True)
     progress.end_fold(summary)
     return summary
 
@@ -145,26 +215,31 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     """Train every fold not yet finished (or only `only_folds`), then write OOF scores and curves.
     Folds train `cfg.jobs` at a time in worker processes (`workers`), or in this process when one
     at a time or when `on_epoch` (tune's pruning hook) must see every epoch."""
-    progress = progress or NoProgress()
+    progress = _Tracked(progress or NoProgress())
     spec = data.spec
-    run_dir.mkdir(parents=True, exist_ok=True)
+    build(cfg.model, model_kwargs(cfg, spec))  # an impossible model fails here, before any folder or worker
+    wanted = only_folds or list(range(1, cfg.folds + 1))
+    bad = [k for k in wanted if not 1 <= k <= cfg.folds]
+    if bad:
+        raise KaggleVitError(f"--fold {bad[0]}: folds are numbered 1..{cfg.folds}")
+    _check_writable(run_dir)
     _prepare_run_dir(run_dir, cfg, spec)
     shared = (runs_root or run_dir.parent) / f"folds-k{cfg.folds}-seed{cfg.seed}.csv"
     folds = load_or_make_folds(shared, data.train.labels, cfg.folds, cfg.seed)
     if not (run_dir / "folds.csv").exists():
         save_folds(run_dir / "folds.csv", folds, data.train.labels)
-    wanted = only_folds or list(range(1, cfg.folds + 1))
-    bad = [k for k in wanted if not 1 <= k <= cfg.folds]
-    if bad:
-        raise KaggleVitError(f"--fold {bad[0]}: folds are numbered 1..{cfg.folds}")
-    trained = [k for k in wanted if not _fold_done(run_dir, k)]
+    trained = [k for k in wanted if not _finished(run_dir, k)]
     jobs = 1 if on_epoch is not None else auto_jobs(cfg, select_device(cfg.device), len(trained))
-    if jobs > 1:
-        train_folds_parallel(cfg, data, folds, trained, run_dir, jobs, progress)
-    else:
-        for fold in trained:
-            train_fold(cfg, data, folds, fold, run_dir, progress, on_epoch)
-    summaries = [read_json(run_dir / f"fold{k}" / "result.json") for k in range(1, cfg.folds + 1) if _fold_done(run_dir, k)]
+    try:
+        if jobs > 1:
+            train_folds_parallel(cfg, data, folds, trained, run_dir, jobs, progress)
+        else:
+            for fold in trained:
+                train_fold(cfg, data, folds, fold, run_dir, progress, on_epoch)
+    except KeyboardInterrupt:
+        raise Interrupted.during(progress.running) from None
+    summaries = [read_json(fold_dir(run_dir, k) / "result.json") for k in range(1, cfg.folds + 1)
+                 if (fold_dir(run_dir, k) / "result.json").exists()]
     oof = {"oof_acc": None, "oof_loss": None, "oof_acc_plain": None}
     if len(summaries) == cfg.folds:
         oof = _write_oof(run_dir, data, folds, cfg.folds)

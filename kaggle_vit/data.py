@@ -1,24 +1,24 @@
-"""Read, validate and cache Kaggle image CSVs; the torch Dataset; stratified folds.
+"""Read, validate and cache Kaggle image CSVs; stratified folds (the torch side is `dataset`).
 
 Rows are numbered from 1 for the first data row (the header is row 0), as a spreadsheet
 shows them after its header line; errors name file, row and column.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import Dataset
 
 from .competition import CompetitionSpec
 from .errors import KaggleVitError
 from .io import atomic_path
+from .notices import notice
 
 CACHE_VERSION = 1
 
@@ -41,15 +41,70 @@ def _first_cell(mask: np.ndarray) -> tuple[int, int]:
     return divmod(flat, mask.shape[1])
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _refuse_compressed(path: Path) -> None:
+    """A compressed file under a .csv name (a gzip or zip renamed) is not CSV text."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    kind = "gzip" if head[:2] == b"\x1f\x8b" else "zip" if head == b"PK\x03\x04" else None
+    if kind:
+        suffix = ".gz" if kind == "gzip" else ".zip"
+        raise KaggleVitError(f"{path}: {kind}-compressed data, not CSV text; rename it to {path.name}{suffix} "
+                             f"and kaggle-vit unpacks it")
+
+
+def _first_undecodable_row(path: Path) -> str:
+    """Where the first byte that is not UTF-8 sits, as 'row R' (the header is row 0)."""
+    with open(path, "rb") as fh:
+        for row, line in enumerate(fh):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                return f"row {row}: byte 0x{line[error.start]:02x} at character {error.start + 1} is not UTF-8 text"
+    return "not UTF-8 text"
+
+
+def _header(path: Path) -> list[str]:
+    """The header's column names, refusing text that is not UTF-8 and repeated names."""
+    with open(path, "rb") as fh:
+        first = fh.readline()
     try:
-        return pd.read_csv(path, low_memory=False, skipinitialspace=False)
-    except FileNotFoundError:
-        raise KaggleVitError(f"{path}: file not found") from None
+        names = next(csv.reader([first.decode("utf-8-sig")]), [])
+    except UnicodeDecodeError:
+        raise KaggleVitError(f"{path}: {_first_undecodable_row(path)}; save the file as UTF-8") from None
+    seen: dict[str, int] = {}
+    for position, name in enumerate(names, start=1):
+        if name in seen:
+            raise KaggleVitError(f"{path}: row 0: column '{name}' appears twice (header fields {seen[name]} and {position})")
+        seen[name] = position
+    return names
+
+
+def _ragged_row(path: Path, n_fields: int) -> str:
+    """The first data row whose field count differs from the header's."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        for row, fields in enumerate(csv.reader(fh)):
+            if row > 0 and fields and len(fields) != n_fields:
+                return f"row {row}: {len(fields)} fields, but the header has {n_fields}"
+    return "rows and header differ in field count"
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Read a CSV as pandas does, turning every way it can fail into one line naming file and row."""
+    if not path.is_file():
+        raise KaggleVitError(f"{path}: file not found")
+    _refuse_compressed(path)
+    header = _header(path)
+    try:
+        with warnings.catch_warnings():
+            # a first data row longer than the header would otherwise silently become the index
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, low_memory=False, index_col=False)
     except pd.errors.EmptyDataError:
         raise KaggleVitError(f"{path}: file is empty") from None
-    except pd.errors.ParserError as err:
-        raise KaggleVitError(f"{path}: {str(err).strip().splitlines()[-1]}") from None
+    except (pd.errors.ParserWarning, pd.errors.ParserError):
+        raise KaggleVitError(f"{path}: {_ragged_row(path, len(header))}") from None
+    except UnicodeDecodeError:
+        raise KaggleVitError(f"{path}: {_first_undecodable_row(path)}; save the file as UTF-8") from None
 
 
 def _check_header(path: Path, columns: list[str], spec: CompetitionSpec, train: bool) -> None:
@@ -145,20 +200,28 @@ def cache_path(path: Path) -> Path:
     return path.with_name(path.name + ".kvcache.npz")
 
 
+def _read_cache(cached: Path, key: str, train: bool) -> ImageTable | None:
+    """The cached arrays, or None when the cache is stale or unreadable (it is rebuilt: a cache
+    is disposable, so a truncated or corrupt one must never stop a command)."""
+    try:
+        with np.load(cached, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            return ImageTable(z["images"], z["labels"] if train else None, z["ids"])
+    except Exception as error:  # noqa: BLE001 - any failure to read a disposable file means: rebuild it
+        notice(f"{cached}: unreadable cache ({type(error).__name__}); rebuilding it")
+        return None
+
+
 def load_image_csv(path: str | os.PathLike[str], spec: CompetitionSpec, train: bool) -> ImageTable:
     """Load a train/test CSV, from the validated cache when the CSV has not changed since."""
     path = Path(path)
     if not path.is_file():
         raise KaggleVitError(f"{path}: file not found")
     key, cached = _cache_key(path, spec, train), cache_path(path)
-    if cached.exists():
-        try:
-            with np.load(cached, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    labels = z["labels"] if train else None
-                    return ImageTable(z["images"], labels, z["ids"])
-        except (OSError, KeyError, ValueError):
-            pass
+    table = _read_cache(cached, key, train) if cached.exists() else None
+    if table is not None:
+        return table
     table = parse_image_csv(path, spec, train)
     labels = table.labels if table.labels is not None else np.zeros(0, np.int64)
     try:
@@ -209,62 +272,6 @@ def load_competition(spec: CompetitionSpec, data_dir: str | os.PathLike[str]) ->
     return CompetitionData(spec, data_dir, train, test)
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images → float32 scaled to [-1, 1]."""
-    return images.float().mul_(1.0 / 127.5).sub_(1.0)
-
-
-Transform = Callable[..., dict]
-
-
-class ImageDataset(Dataset):
-    """uint8 (N, C, H, W) images → float tensors in [-1, 1], with labels when given.
-
-    `__getitems__` builds a whole batch at once (one stack, one scale), so a DataLoader built with
-    `collate_fn=keep_batch` has no per-item collation overhead. An albumentations `transform`
-    sees uint8 (H, W, C) arrays, as it expects: each image alone (`group=1`), or `group` images
-    stacked as channels that share one random draw, which makes augmentation ~7× faster on the CPU.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, transform: Transform | None = None,
-                 group: int = 1):
-        self.images = images
-        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
-        self.transform = transform
-        self.group = max(1, group)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def _batch_uint8(self, indices: list[int]) -> torch.Tensor:
-        batch = self.images[np.asarray(indices)]
-        if self.transform is not None:
-            batch = np.concatenate([self._augment(batch[i : i + self.group]) for i in range(0, len(batch), self.group)])
-        return torch.from_numpy(np.ascontiguousarray(batch))
-
-    def _augment(self, images: np.ndarray) -> np.ndarray:
-        """One albumentations call for a group of (G, C, H, W) images stacked as G*C channels: they
-        share one random draw, and the per-call overhead (~190 µs) is paid once per group."""
-        g, c, h, w = images.shape
-        stacked = np.ascontiguousarray(images.reshape(g * c, h, w).transpose(1, 2, 0))
-        out = self.transform(image=stacked)["image"].reshape(h, w, g * c)
-        return out.transpose(2, 0, 1).reshape(g, c, h, w)
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
-        x = to_float(self._batch_uint8(indices))
-        if self.labels is None:
-            return (x,)
-        return x, self.labels[torch.as_tensor(indices)]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t[0] for t in self.__getitems__([index]))
-
-
-def keep_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """DataLoader collate for ImageDataset: the batch is already built."""
-    return batch
-
-
 def make_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """Stratified, shuffled, seeded fold number (1..n_folds) for every row."""
     from sklearn.model_selection import StratifiedKFold
@@ -289,10 +296,21 @@ def save_folds(path: Path, folds: np.ndarray, labels: np.ndarray) -> Path:
     return path
 
 
+def _read_folds(path: Path) -> pd.DataFrame | None:
+    """A saved fold assignment, or None when it cannot be read (it is remade from the seed)."""
+    try:
+        frame = pd.read_csv(path)
+        frame["fold"].to_numpy(np.int64), frame["label"].to_numpy(np.int64)
+        return frame
+    except Exception as error:  # noqa: BLE001 - the file is derived from labels and seed: remake it
+        notice(f"{path}: unreadable ({type(error).__name__}); making the folds again from the seed")
+        return None
+
+
 def load_or_make_folds(path: Path, labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """Reuse saved folds when they match the data; otherwise make and save them."""
-    if path.exists():
-        frame = pd.read_csv(path)
+    frame = _read_folds(path) if path.exists() else None
+    if frame is not None:
         same = len(frame) == len(labels) and np.array_equal(frame["label"].to_numpy(), labels)
         if same and frame["fold"].max() == n_folds:
             return frame["fold"].to_numpy(np.int64)

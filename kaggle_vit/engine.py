@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .augment import shift, train_transform, tta_shifts
 from .config import TrainConfig
-from .data import ImageDataset, keep_batch, to_float
+from .dataset import ImageDataset, keep_batch, to_float
 from .errors import KaggleVitError
 from .io import atomic_path
 
@@ -236,8 +236,19 @@ def _save_state(path: Path, model, opt, sched, scaler, st: _State) -> None:
         torch.save(payload, tmp)
 
 
-def _load_state(path: Path, model, opt, sched, scaler) -> _State:
+STATE_KEYS = ("model", "opt", "sched", "scaler", "state", "rng")
+
+
+def read_state(path: Path) -> dict:
+    """A training state saved by `fit`; raises (whatever torch.load raises) when it is damaged."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [key for key in STATE_KEYS if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise ValueError(f"no '{missing[0]}' entry")
+    return payload
+
+
+def _restore(payload: dict, model, opt, sched, scaler) -> _State:
     model.load_state_dict(payload["model"])
     opt.load_state_dict(payload["opt"])
     sched.load_state_dict(payload["sched"])
@@ -251,6 +262,11 @@ def _load_state(path: Path, model, opt, sched, scaler) -> _State:
     return _State(**payload["state"])
 
 
+def _check_finite(value: float, what: str, epoch: int) -> None:
+    if not math.isfinite(value):
+        raise KaggleVitError(f"epoch {epoch}: the {what} became {value}; lower --lr, or use --amp bf16 or off")
+
+
 def fit(
     model: nn.Module,
     train: tuple[np.ndarray, np.ndarray],
@@ -260,8 +276,10 @@ def fit(
     state_path: Path | None = None,
     progress: Progress | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> FitResult:
-    """Train for cfg.epochs, validating each epoch and keeping the best; resumes from `state_path`."""
+    """Train for cfg.epochs, validating each epoch and keeping the best. Each epoch's state is saved
+    to `state_path`; `resume` (a state from `read_state`) continues after its last epoch."""
     progress = progress or NoProgress()
     device = select_device(cfg.device)
     amp, eval_amp = amp_for(cfg.amp, device), inference_amp(cfg.amp, device)
@@ -271,9 +289,7 @@ def fit(
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
-    st = _State()
-    if state_path is not None and state_path.exists():
-        st = _load_state(state_path, model, opt, sched, scaler)
+    st = _State() if resume is None else _restore(resume, model, opt, sched, scaler)
     step_fn = maybe_compile(model, cfg)
     valid_labels = torch.as_tensor(valid[1])
     while st.epoch < cfg.epochs:
@@ -287,8 +303,7 @@ def fit(
             with autocast(device, amp):
                 logits = step_fn(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise KaggleVitError(f"epoch {epoch}: the loss became {loss.item()}; lower --lr, or use --amp bf16 or off")
+            _check_finite(loss.item(), "loss", epoch)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -310,6 +325,7 @@ def fit(
             "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
             "images_per_s": seen / train_time,
         }
+        _check_finite(record["valid_loss"], "validation loss", epoch)
         st.history.append(record)
         st.seconds += record["seconds"]
         st.epoch = epoch

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -41,7 +42,7 @@ class FetchResult:
     """What `ensure_data` did: where the files are, and how they got there."""
 
     data_dir: Path
-    source: str  # "existing", "kaggle", "offline-mnist" or "idx"
+    source: str  # "existing", "unpacked", "kaggle", "offline-mnist" or "idx"
     data: CompetitionData
 
 
@@ -151,8 +152,6 @@ def _split(spec: CompetitionSpec, train_x, train_y, test_x, test_y):
     """The spec's split: the source's own, or a seeded draw of n_train/n_test from the pooled images."""
     if spec.offline_split == "official":
         return train_x, train_y, test_x, test_y
-    if spec.offline_split != "resplit":
-        raise KaggleVitError(f"{spec.path} [offline]: split must be 'official' or 'resplit', got '{spec.offline_split}'")
     x, y = np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])
     n_train, n_test = spec.offline_n_train, spec.offline_n_test
     if n_train + n_test > len(x) or n_train <= 0 or n_test <= 0:
@@ -162,8 +161,23 @@ def _split(spec: CompetitionSpec, train_x, train_y, test_x, test_y):
     return x[tr], y[tr], x[te], y[te]
 
 
+def competition_files(spec: CompetitionSpec) -> tuple[str, ...]:
+    """The files every command needs: train, test and sample submission."""
+    return spec.train_file, spec.test_file, spec.sample_submission_file
+
+
+def refuse_to_overwrite(spec: CompetitionSpec, dest: Path) -> None:
+    """A build writes only into a folder holding none of the competition's files (solution included)."""
+    found = [name for name in (*competition_files(spec), spec.solution_file) if (dest / name).exists()]
+    if found:
+        raise KaggleVitError(f"{dest / found[0]}: already exists, and kaggle-vit never writes over your files; "
+                             f"build into an empty folder (--dest NEW_DIR)")
+
+
 def write_competition_files(spec: CompetitionSpec, dest: Path, train_x, train_y, test_x, test_y) -> None:
-    """Write train.csv, test.csv, sample_submission.csv and solution.csv in the spec's Kaggle layout."""
+    """Write train.csv, test.csv, sample_submission.csv and solution.csv in the spec's Kaggle layout,
+    into a folder that holds none of them."""
+    refuse_to_overwrite(spec, dest)
     train_x, train_y, test_x, test_y = _split(spec, train_x, train_y, test_x, test_y)
     if train_y.min() < 0 or train_y.max() >= spec.num_classes:
         raise KaggleVitError(f"labels span {train_y.min()}..{train_y.max()}, but {spec.path} has {spec.num_classes} classes")
@@ -196,40 +210,92 @@ def kaggle_credentials_present() -> bool:
 
 
 def download_from_kaggle(spec: CompetitionSpec, dest: Path) -> None:
-    """Download and unzip the real competition files with the official Kaggle client."""
+    """Download the competition zip (SLUG.zip) with the official Kaggle client; `unpack` reads it."""
     from kaggle.api.kaggle_api_extended import KaggleApi  # imported here: it authenticates on import
 
     api = KaggleApi()
     api.authenticate()
     dest.mkdir(parents=True, exist_ok=True)
     api.competition_download_files(spec.slug, path=str(dest), quiet=True)
-    for archive in dest.glob("*.zip"):
+
+
+def _archive_member(archive: Path, name: str) -> str | None:
+    """The member of a zip that is the file `name` (at its top level or in a folder)."""
+    try:
         with zipfile.ZipFile(archive) as zf:
-            zf.extractall(dest)
-        archive.unlink()
+            members = [m for m in zf.namelist() if m == name or m.endswith("/" + name)]
+            if not members and archive.name == name + ".zip" and len(zf.namelist()) == 1:
+                members = zf.namelist()  # train.csv.zip holding one file of another name
+    except (zipfile.BadZipFile, OSError) as error:
+        raise KaggleVitError(f"{archive}: unreadable zip archive ({error})") from None
+    return min(members, key=len) if members else None
 
 
-def _files_present(spec: CompetitionSpec, dest: Path) -> bool:
-    return all((dest / f).exists() for f in (spec.train_file, spec.test_file, spec.sample_submission_file))
+def _archived_copy(dest: Path, spec: CompetitionSpec, name: str) -> tuple[Path, str | None] | None:
+    """Where a missing file is shipped compressed, as Kaggle does: NAME.gz, NAME.zip, or a member
+    of the competition zip (SLUG.zip) or another zip in the folder. (path, zip member or None)."""
+    if (dest / f"{name}.gz").is_file():
+        return dest / f"{name}.gz", None
+    zips = [dest / f"{name}.zip", dest / f"{spec.slug}.zip", *sorted(dest.glob("*.zip"))]
+    for archive in dict.fromkeys(z for z in zips if z.is_file()):
+        member = _archive_member(archive, name)
+        if member is not None:
+            return archive, member
+    return None
+
+
+def unpack(spec: CompetitionSpec, dest: Path) -> list[Path]:
+    """Unpack the competition files that are only there compressed; never writes over a file."""
+    done = []
+    for name in competition_files(spec):
+        target, found = dest / name, _archived_copy(dest, spec, name)
+        if target.exists() or found is None:
+            continue
+        archive, member = found
+        try:
+            with atomic_path(target) as tmp, open(tmp, "wb") as out:
+                if member is None:
+                    with gzip.open(archive, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                else:
+                    with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        except (OSError, EOFError, zipfile.BadZipFile) as error:
+            raise KaggleVitError(f"{archive}: cannot unpack {member or name} ({error})") from None
+        done.append(archive)
+    return done
+
+
+def _missing_files_error(spec: CompetitionSpec, dest: Path, present: list[str]) -> KaggleVitError:
+    missing = [name for name in competition_files(spec) if name not in present]
+    return KaggleVitError(
+        f"{dest}: {missing[0]} is missing ({', '.join(present)} {'is' if len(present) == 1 else 'are'} there); "
+        f"get the competition with `kaggle competitions download -c {spec.slug} -p {dest}`, "
+        f"or build it offline into an empty folder: `kaggle-vit data {spec.name} --offline --dest NEW_DIR`")
 
 
 def ensure_data(spec: CompetitionSpec, dest: Path, offline: bool = False, from_idx: Path | None = None) -> FetchResult:
-    """Make sure the competition's files are in `dest` and valid, fetching them only when missing."""
+    """Make sure the competition's files are in `dest` and valid: found, unpacked from what Kaggle
+    ships (SLUG.zip, NAME.gz, NAME.zip), downloaded, or built offline. A build goes only into a
+    folder holding none of the competition's files; a partial folder is refused, never filled in."""
     dest = Path(dest)
     if from_idx is not None:
+        refuse_to_overwrite(spec, dest)
         write_competition_files(spec, dest, *load_idx_dir(Path(from_idx)))
-        source = "idx"
-    elif _files_present(spec, dest):
-        source = "existing"
-    elif not offline and kaggle_credentials_present():
+        return FetchResult(dest, "idx", load_competition(spec, dest))
+    source = "unpacked" if dest.is_dir() and unpack(spec, dest) else "existing"
+    present = [name for name in competition_files(spec) if (dest / name).exists()]
+    if len(present) < len(competition_files(spec)) and not offline and kaggle_credentials_present():
         download_from_kaggle(spec, dest)
+        unpack(spec, dest)
         source = "kaggle"
-    elif spec.offline_source == "mnist":
+        present = [name for name in competition_files(spec) if (dest / name).exists()]
+    if present and len(present) < len(competition_files(spec)):
+        raise _missing_files_error(spec, dest, present)
+    if not present:
+        if spec.offline_source != "mnist":
+            raise KaggleVitError(f"{dest}: no {spec.train_file}; set up Kaggle credentials, use --from-idx DIR, "
+                                 f"or put the files there yourself")
         write_competition_files(spec, dest, *load_mnist())
         source = "offline-mnist"
-    else:
-        raise KaggleVitError(
-            f"{dest}: no {spec.train_file}; set up Kaggle credentials, use --from-idx DIR, "
-            f"or put the files there yourself"
-        )
     return FetchResult(dest, source, load_competition(spec, dest))

@@ -58,7 +58,8 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
                  "zipfile.ZipFile(io.BytesIO(base64.b64decode(''.join(_KVIT.split())))).extractall(_dest)\n"
                  "sys.path.insert(0, str(_dest.resolve()))\n"
                  "import kaggle_vit\n"
-                 "print('kaggle_vit', kaggle_vit.__version__, 'from', kaggle_vit.__file__)"),
+                 "print('kaggle_vit', kaggle_vit.__version__, 'from', kaggle_vit.__file__)\n"
+                 "print(kaggle_vit.check_versions())  # one clear line if this image's packages are too old"),
         ("code", "# Configuration: the CPU preset; on a GPU session the GPU preset is chosen.\n"
                  "from pathlib import Path\n"
                  "import torch\n"

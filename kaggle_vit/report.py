@@ -90,7 +90,7 @@ def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
 
 def plot_attention(model, images: np.ndarray, labels: list[str], path: Path) -> Path:
     """Each image beside its attention-rollout map over the patches (a kvit model's attention)."""
-    from .data import to_float
+    from .dataset import to_float
 
     model.eval()
     x = to_float(torch.from_numpy(images)).to(next(model.parameters()).device)

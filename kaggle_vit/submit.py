@@ -10,12 +10,14 @@ import pandas as pd
 import torch
 
 from .competition import CompetitionSpec
+from . import rundir
 from .config import load_toml
 from .data import CompetitionData, _read_csv, load_sample_ids
 from .engine import inference_amp, predict_probs, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
 from .models import build
+from .rundir import fold_dir
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,21 @@ def run_folds(run_dir: Path) -> tuple[int, dict[int, dict]]:
     metrics = run_dir / "metrics.json"
     if not metrics.exists():
         raise KaggleVitError(f"{run_dir}: not a kaggle-vit run (no metrics.json)")
-    n_folds = int(read_json(metrics)["n_folds"])
-    done = {k: read_json(run_dir / f"fold{k}" / "result.json") for k in range(1, n_folds + 1)
-            if (run_dir / f"fold{k}" / "result.json").exists()}
+    try:
+        n_folds = int(read_json(metrics)["n_folds"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise KaggleVitError(f"{metrics}: unreadable ({type(error).__name__}); rerun `kaggle-vit cv` with the same "
+                             f"settings to rewrite it") from None
+    done = {}
+    for k in range(1, n_folds + 1):
+        result = fold_dir(run_dir, k) / "result.json"
+        try:
+            done[k] = read_json(result)
+        except FileNotFoundError:
+            continue
+        except ValueError:
+            raise KaggleVitError(f"{result}: unreadable; rerun `kaggle-vit cv` with the same settings to retrain "
+                                 f"fold {k}") from None
     return n_folds, done
 
 
@@ -64,8 +78,8 @@ def choose_folds(run_dir: Path, wanted: list[int] | None, allow_missing: bool) -
 
 
 def read_checkpoint(run_dir: Path, fold: int, spec: CompetitionSpec) -> dict:
-    """A fold's checkpoint, refusing one trained for another image size or class count."""
-    ckpt = torch.load(run_dir / f"fold{fold}" / "model.pt", map_location="cpu", weights_only=False)
+    """A fold's checkpoint, refusing a damaged one or one trained for another image size or class count."""
+    ckpt = rundir.read_checkpoint(run_dir, fold)
     want = ((spec.channels, spec.height, spec.width), spec.num_classes)
     if (tuple(ckpt["input_size"]), ckpt["num_classes"]) != want:
         raise KaggleVitError(f"{run_dir}/fold{fold}/model.pt: trained on {tuple(ckpt['input_size'])} images with "
@@ -85,10 +99,13 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
                     device: str = "auto") -> np.ndarray:
     """A fold model's test probabilities: as cv saved them (with the run's test-time views), or,
     when `tta` is given, recomputed with that many views."""
-    saved = run_dir / f"fold{fold}" / "test_probs.npy"
+    saved = fold_dir(run_dir, fold) / "test_probs.npy"
     if tta is None and saved.exists():
-        probs = np.load(saved)
-        if probs.shape == (len(data.test), data.spec.num_classes):
+        try:
+            probs = np.load(saved)
+        except (OSError, ValueError, EOFError):
+            probs = None  # damaged: recomputed from the fold's checkpoint below
+        if probs is not None and probs.shape == (len(data.test), data.spec.num_classes):
             return probs
     model, dev = load_fold_model(run_dir, fold, data.spec), select_device(device)
     model.to(dev)
@@ -168,4 +185,7 @@ def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) ->
 def fold_scores(run_dir: Path, data: CompetitionData, solution: Path, folds: list[int]) -> dict[int, float]:
     """Held-out accuracy of each single fold model (from its saved test probabilities)."""
     truth = _read_csv(solution)[data.spec.submission_columns[1]].to_numpy(np.int64)
+    if len(truth) != len(data.test):
+        raise KaggleVitError(f"{solution}: {len(truth):,} rows, but {data.data_dir / data.spec.test_file} has "
+                             f"{len(data.test):,}; give the --data-dir whose test file this solution scores")
     return {k: float((fold_test_probs(run_dir, k, data).argmax(1) == truth).mean()) for k in folds}

@@ -190,15 +190,28 @@ def _plots(study: optuna.Study, out_dir: Path, n_complete: int) -> list[Path]:
     return plots
 
 
+def check_budget(trials: int | None, timeout: float | None, n_jobs: int) -> None:
+    """A study that could run no trial is a mistake, not a success."""
+    if trials is not None and trials < 1:
+        raise KaggleVitError(f"--trials must be at least 1, got {trials}")
+    if timeout is not None and not timeout > 0:
+        raise KaggleVitError(f"--timeout must be positive, got {timeout}")
+    if n_jobs < 1:
+        raise KaggleVitError(f"--n-jobs must be at least 1, got {n_jobs}")
+
+
 def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: str | None = None,
              study_name: str | None = None, trials: int | None = 20, timeout: float | None = None, n_jobs: int = 1,
              tune_folds: int = 1, pruner: str = "median", space: dict | None = None) -> TuneResult:
-    """Run (or resume) a study, then write best.toml and the plots into `out_dir`."""
+    """Run (or resume) a study, then write best.toml and the plots into `out_dir`. Every setting is
+    checked before the study or its folder is created."""
+    check_budget(trials, timeout, n_jobs)
+    if not 1 <= tune_folds <= base.folds:
+        raise KaggleVitError(f"--tune-folds must be in 1..{base.folds}, got {tune_folds}")
+    make_pruner(pruner)
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     study_name = study_name or f"kvit-{data.spec.name}"
-    if not 1 <= tune_folds <= base.folds:
-        raise KaggleVitError(f"--tune-folds must be in 1..{base.folds}, got {tune_folds}")
     study = open_study(storage, study_name, pruner, base.seed)
     study.set_user_attr("competition", data.spec.name)
     from .engine import select_device

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from kaggle_vit.config import TrainConfig
-from kaggle_vit.data import load_competition, to_float
+from kaggle_vit.data import load_competition
+from kaggle_vit.dataset import to_float
 from kaggle_vit.augment import shift, tta_shifts
 from kaggle_vit.engine import amp_for, fit, make_optimizer, make_scheduler, predict_logits, predict_probs
 
