@@ -5,20 +5,22 @@ process with two threads (small matrices leave the second thread idle much of th
 worker runs `cv.train_fold` for one fold, exactly as the sequential loop does, and reports to the
 parent through its own pipe.
 
-What a user must never see from a worker: the images are handed over as memory-mapped files (so
-the pickle each worker reads at start is a few kilobytes, written at once, and a parent killed
-while workers start cannot leave one reading half of it); workers ignore Ctrl-C, which the parent
-handles by stopping them with SIGTERM (so temporary files are cleaned and no traceback printed);
-no semaphores are created (pipes, not queues), so none can leak; and a worker whose parent dies
-stops at its next step, so a killed `cv` leaves no orphan writing into the run folder.
+What a user must never see from a worker, and how: a worker is a plain `python -m
+kaggle_vit.workers JOB FD` process that reads its job from a file written before it starts and
+the images from memory-mapped files, so a parent killed while workers start leaves none reading
+half a pickle; it runs in its own session, so Ctrl-C reaches only the parent, which stops the
+workers with SIGTERM (temporary files are cleaned, nothing printed); no semaphores exist (pipes,
+not queues), so none can leak; and a worker whose parent dies stops at its next step, so a
+killed `cv` leaves no orphan writing into the run folder.
 """
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
+import pickle
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -124,19 +126,19 @@ def _load_arrays(staging: Path, data: CompetitionData) -> tuple[CompetitionData,
     return CompetitionData(data.spec, data.data_dir, train, test), np.asarray(a["folds"])
 
 
-def _worker(cfg: TrainConfig, data: CompetitionData, staging: Path, fold: int, run_dir: Path, threads: int,
-            conn: Connection, parent: int) -> None:
-    """Process entry point: train one fold with `threads` intra-op threads. `data` comes without
-    its arrays, which are read from `staging`."""
+def _worker(job: Path, fd: int) -> None:
+    """Process entry point: train the fold described in `job` (written by `_start`), reporting
+    through the pipe `fd`. The data in the job comes without its arrays, read from the job's folder."""
     from .cv import train_fold
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    cfg, bare, fold, run_dir, threads, parent = pickle.loads(job.read_bytes())
     torch.set_num_threads(threads)
-    progress = PipeProgress(conn, fold, parent)
+    progress = PipeProgress(Connection(fd), fold, parent)
     log.addHandler(_ForwardNotices(progress))
     log.propagate = False
     try:
-        data, folds = _load_arrays(staging, data)
+        data, folds = _load_arrays(job.parent, bare)
         train_fold(cfg, data, folds, fold, run_dir, progress)
     except KaggleVitError as exc:
         progress.send("error", str(exc))
@@ -182,29 +184,36 @@ class FoldRelay:
             self.progress.end_epoch(payload)
 
 
-def _start(ctx, cfg: TrainConfig, data: CompetitionData, staging: Path, fold: int, run_dir: Path,
-           threads: int) -> tuple[mp.Process, Connection]:
-    """Start one fold's worker with Ctrl-C ignored (inherited through exec): the parent handles it."""
-    receive, send = ctx.Pipe(duplex=False)
-    bare = CompetitionData(data.spec, data.data_dir, *(ImageTable(t.images[:0], None, t.ids[:0]) for t in (data.train, data.test)))
-    proc = ctx.Process(target=_worker, args=(cfg, bare, staging, fold, run_dir, threads, send, os.getpid()), daemon=True)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _start(cfg: TrainConfig, data: CompetitionData, staging: Path, fold: int, run_dir: Path,
+           threads: int) -> tuple[subprocess.Popen, Connection]:
+    """Start one fold's worker in its own session (Ctrl-C goes to the parent alone), with the
+    package importable as this process imports it (a notebook may have put it on sys.path)."""
+    bare = CompetitionData(data.spec, data.data_dir,
+                           *(ImageTable(t.images[:0], None, t.ids[:0]) for t in (data.train, data.test)))
+    job = staging / f"fold{fold}.pkl"
+    with atomic_path(job) as tmp:
+        tmp.write_bytes(pickle.dumps((cfg, bare, fold, run_dir, threads, os.getpid())))
+    read_fd, write_fd = os.pipe()
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     try:
-        proc.start()
+        proc = subprocess.Popen([sys.executable, "-m", "kaggle_vit.workers", str(job), str(write_fd)],
+                                pass_fds=(write_fd,), start_new_session=True, env=env)
     finally:
-        signal.signal(signal.SIGINT, previous)
-    send.close()
-    return proc, receive
+        os.close(write_fd)
+    return proc, Connection(read_fd)
 
 
-def _stop(procs: list[mp.Process]) -> None:
+def _stop(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
     for proc in procs:
-        proc.join(timeout=10)
-        if proc.is_alive():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            proc.join()
+            proc.wait()
 
 
 def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, todo: list[int], run_dir: Path,
@@ -214,9 +223,8 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
     each fold's thread count, and so its numbers, independent of timing: folds take equal time,
     so little is lost waiting. Raises KaggleVitError naming the fold if a worker fails, and
     Interrupted (after stopping the workers) on Ctrl-C."""
-    ctx = mp.get_context("spawn")  # fork is unsafe once torch's thread pools exist
     cores, pending = os.cpu_count() or 1, list(todo)
-    running: dict[int, tuple[mp.Process, Connection]] = {}
+    running: dict[int, tuple[subprocess.Popen, Connection]] = {}
     relay, errors, stopped = FoldRelay(progress), {}, {}
     staging = _stage_arrays(data, folds, run_dir)
 
@@ -239,22 +247,25 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
                 batch, pending = pending[:jobs], pending[jobs:]
                 threads = max(1, cores // len(batch))
                 for fold in batch:
-                    running[fold] = _start(ctx, cfg, data, staging, fold, run_dir, threads)
+                    running[fold] = _start(cfg, data, staging, fold, run_dir, threads)
             wait([conn for _, conn in running.values()], timeout=0.5)
             for fold, (proc, conn) in list(running.items()):
-                open_ = receive(conn)
-                if not open_ or not proc.is_alive():
-                    proc.join()
+                if not receive(conn) or proc.poll() is not None:
+                    proc.wait()
                     receive(conn)
                     conn.close()
                     del running[fold]
-                    if proc.exitcode != 0:
-                        stopped[fold], pending = proc.exitcode, []
+                    if proc.returncode != 0:
+                        stopped[fold], pending = proc.returncode, []
     except KeyboardInterrupt:
         _stop([proc for proc, _ in running.values()])
         raise Interrupted.during(relay.running) from None
     finally:
         _stop([proc for proc, _ in running.values()])
         shutil.rmtree(staging, ignore_errors=True)
-    for fold, code in stopped.items():
+    for fold, code in sorted(stopped.items()):
         raise KaggleVitError(errors.get(fold, f"fold {fold}: its worker process stopped (exit code {code})"))
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), int(sys.argv[2]))

@@ -114,6 +114,7 @@ def test_a_failing_worker_is_reported_with_its_fold(small_comp, small_spec, tmp_
         run_cv(TrainConfig(**{**TINY, "lr": 1e9, "grad_clip": 1e9, "jobs": 2}), data, tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_cli_cv_quiet(small_comp, tiny_toml, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     plain = tmp_path / "plain.toml"  # timm's vit_tiny at its own width and depth, only reshaped to 28x28

@@ -100,6 +100,7 @@ def postgres_url():
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_two_workers_share_a_postgres_study_and_survive_a_kill(setup, postgres_url):
     url = postgres_url
     cmd = [sys.executable, "-m", "kaggle_vit.cli", *_tune_args(setup, "--storage", url, "--study-name", "shared",
