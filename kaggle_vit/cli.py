@@ -115,9 +115,9 @@ def data(
     target = data_dir_for(spec, dest, name)
     result = ensure_data(spec, target, offline=offline, from_idx=from_idx)
     d = result.data
-    out.print(f"[bold]{spec.name}[/]: {SOURCES[result.source]} in [cyan]{target}[/]")
-    out.print(f"  {spec.train_file}: {len(d.train):,} rows, {spec.test_file}: {len(d.test):,} rows, "
-              f"images {spec.channels}x{spec.height}x{spec.width}, {spec.num_classes} classes")
+    out.print(f"[bold]{spec.name}[/]: {SOURCES[result.source]} in [cyan]{escape(str(target))}[/]")
+    out.print(f"  {len(d.train):,} training images, {len(d.test):,} test images, "
+              f"{spec.channels}x{spec.height}x{spec.width}, {d.spec.num_classes} classes", highlight=False)
 
 
 def _parse_folds(text: Optional[str]) -> Optional[list[int]]:
@@ -174,13 +174,14 @@ def cv(
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     patch_size: Annotated[Optional[int], typer.Option("--patch-size", help="Must divide the image size.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    aug: Annotated[Optional[str], typer.Option("--aug", help="affine, rotate or none.")] = None,
+    aug: Annotated[Optional[str], typer.Option("--aug", help="rotate, affine (digits); flip, crop (photos); none.")] = None,
     aug_group: Annotated[Optional[int], typer.Option("--aug-group", help="Images per augmentation draw (1: each its own).")] = None,
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default: spare cores).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Folds trained at once (0: auto, 2 on a CPU).")] = None,
     tta: Annotated[Optional[int], typer.Option("--tta", help="Test-time views for OOF and test predictions: 1 (off) to 9.")] = None,
+    tta_mode: Annotated[Optional[str], typer.Option("--tta-mode", help="shift (one-pixel shifts) or flip (mirror images).")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Default: runs/COMPETITION/MODEL-HASH.")] = None,
     data_dir: DataDirOpt = None,
@@ -194,7 +195,7 @@ def cv(
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
                          seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers,
-                         jobs=jobs, tta=tta, compile=compile)
+                         jobs=jobs, tta=tta, tta_mode=tta_mode, compile=compile)
     from .models import create_model
 
     spec = load_spec(cfg.competition)
@@ -241,7 +242,8 @@ def submit(
     weights = ", ".join(f"{k}: {w:.3f}" for k, w in zip(result.folds, result.weights))
     out.print(f"wrote [cyan]{result.path}[/] ({len(data.test):,} rows) from {run}")
     out.print(f"  folds {result.folds} ({weighting} weights {weights}), test-time views {tta or 'as saved by cv'}")
-    out.print("  predicted class counts: " + ", ".join(f"{spec.class_names[c]}: {n}" for c, n in result.class_counts.items()))
+    names = data.spec.class_names
+    out.print("  predicted class counts: " + ", ".join(f"{names[c]}: {n}" for c, n in result.class_counts.items()))
 
 
 @app.command()

@@ -37,6 +37,12 @@ class CompetitionSpec:
     offline_n_test: int = 0
     offline_seed: int = 0
     path: str = ""
+    layout: str = "pixels"  # pixels (pixel CSVs) | files (labels CSV + image folder) | folders (one per class)
+    train_images: str = "train"
+    test_images: str = "test"
+    image_extension: str = ""  # added to ids without one; "" tries .png, .jpg, .jpeg, .bmp, .tif, .tiff
+    pixel_start: int = 0  # number of the first pixel column (Fashion-MNIST's CSVs start at pixel1)
+    train_defaults: tuple[tuple[str, object], ...] = ()  # [train]: TrainConfig settings for this competition
 
     @property
     def n_pixels(self) -> int:
@@ -46,7 +52,7 @@ class CompetitionSpec:
     @property
     def pixel_columns(self) -> list[str]:
         """Names of the pixel columns in file order (channel-last, row-major, as Kaggle flattens)."""
-        return [self.pixel_column.format(i=i) for i in range(self.n_pixels)]
+        return [self.pixel_column.format(i=i + self.pixel_start) for i in range(self.n_pixels)]
 
     @property
     def prediction_column(self) -> str:
@@ -95,6 +101,23 @@ def _int(table: dict, key: str, where: str, default: int | None = None, low: int
 
 METRICS = ("accuracy",)
 SPLITS = ("official", "resplit")
+LAYOUTS = ("pixels", "files", "folders")
+
+
+def _classes(classes: dict, where: str, required: bool) -> tuple[int, tuple[str, ...]]:
+    """(num_classes, names) from [classes]; (0, ()) when the training labels are to name them."""
+    if "names" in classes:
+        names = tuple(str(n) for n in classes["names"])
+        count = _int(classes, "num_classes", where, default=len(names), low=2)
+        if len(names) != count:
+            raise KaggleVitError(f"{where}: {len(names)} names for num_classes = {count}")
+        if len(set(names)) != len(names):
+            raise KaggleVitError(f"{where}: names repeat a class")
+        return count, names
+    if "num_classes" in classes or required:
+        count = _int(classes, "num_classes", where, low=2)
+        return count, tuple(str(i) for i in range(count))
+    return 0, ()
 
 
 def _check_choices(path: str, metric: str, split: str, pixel: str) -> None:
@@ -109,12 +132,13 @@ def _check_choices(path: str, metric: str, split: str, pixel: str) -> None:
 def parse_spec(data: dict, path: str) -> CompetitionSpec:
     """Turn a parsed TOML table into a spec, checking every value and naming the key on error."""
     files, cols = _table(data, "files", path), _table(data, "columns", path)
-    image, classes = _table(data, "image", path), _table(data, "classes", path)
+    layout = str(files.get("layout", "pixels"))
+    if layout not in LAYOUTS:
+        raise KaggleVitError(f"{path} [files]: layout = '{layout}' must be one of {', '.join(LAYOUTS)}")
+    image = _table(data, "image", path)
+    classes = _table(data, "classes", path, required=layout == "pixels")
     offline = _table(data, "offline", path, required=False)
-    num_classes = _int(classes, "num_classes", f"{path} [classes]", low=2)
-    names = tuple(str(n) for n in classes.get("names", [str(i) for i in range(num_classes)]))
-    if len(names) != num_classes:
-        raise KaggleVitError(f"{path} [classes]: {len(names)} names for num_classes = {num_classes}")
+    num_classes, names = _classes(classes, f"{path} [classes]", required=layout == "pixels")
     submission = tuple(str(c) for c in _need(cols, "submission", f"{path} [columns]"))
     if len(submission) != 2:
         raise KaggleVitError(f"{path} [columns]: submission must name two columns (id, label)")
@@ -139,14 +163,22 @@ def parse_spec(data: dict, path: str) -> CompetitionSpec:
         channels=_int(image, "channels", f"{path} [image]", default=1, low=1),
         num_classes=num_classes,
         class_names=names,
-        offline_source=str(offline.get("source", "mnist")),
+        offline_source=str(offline.get("source", "mnist" if layout == "pixels" else "")),
         offline_split=str(offline.get("split", "official")),
         offline_n_train=_int(offline, "n_train", f"{path} [offline]", default=0, low=0),
         offline_n_test=_int(offline, "n_test", f"{path} [offline]", default=0, low=0),
         offline_seed=_int(offline, "seed", f"{path} [offline]", default=0),
         path=path,
+        layout=layout,
+        train_images=str(files.get("train_images", "train")),
+        test_images=str(files.get("test_images", "test")),
+        image_extension=str(files.get("image_extension", "")),
+        pixel_start=_int(cols, "pixel_start", f"{path} [columns]", default=0, low=0),
+        train_defaults=tuple(sorted(_table(data, "train", path, required=False).items())),
     )
     _check_choices(path, spec.metric, spec.offline_split, spec.pixel_column)
+    if layout != "pixels" and spec.channels not in (1, 3):
+        raise KaggleVitError(f"{path} [image]: channels = {spec.channels} must be 1 (grey) or 3 (RGB) for image files")
     return spec
 
 

@@ -41,7 +41,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
     # augmentation (albumentations, applied to uint8 training images only)
-    aug: str = "rotate"  # "rotate", "affine" (rotation + scale + shift) or "none"
+    aug: str = "rotate"  # rotate | affine (+ scale, shift) | flip, crop (photos) | none
     rotate: float = 10.0
     scale: float = 0.1
     shift: float = 0.1
@@ -54,7 +54,8 @@ class TrainConfig:
     num_workers: int = -1  # -1: chosen from the CPU count
     jobs: int = 0  # folds trained at once in worker processes; 0: 2 on a CPU with 2+ cores, else 1
     eval_batch_size: int = 256  # 5,400 vs 4,100 images/s at 1024 on the 2-core CPU
-    tta: int = 5  # test-time views (the image and one-pixel shifts) for the OOF and test predictions
+    tta: int = 5  # test-time views for the OOF and test predictions
+    tta_mode: str = "shift"  # shift: one-pixel shifts (digits) | flip: mirror images and their shifts (photos)
     compile: bool = False
 
     def model_overrides(self) -> dict[str, Any]:
@@ -82,6 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+AUGMENTATIONS = ("rotate", "affine", "flip", "crop", "none")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -115,13 +117,19 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def resolve_config(preset: str | None = None, config_file: Path | None = None, **cli: Any) -> TrainConfig:
-    """Preset, then TOML file, then CLI options (None = not given) → one TrainConfig."""
+    """Preset, then the competition spec's [train] table, then TOML file, then CLI options (None =
+    not given) → one TrainConfig. A photo competition's spec can so choose flips, a digit one rotation."""
+    from .competition import load_spec
+
     from_file = load_toml(config_file) if config_file else {}
     name = cli.pop("preset_name", None) or preset or from_file.pop("preset", None) or "cpu"
     from_file.pop("preset", None)
     if name not in PRESETS:
         raise KaggleVitError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
     cfg = apply_overrides(TrainConfig(), PRESETS[name], f"preset {name}")
+    competition = cli.get("competition") or from_file.get("competition") or cfg.competition
+    spec = load_spec(competition)
+    cfg = apply_overrides(cfg, dict(spec.train_defaults), f"{spec.path} [train]")
     cfg = apply_overrides(cfg, from_file, str(config_file))
     cfg = apply_overrides(cfg, cli, "command line")
     validate_config(cfg)
@@ -130,8 +138,10 @@ def resolve_config(preset: str | None = None, config_file: Path | None = None, *
 
 def validate_config(cfg: TrainConfig) -> None:
     """Reject settings that cannot work, before anything trains."""
-    if cfg.aug not in ("rotate", "affine", "none"):
-        raise KaggleVitError(f"aug must be rotate, affine or none, got '{cfg.aug}'")
+    if cfg.aug not in AUGMENTATIONS:
+        raise KaggleVitError(f"aug must be one of {', '.join(AUGMENTATIONS)}, got '{cfg.aug}'")
+    if cfg.tta_mode not in ("shift", "flip"):
+        raise KaggleVitError(f"tta_mode must be shift or flip, got '{cfg.tta_mode}'")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise KaggleVitError(f"amp must be auto, bf16, fp16 or off, got '{cfg.amp}'")
     if cfg.jobs < 0:

@@ -162,15 +162,17 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
         raise KaggleVitError(f"fold {fold}: {error}") from None
     checkpoint = {"model": cfg.model, "kwargs": kwargs, "state_dict": result.best_state, "fold": fold,
                   "competition": spec.name, "input_size": (spec.channels, spec.height, spec.width),
-                  "num_classes": spec.num_classes, "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]}
+                  "num_classes": spec.num_classes, "class_names": list(spec.class_names), "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]}
     with atomic_path(out / "model.pt") as tmp:
         torch.save(checkpoint, tmp)
     device = select_device(cfg.device)
     model.load_state_dict(result.best_state)
     predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
     t0 = time.perf_counter()
-    valid_probs = predict_probs(predictor, images[va], device, amp, cfg.eval_batch_size, cfg.tta, pad=cfg.compile)
-    test_probs = predict_probs(predictor, data.test.images, device, amp, cfg.eval_batch_size, cfg.tta, pad=cfg.compile)
+    valid_probs = predict_probs(predictor, images[va], device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile,
+                                cfg.tta_mode)
+    test_probs = predict_probs(predictor, data.test.images, device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile,
+                               cfg.tta_mode)
     with atomic_path(out / "test_probs.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, test_probs)
     with atomic_path(out / "valid_probs.npz") as tmp, open(tmp, "wb") as fh:
@@ -246,7 +248,8 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     histories = {s["fold"]: pd.read_csv(run_dir / f"fold{s['fold']}" / "history.csv").to_dict("records") for s in summaries}
     if histories:
         plot_curves(histories, run_dir / "curves.png")
-    metrics = {"competition": spec.name, "model": cfg.model, "folds": summaries, "n_folds": cfg.folds,
+    metrics = {"competition": spec.name, "model": cfg.model, "class_names": list(spec.class_names),
+               "folds": summaries, "n_folds": cfg.folds,
                **oof, "tta": cfg.tta,
                "train_seconds": sum(s["train_seconds"] for s in summaries),
                "predict_seconds": sum(s.get("predict_seconds", 0.0) for s in summaries),

@@ -6,6 +6,7 @@ shows them after its header line; errors name file, row and column.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -88,8 +89,9 @@ def _ragged_row(path: Path, n_fields: int) -> str:
     return "rows and header differ in field count"
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    """Read a CSV as pandas does, turning every way it can fail into one line naming file and row."""
+def _read_csv(path: Path, text: bool = False) -> pd.DataFrame:
+    """Read a CSV as pandas does (`text`: every cell as the string written, as for ids and labels),
+    turning every way it can fail into one line naming file and row."""
     if not path.is_file():
         raise KaggleVitError(f"{path}: file not found")
     _refuse_compressed(path)
@@ -98,6 +100,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
         with warnings.catch_warnings():
             # a first data row longer than the header would otherwise silently become the index
             warnings.simplefilter("error", pd.errors.ParserWarning)
+            if text:
+                return pd.read_csv(path, index_col=False, dtype=str, keep_default_na=False)
             return pd.read_csv(path, low_memory=False, index_col=False)
     except pd.errors.EmptyDataError:
         raise KaggleVitError(f"{path}: file is empty") from None
@@ -191,7 +195,7 @@ def parse_image_csv(path: Path, spec: CompetitionSpec, train: bool) -> ImageTabl
 def _cache_key(path: Path, spec: CompetitionSpec, train: bool) -> str:
     st = path.stat()
     fields = (CACHE_VERSION, st.st_size, st.st_mtime_ns, train, spec.label_column, spec.pixel_column,
-              spec.id_column, spec.id_start, spec.height, spec.width, spec.channels, spec.num_classes)
+              spec.pixel_start, spec.id_column, spec.id_start, spec.height, spec.width, spec.channels, spec.num_classes)
     return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
 
@@ -254,8 +258,14 @@ class CompetitionData:
 
 
 def load_competition(spec: CompetitionSpec, data_dir: str | os.PathLike[str]) -> CompetitionData:
-    """Load and validate train, test and sample submission: the checks every command runs first."""
+    """Load and validate train, test and sample submission: the checks every command runs first.
+    For image files, the spec that comes back carries the class names (the spec's, or discovered)."""
     data_dir = Path(data_dir)
+    if spec.layout != "pixels":
+        from .layouts import load_image_layout
+
+        train, test, names = load_image_layout(spec, data_dir)
+        return CompetitionData(dataclasses.replace(spec, class_names=names, num_classes=len(names)), data_dir, train, test)
     train = load_image_csv(data_dir / spec.train_file, spec, train=True)
     test = load_image_csv(data_dir / spec.test_file, spec, train=False)
     sample_path = data_dir / spec.sample_submission_file

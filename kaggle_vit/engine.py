@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .augment import shift, train_transform, tta_shifts
+from .augment import train_transform, tta_views
 from .config import TrainConfig
 from .dataset import ImageDataset, keep_batch, to_float
 from .errors import KaggleVitError
@@ -150,7 +150,7 @@ def _worker_init(worker_id: int) -> None:
 def train_loader(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch_seed: int, device: torch.device) -> DataLoader:
     """Shuffled, augmented batches; the order and augmentation depend only on `epoch_seed`."""
     workers, pin = num_workers(cfg, device), device.type == "cuda"
-    ds = ImageDataset(images, labels, train_transform(cfg, seed=epoch_seed), group=cfg.aug_group)
+    ds = ImageDataset(images, labels, train_transform(cfg, seed=epoch_seed, size=images.shape[-2:]), group=cfg.aug_group)
     gen = torch.Generator().manual_seed(epoch_seed)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                       collate_fn=keep_batch, num_workers=workers, generator=gen, pin_memory=pin,
@@ -189,18 +189,18 @@ def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device, a
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, images: np.ndarray, device: torch.device, amp: Amp, batch_size: int = 256,
-                  views: int = 1, pad: bool = False) -> np.ndarray:
-    """Class probabilities averaged over `views` test-time views (the image, then one-pixel shifts:
-    `augment.tta_shifts`), float32 (N, classes). cv uses it for both the OOF and the test
-    predictions, so the OOF score measures the predictor the submission uses."""
+                  views: int = 1, pad: bool = False, mode: str = "shift") -> np.ndarray:
+    """Class probabilities averaged over `views` test-time views (`augment.tta_views`: one-pixel
+    shifts, or mirror images for photos), float32 (N, classes). cv uses it for both the OOF and the
+    test predictions, so the OOF score measures the predictor the submission uses."""
     model.eval()
-    shifts, outs = tta_shifts(views), []
+    transforms, outs = tta_views(mode, views), []
     for x, n in _batches(images, batch_size, device, pad):
         total = 0
-        for dx, dy in shifts:
+        for view in transforms:
             with autocast(device, amp):
-                total = total + model(shift(x, dx, dy))[:n].float().softmax(1)
-        outs.append((total / len(shifts)).cpu())
+                total = total + model(view(x))[:n].float().softmax(1)
+        outs.append((total / len(transforms)).cpu())
     return torch.cat(outs).numpy()
 
 

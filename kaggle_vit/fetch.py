@@ -162,7 +162,11 @@ def _split(spec: CompetitionSpec, train_x, train_y, test_x, test_y):
 
 
 def competition_files(spec: CompetitionSpec) -> tuple[str, ...]:
-    """The files every command needs: train, test and sample submission."""
+    """The files and folders every command needs, by layout."""
+    if spec.layout == "files":
+        return spec.train_file, spec.train_images, spec.test_images, spec.sample_submission_file
+    if spec.layout == "folders":
+        return spec.train_images, spec.test_images
     return spec.train_file, spec.test_file, spec.sample_submission_file
 
 
@@ -294,8 +298,8 @@ def ensure_data(spec: CompetitionSpec, dest: Path, offline: bool = False, from_i
         raise _missing_files_error(spec, dest, present)
     if not present:
         if spec.offline_source != "mnist":
-            raise KaggleVitError(f"{dest}: no {spec.train_file}; set up Kaggle credentials, use --from-idx DIR, "
-                                 f"or put the files there yourself")
+            raise KaggleVitError(f"{dest}: no {competition_files(spec)[0]}; get the competition with `kaggle "
+                                 f"competitions download -c {spec.slug} -p {dest}` and unzip it there")
         write_competition_files(spec, dest, *load_mnist())
         source = "offline-mnist"
     return FetchResult(dest, source, load_competition(spec, dest))

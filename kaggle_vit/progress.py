@@ -1,10 +1,27 @@
-"""Progress displays for training: a rich live bar, or one plain line per fold for notebooks and CI."""
+"""Progress displays: training (a rich live bar, or one plain line per fold for notebooks and CI),
+and a bar for long loops such as decoding image files."""
 from __future__ import annotations
 
 import time
+from typing import Iterator, Sequence, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+T = TypeVar("T")
+
+
+def track(items: Sequence[T], description: str, at_least: int = 500) -> Iterator[T]:
+    """Iterate over `items` with a transient progress bar on stderr when it is a terminal and the
+    loop is long; silently otherwise (logs get no bar)."""
+    console = Console(stderr=True)
+    if not console.is_terminal or len(items) < at_least:
+        yield from items
+        return
+    from rich.progress import track as rich_track
+
+    yield from rich_track(items, description=description, console=console, transient=True)
 
 
 def fold_line(summary: dict) -> str:

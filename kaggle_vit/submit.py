@@ -109,39 +109,48 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
             return probs
     model, dev = load_fold_model(run_dir, fold, data.spec), select_device(device)
     model.to(dev)
-    views = tta if tta is not None else int(load_toml(run_dir / "config.toml").get("tta", 1))
-    return predict_probs(model, data.test.images, dev, inference_amp("auto", dev), views=views)
+    saved_cfg = load_toml(run_dir / "config.toml")
+    views = tta if tta is not None else int(saved_cfg.get("tta", 1))
+    return predict_probs(model, data.test.images, dev, inference_amp("auto", dev), views=views,
+                         mode=str(saved_cfg.get("tta_mode", "shift")))
 
 
-def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids: np.ndarray, source: str) -> np.ndarray:
-    """Check columns, row count, ids (unique, matching the sample) and labels; return the labels."""
+def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids: list[str], source: str) -> np.ndarray:
+    """Check columns, row count, ids (unique, the sample's, in its order) and labels (among the
+    class names, when known), all as the text Kaggle reads; return the labels."""
     id_col, label_col = spec.submission_columns
     if list(frame.columns) != [id_col, label_col]:
         raise KaggleVitError(f"{source}: row 0: columns {list(frame.columns)}, expected {[id_col, label_col]}")
-    for col in (id_col, label_col):
-        values = pd.to_numeric(frame[col], errors="coerce")
-        bad = values.isna() | (values != values.round())
-        if bad.any():
-            r = int(np.argmax(bad.to_numpy()))
-            raise KaggleVitError(f"{source}: row {r + 1}, column '{col}': '{frame[col].iloc[r]}' is not an integer")
-    ids, labels = frame[id_col].to_numpy(np.int64), frame[label_col].to_numpy(np.int64)
+    ids, labels = frame[id_col].astype(str).to_numpy(), frame[label_col].astype(str).to_numpy()
     dup = pd.Series(ids).duplicated().to_numpy()
     if dup.any():
         r = int(np.argmax(dup))
         raise KaggleVitError(f"{source}: row {r + 1}, column '{id_col}': duplicate id {ids[r]}")
-    if len(ids) != len(expected_ids):
-        absent = sorted(set(expected_ids.tolist()) - set(ids.tolist()))[:1]
+    expected = np.asarray([str(i) for i in expected_ids])
+    if len(ids) != len(expected):
+        absent = sorted(set(expected.tolist()) - set(ids.tolist()))[:1]
         what = f"; id {absent[0]} is missing" if absent else ""
-        raise KaggleVitError(f"{source}: {len(ids)} rows, expected {len(expected_ids)}{what}")
-    mismatch = ids != expected_ids
+        raise KaggleVitError(f"{source}: {len(ids)} rows, expected {len(expected)}{what}")
+    mismatch = ids != expected
     if mismatch.any():
         r = int(np.argmax(mismatch))
-        raise KaggleVitError(f"{source}: row {r + 1}, column '{id_col}': id {ids[r]}, expected {expected_ids[r]}")
-    out_of_range = (labels < 0) | (labels >= spec.num_classes)
-    if out_of_range.any():
-        r = int(np.argmax(out_of_range))
-        raise KaggleVitError(f"{source}: row {r + 1}, column '{label_col}': label {labels[r]} is outside 0..{spec.num_classes - 1}")
+        raise KaggleVitError(f"{source}: row {r + 1}, column '{id_col}': id {ids[r]}, expected {expected[r]}")
+    names = spec.class_names
+    unknown = ~np.isin(labels, np.asarray(names)) if names else (labels == "")
+    if unknown.any():
+        r = int(np.argmax(unknown))
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise KaggleVitError(f"{source}: row {r + 1}, column '{label_col}': label '{labels[r]}' is not one of the "
+                             f"{len(names)} classes ({shown})")
     return labels
+
+
+def expected_ids(data: CompetitionData) -> list[str]:
+    """The test ids a submission must list, in the sample submission's order."""
+    spec = data.spec
+    if spec.layout == "pixels":
+        return [str(i) for i in load_sample_ids(data.data_dir / spec.sample_submission_file, spec)]
+    return [str(i) for i in data.test.ids]  # read from the sample submission when the data was loaded
 
 
 def make_submission(run_dir: Path, data: CompetitionData, output: Path, folds: list[int] | None = None,
@@ -158,34 +167,34 @@ def make_submission(run_dir: Path, data: CompetitionData, output: Path, folds: l
     weights = raw / raw.sum()
     probs = sum(w * per_fold[k] for w, k in zip(weights, chosen))
     labels = probs.argmax(1)
-    sample_ids = load_sample_ids(data.data_dir / spec.sample_submission_file, spec)
-    frame = pd.DataFrame({spec.submission_columns[0]: data.test.ids, spec.submission_columns[1]: labels})
-    validate_submission(frame, spec, sample_ids, str(output))
+    names = np.asarray(spec.class_names, dtype=object)
+    frame = pd.DataFrame({spec.submission_columns[0]: data.test.ids, spec.submission_columns[1]: names[labels]})
+    validate_submission(frame, spec, expected_ids(data), str(output))
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
     counts = dict(sorted(Counter(labels.tolist()).items()))
     return Submission(output, list(chosen), weights.tolist(), counts, per_fold, probs)
 
 
-def read_submission(path: Path, spec: CompetitionSpec, expected_ids: np.ndarray) -> np.ndarray:
-    """Read and validate a submission file; return its labels in id order."""
-    return validate_submission(_read_csv(Path(path)), spec, expected_ids, str(path))
+def read_submission(path: Path, spec: CompetitionSpec, ids: list[str]) -> np.ndarray:
+    """Read and validate a submission file; return its labels (as text) in id order."""
+    return validate_submission(_read_csv(Path(path), text=True), spec, ids, str(path))
 
 
 def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) -> float:
     """The competition metric (accuracy) of a submission against a solution file."""
-    truth = _read_csv(Path(solution))
+    truth = _read_csv(Path(solution), text=True)
     if list(truth.columns[:2]) != list(spec.submission_columns):
         raise KaggleVitError(f"{solution}: row 0: columns {list(truth.columns)}, expected {list(spec.submission_columns)}")
-    ids = truth[spec.submission_columns[0]].to_numpy(np.int64)
-    labels = read_submission(submission, spec, ids)
-    return float((labels == truth[spec.submission_columns[1]].to_numpy(np.int64)).mean())
+    labels = read_submission(submission, spec, truth[spec.submission_columns[0]].tolist())
+    return float((labels == truth[spec.submission_columns[1]].to_numpy()).mean())
 
 
 def fold_scores(run_dir: Path, data: CompetitionData, solution: Path, folds: list[int]) -> dict[int, float]:
     """Held-out accuracy of each single fold model (from its saved test probabilities)."""
-    truth = _read_csv(solution)[data.spec.submission_columns[1]].to_numpy(np.int64)
+    truth = _read_csv(solution, text=True)[data.spec.submission_columns[1]].to_numpy()
     if len(truth) != len(data.test):
         raise KaggleVitError(f"{solution}: {len(truth):,} rows, but {data.data_dir / data.spec.test_file} has "
                              f"{len(data.test):,}; give the --data-dir whose test file this solution scores")
-    return {k: float((fold_test_probs(run_dir, k, data).argmax(1) == truth).mean()) for k in folds}
+    names = np.asarray(data.spec.class_names, dtype=object)
+    return {k: float((names[fold_test_probs(run_dir, k, data).argmax(1)] == truth).mean()) for k in folds}

@@ -69,7 +69,7 @@ def test_refuses_missing_fold_and_other_shapes(trained, small_spec, tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda f: f.drop(index=5), "199 rows, expected 200; id 6 is missing"),
     (lambda f: f.assign(ImageId=f["ImageId"].where(f.index != 3, 2)), "row 4, column 'ImageId': duplicate id 2"),
-    (lambda f: f.assign(Label=f["Label"].where(f.index != 7, 10)), "row 8, column 'Label': label 10 is outside 0..9"),
+    (lambda f: f.assign(Label=f["Label"].where(f.index != 7, 10)), "row 8, column 'Label': label '10' is not one of the 10 classes (0, 1, 2, 3, 4, ...)"),
 ])
 def test_score_refuses_bad_submissions(trained, tmp_path, monkeypatch, edit, message):
     root, run = trained

@@ -1,0 +1,149 @@
+"""Competitions shipped as image files: a labels CSV beside an image folder (`files`), or one
+folder per class (`folders`). Each becomes the same validated ImageTable as a pixel CSV, with
+labels as class indices and the class names the competition writes in its submissions."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .competition import CompetitionSpec
+from .errors import KaggleVitError
+from .images import IMAGE_EXTENSIONS, load_images
+
+
+def _text_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    """A CSV read as text (ids and labels stay as written), with the named columns, no empty cell."""
+    from .data import _read_csv
+
+    frame = _read_csv(path)
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise KaggleVitError(f"{path}: row 0: missing column '{missing[0]}' (found {', '.join(map(str, frame.columns))})")
+    frame = frame[list(columns)]
+    for column in columns:
+        empty = frame[column].isna().to_numpy()
+        if empty.any():
+            raise KaggleVitError(f"{path}: row {int(np.argmax(empty)) + 1}, column '{column}': empty cell")
+    if len(frame) == 0:
+        raise KaggleVitError(f"{path}: no data rows")
+    return frame.astype(str)
+
+
+def _check_unique(path: Path, ids: list[str], column: str) -> None:
+    seen: set[str] = set()
+    for row, image_id in enumerate(ids, start=1):
+        if image_id in seen:
+            raise KaggleVitError(f"{path}: row {row}, column '{column}': duplicate id '{image_id}'")
+        seen.add(image_id)
+
+
+def _files_in(folder: Path) -> dict[str, Path]:
+    """Image files directly in `folder`, by name."""
+    if not folder.is_dir():
+        raise KaggleVitError(f"{folder}: image folder not found")
+    return {e.name: Path(e.path) for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)}
+
+
+def _image_for(image_id: str, files: dict[str, Path], extension: str) -> Path | None:
+    """The file of an id that may or may not carry its extension."""
+    for name in (image_id, image_id + extension) if extension else (image_id, *(image_id + e for e in IMAGE_EXTENSIONS)):
+        if name in files:
+            return files[name]
+    return None
+
+
+def _paths_for(ids: list[str], folder: Path, extension: str, source: Path, column: str) -> list[Path]:
+    files = _files_in(folder)
+    paths = []
+    for row, image_id in enumerate(ids, start=1):
+        path = _image_for(image_id, files, extension)
+        if path is None:
+            raise KaggleVitError(f"{source}: row {row}, column '{column}': id '{image_id}' has no image file in {folder}")
+        paths.append(path)
+    return paths
+
+
+def class_names_of(labels: list[str]) -> tuple[str, ...]:
+    """Class names discovered from training labels: sorted, as numbers when they all are."""
+    unique = set(labels)
+    numeric = all(u.lstrip("-").isdigit() for u in unique)
+    return tuple(sorted(unique, key=int if numeric else str))
+
+
+def class_indices(labels: list[str], names: tuple[str, ...], source: Path, column: str) -> np.ndarray:
+    """Each label's position among the class names; a label that is not one is named with its row."""
+    index = {name: i for i, name in enumerate(names)}
+    out = np.empty(len(labels), dtype=np.int64)
+    for row, label in enumerate(labels):
+        if label not in index:
+            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            raise KaggleVitError(f"{source}: row {row + 1}, column '{column}': label '{label}' is not one of the "
+                                 f"{len(names)} classes ({shown})")
+        out[row] = index[label]
+    return out
+
+
+def sample_ids(spec: CompetitionSpec, data_dir: Path) -> list[str]:
+    """The test ids, in the order the sample submission lists them."""
+    path = data_dir / spec.sample_submission_file
+    frame = _text_csv(path, (spec.submission_columns[0],))
+    ids = frame[spec.submission_columns[0]].tolist()
+    _check_unique(path, ids, spec.submission_columns[0])
+    return ids
+
+
+def read_files_layout(spec: CompetitionSpec, data_dir: Path):
+    """`files`: a labels CSV (id, label) and a folder of training images; test images are the ids of
+    the sample submission in the test folder. Returns (train ids, paths, labels as text), (test ids, paths)."""
+    labels_csv = data_dir / spec.train_file
+    frame = _text_csv(labels_csv, (spec.id_column, spec.label_column))
+    ids = frame[spec.id_column].tolist()
+    _check_unique(labels_csv, ids, spec.id_column)
+    train_paths = _paths_for(ids, data_dir / spec.train_images, spec.image_extension, labels_csv, spec.id_column)
+    test_ids = sample_ids(spec, data_dir)
+    test_paths = _paths_for(test_ids, data_dir / spec.test_images, spec.image_extension,
+                            data_dir / spec.sample_submission_file, spec.submission_columns[0])
+    return (ids, train_paths, frame[spec.label_column].tolist()), (test_ids, test_paths)
+
+
+def read_folders_layout(spec: CompetitionSpec, data_dir: Path):
+    """`folders`: train/<class name>/<file> and a test folder; submission ids are the test file
+    names (in the sample submission's order when there is one)."""
+    root = data_dir / spec.train_images
+    if not root.is_dir():
+        raise KaggleVitError(f"{root}: training folder not found (one subfolder per class)")
+    ids, paths, labels = [], [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for name, path in sorted(_files_in(class_dir).items()):
+            ids.append(f"{class_dir.name}/{name}")
+            paths.append(path)
+            labels.append(class_dir.name)
+    if not paths:
+        raise KaggleVitError(f"{root}: no image files in its class subfolders")
+    if (data_dir / spec.sample_submission_file).exists():
+        test_ids = sample_ids(spec, data_dir)
+        test_paths = _paths_for(test_ids, data_dir / spec.test_images, "", data_dir / spec.sample_submission_file,
+                                spec.submission_columns[0])
+    else:
+        files = _files_in(data_dir / spec.test_images)
+        test_ids, test_paths = sorted(files), [files[n] for n in sorted(files)]
+    return (ids, paths, labels), (test_ids, test_paths)
+
+
+def load_image_layout(spec: CompetitionSpec, data_dir: Path):
+    """Train and test ImageTables of an image-file competition, and its class names (the spec's, or
+    discovered from the training labels)."""
+    from .data import ImageTable
+
+    reader = read_files_layout if spec.layout == "files" else read_folders_layout
+    (ids, paths, labels), (test_ids, test_paths) = reader(spec, data_dir)
+    names = spec.class_names or class_names_of(labels)
+    source = data_dir / (spec.train_file if spec.layout == "files" else spec.train_images)
+    indices = class_indices(labels, names, source, spec.label_column)
+    size = (spec.height, spec.width, spec.channels)
+    train = ImageTable(load_images(paths, data_dir, "train", *size), indices, np.asarray(ids, dtype=object))
+    test = ImageTable(load_images(test_paths, data_dir, "test", *size), None, np.asarray(test_ids, dtype=object))
+    return train, test, names

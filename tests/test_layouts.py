@@ -1,0 +1,186 @@
+"""Competitions shipped as image files, built from real MNIST digits in each Kaggle layout."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from kaggle_vit import images as images_mod
+from kaggle_vit.cli import app
+from kaggle_vit.competition import load_spec
+from kaggle_vit.config import TrainConfig, to_toml
+from kaggle_vit.data import load_competition
+
+runner = CliRunner()
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+TINY = dict(model="kvit_pico_patch4_28", embed_dim=32, depth=1, num_heads=2, epochs=1, batch_size=64, folds=2,
+            device="cpu", num_workers=0, tta=1, jobs=1)
+
+
+def _save(image: np.ndarray, path: Path, size: int = 32) -> None:
+    """A 28x28 MNIST digit saved as an RGB file of another size, as photo competitions ship them."""
+    Image.fromarray(image).convert("RGB").resize((size, size)).save(path)
+
+
+def files_competition(root: Path, mnist, n_train: int = 120, n_test: int = 30, ext: str = ".png",
+                      ids_with_ext: bool = False) -> Path:
+    """cifar-10's layout: train/ID.png, trainLabels.csv (id,label) with class names, test/ID.png."""
+    tx, ty, vx, _ = mnist
+    for folder in ("train", "test"):
+        (root / folder).mkdir(parents=True)
+    rows = []
+    for i in range(n_train):
+        _save(tx[i], root / "train" / f"{i}{ext}")
+        rows.append((f"{i}{ext}" if ids_with_ext else str(i), NAMES[ty[i]]))
+    pd.DataFrame(rows, columns=["id", "label"]).to_csv(root / "trainLabels.csv", index=False)
+    for i in range(n_test):
+        _save(vx[i], root / "test" / f"{1000 + i}{ext}")
+    pd.DataFrame({"id": [f"{1000 + i}{ext}" if ids_with_ext else str(1000 + i) for i in range(n_test)],
+                  "label": "zero"}).to_csv(root / "sampleSubmission.csv", index=False)
+    return root
+
+
+def files_spec(tmp_path: Path, **extra: str) -> Path:
+    lines = ['name = "digits-as-files"', "", "[files]", 'layout = "files"', 'train = "trainLabels.csv"',
+             'train_images = "train"', 'test_images = "test"', 'sample_submission = "sampleSubmission.csv"',
+             *(f'{k} = "{v}"' for k, v in extra.items()), "", "[columns]", 'id = "id"', 'label = "label"',
+             'submission = ["id", "label"]', "", "[image]", "height = 32", "width = 32", "channels = 3"]
+    path = tmp_path / "files.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def folders_competition(root: Path, mnist, n_train: int = 100, n_test: int = 20) -> Path:
+    """plant-seedlings-classification's layout: train/<class>/<file>.png, test/<file>.png, file,species."""
+    tx, ty, vx, _ = mnist
+    for i in range(n_train):
+        folder = root / "train" / NAMES[ty[i]]
+        folder.mkdir(parents=True, exist_ok=True)
+        _save(tx[i], folder / f"{i:05d}.png", size=40)
+    (root / "test").mkdir(parents=True)
+    files = [f"t{i:04d}.png" for i in range(n_test)]
+    for i, name in enumerate(files):
+        _save(vx[i], root / "test" / name, size=40)
+    pd.DataFrame({"file": files, "species": "zero"}).to_csv(root / "sample_submission.csv", index=False)
+    return root
+
+
+def folders_spec(tmp_path: Path) -> Path:
+    path = tmp_path / "folders.toml"
+    path.write_text('name = "digits-in-folders"\n\n[files]\nlayout = "folders"\n\n[columns]\n'
+                    'submission = ["file", "species"]\n\n[image]\nheight = 28\nwidth = 28\nchannels = 1\n')
+    return path
+
+
+def test_files_layout_reads_resizes_and_names_classes(tmp_path, mnist):
+    comp = files_competition(tmp_path / "c", mnist)
+    data = load_competition(load_spec(files_spec(tmp_path)), comp)
+    assert data.train.images.shape == (120, 3, 32, 32) and data.train.images.dtype == np.uint8
+    assert data.test.images.shape == (30, 3, 32, 32) and list(data.test.ids[:2]) == ["1000", "1001"]
+    assert data.spec.class_names == tuple(sorted(NAMES)) and data.spec.num_classes == 10  # discovered, sorted
+    labels = [data.spec.class_names[k] for k in data.train.labels[:5]]
+    assert labels == [NAMES[y] for y in mnist[1][:5]]
+    # the pixels are the digit's: grey stays grey in all three channels, and bright where MNIST is
+    img = data.train.images[0]
+    assert np.array_equal(img[0], img[1]) and img.max() > 200
+    expected = np.asarray(Image.fromarray(mnist[0][0]).convert("RGB").resize((32, 32)))
+    assert np.abs(img.transpose(1, 2, 0).astype(int) - expected).max() <= 1
+
+
+def test_ids_with_their_extension_and_jpeg(tmp_path, mnist):
+    comp = files_competition(tmp_path / "c", mnist, ext=".jpg", ids_with_ext=True)
+    data = load_competition(load_spec(files_spec(tmp_path)), comp)
+    assert data.train.images.shape == (120, 3, 32, 32) and data.test.ids[0] == "1000.jpg"
+
+
+def test_decoded_images_are_cached_and_rebuilt_when_a_file_changes(tmp_path, mnist, monkeypatch):
+    comp = files_competition(tmp_path / "c", mnist)
+    spec = load_spec(files_spec(tmp_path))
+    first = load_competition(spec, comp)
+    assert isinstance(first.train.images, np.memmap)  # memory-mapped: larger than RAM works
+    monkeypatch.setattr(images_mod, "decode", lambda *a: pytest.fail("decoded again"))
+    again = load_competition(spec, comp)
+    assert np.array_equal(again.train.images, first.train.images)
+    monkeypatch.undo()
+    _save(mnist[0][500], comp / "train" / "3.png")
+    os.utime(comp / "train" / "3.png", ns=(1, 1))
+    changed = load_competition(spec, comp)
+    assert not np.array_equal(changed.train.images[3], first.train.images[3])
+    assert np.array_equal(changed.train.images[4], first.train.images[4])
+    assert len(list((comp / ".kvcache").glob("train-*.npy"))) == 1  # the stale cache is gone
+
+
+def test_folders_layout_cv_and_submit_write_class_names(tmp_path, mnist, monkeypatch):
+    comp = folders_competition(tmp_path / "c", mnist)
+    spec_path = folders_spec(tmp_path)
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(to_toml(TrainConfig(**TINY)))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["cv", "-c", str(spec_path), "--config", str(cfg), "--data-dir", str(comp), "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["submit", "-c", str(spec_path), "--data-dir", str(comp), "-o", "sub.csv"])
+    assert result.exit_code == 0, result.output
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert list(sub.columns) == ["file", "species"] and sub["file"].tolist() == [f"t{i:04d}.png" for i in range(20)]
+    assert set(sub["species"]) <= set(NAMES)
+    run = next((tmp_path / "runs" / "digits-in-folders").glob("kvit_*"))
+    assert __import__("json").loads((run / "metrics.json").read_text())["class_names"] == sorted(
+        {NAMES[y] for y in mnist[1][:100]})
+
+
+def test_pixel_csvs_numbered_from_1_with_test_ids_from_0(tmp_path, mnist):
+    """Fashion-MNIST's CSV columns (pixel1..pixel784) and Kannada-MNIST's test file (id column from 0)."""
+    tx, ty, vx, _ = mnist
+    cols = [f"pixel{i}" for i in range(1, 785)]
+    train = pd.DataFrame(tx[:60].reshape(60, -1), columns=cols)
+    train.insert(0, "label", ty[:60])
+    train.to_csv(tmp_path / "train.csv", index=False)
+    test = pd.DataFrame(vx[:10].reshape(10, -1), columns=cols)
+    test.insert(0, "id", range(10))
+    test.to_csv(tmp_path / "test.csv", index=False)
+    pd.DataFrame({"id": range(10), "label": 0}).to_csv(tmp_path / "sample_submission.csv", index=False)
+    spec = tmp_path / "k.toml"
+    spec.write_text('name = "kannada-like"\n\n[files]\n\n[columns]\nid = "id"\npixel = "pixel{i}"\npixel_start = 1\n'
+                    'submission = ["id", "label"]\n\n[image]\nheight = 28\nwidth = 28\n\n[classes]\nnum_classes = 10\n')
+    data = load_competition(load_spec(spec), tmp_path)
+    assert np.array_equal(data.train.images[:, 0], tx[:60]) and list(data.test.ids) == list(range(10))
+
+
+def _missing_image(comp: Path) -> None:
+    (comp / "train" / "7.png").unlink()
+
+
+def _truncated_image(comp: Path) -> None:
+    raw = (comp / "train" / "7.png").read_bytes()
+    (comp / "train" / "7.png").write_bytes(raw[: len(raw) // 2])
+
+
+def _unknown_label(comp: Path) -> None:
+    frame = pd.read_csv(comp / "trainLabels.csv", dtype=str)
+    frame.loc[7, "label"] = "ten"
+    frame.to_csv(comp / "trainLabels.csv", index=False)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_missing_image, "trainLabels.csv: row 8, column 'id': id '7' has no image file in"),
+    (_truncated_image, "train/7.png: cannot decode the image"),
+    (_unknown_label, "trainLabels.csv: row 8, column 'label': label 'ten' is not one of the 10 classes"),
+])
+def test_bad_image_input_is_one_line_and_writes_nothing(tmp_path, mnist, monkeypatch, damage, message):
+    comp = files_competition(tmp_path / "c", mnist)
+    spec = files_spec(tmp_path)
+    spec.write_text(spec.read_text() + "\n[classes]\nnames = " + str(NAMES).replace("'", '"') + "\n")
+    damage(comp)
+    before = {p: p.read_bytes() for p in comp.rglob("*") if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["data", "-c", str(spec), "--dest", str(comp)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    after = {p: p.read_bytes() for p in comp.rglob("*") if p.is_file() and ".kvcache" not in p.parts}
+    assert after == before and not any((comp / ".kvcache").glob("train-*.npy"))
