@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.markup import escape
 from .competition import CompetitionSpec, load_spec
 from .errors import Interrupted, KaggleVitError
 from .notices import log
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 app = typer.Typer(
     help="Vision Transformers for Kaggle image-classification competitions.",
@@ -257,6 +260,7 @@ def score(
 ) -> None:
     """Score a submission against a solution file: the local private leaderboard."""
     from .io import read_json
+    from .rundir import RunDir
     from .submit import fold_scores, latest_run, run_folds, score_submission
 
     spec = load_spec(competition or "digit-recognizer")
@@ -269,7 +273,7 @@ def score(
         run = None  # no run to compare with: the score alone
     if run is not None:
         n_folds, done = run_folds(run)
-        oof = read_json(run / "metrics.json").get("oof_acc")
+        oof = read_json(RunDir(run).metrics).get("oof_acc")
         if oof is not None:
             lines.append(f"  OOF accuracy of {run}: {100 * oof:.3f}% ({len(done)} folds)")
         if done:

@@ -21,6 +21,7 @@ from . import __version__
 from .competition import CompetitionSpec
 from .config import TrainConfig, load_toml, save_config, to_toml
 from .data import CompetitionData, load_or_make_folds, save_folds
+from .dataset import resolve_data_config
 from .engine import (NoProgress, Progress, fit, inference_amp, maybe_compile, predict_probs, read_state,
                      seed_everything, select_device)
 from .errors import Interrupted, KaggleVitError
@@ -28,7 +29,7 @@ from .io import atomic_path, read_json, write_json
 from .models import build, model_kwargs
 from .notices import notice
 from .report import plot_curves
-from .rundir import fold_dir, fold_problem
+from .rundir import RunDir, fold_problem, shared_folds
 from .workers import auto_jobs, train_folds_parallel
 
 
@@ -66,7 +67,7 @@ def git_hash() -> str:
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, spec: CompetitionSpec) -> None:
     """Record the resolved config; refuse a folder that holds a run with different settings."""
-    config_path = run_dir / "config.toml"
+    config_path = RunDir(run_dir).config
     if config_path.exists():
         saved = load_toml(config_path)
         differing = [k for k, v in cfg.result_settings().items() if saved.get(k) != v]
@@ -92,7 +93,7 @@ def _check_writable(run_dir: Path) -> None:
 def _finished(run_dir: Path, fold: int) -> bool:
     """Whether a fold is done: result.json written and every file of it readable. A fold with a
     damaged or missing file is marked unfinished (its result.json removed) so it trains again."""
-    result = fold_dir(run_dir, fold) / "result.json"
+    result = RunDir(run_dir).fold(fold).result
     if not result.exists():
         return False
     problem = fold_problem(run_dir, fold)
@@ -145,9 +146,9 @@ class _Tracked:
 def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
                progress: Progress, on_epoch=None) -> dict:
     """Train one fold and write its checkpoint, history, validation and test probabilities."""
-    spec, out = data.spec, fold_dir(run_dir, fold)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "state.pt"
+    spec, out = data.spec, RunDir(run_dir).fold(fold)
+    out.root.mkdir(parents=True, exist_ok=True)
+    state_path = out.state
     tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     images, labels = data.train.images, data.train.labels
     kwargs = model_kwargs(cfg, spec)
@@ -163,22 +164,23 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     checkpoint = {"model": cfg.model, "kwargs": kwargs, "state_dict": result.best_state, "fold": fold,
                   "competition": spec.name, "input_size": (spec.channels, spec.height, spec.width),
                   "num_classes": spec.num_classes, "class_names": list(spec.class_names), "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]}
-    with atomic_path(out / "model.pt") as tmp:
+    with atomic_path(out.model) as tmp:
         torch.save(checkpoint, tmp)
     device = select_device(cfg.device)
     model.load_state_dict(result.best_state)
     predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
     t0 = time.perf_counter()
+    data_config = resolve_data_config(model)
     valid_probs = predict_probs(predictor, images[va], device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile,
-                                cfg.tta_mode)
+                                cfg.tta_mode, data_config)
     test_probs = predict_probs(predictor, data.test.images, device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile,
-                               cfg.tta_mode)
-    with atomic_path(out / "test_probs.npy") as tmp, open(tmp, "wb") as fh:
+                               cfg.tta_mode, data_config)
+    with atomic_path(out.test_probs) as tmp, open(tmp, "wb") as fh:
         np.save(fh, test_probs)
-    with atomic_path(out / "valid_probs.npz") as tmp, open(tmp, "wb") as fh:
+    with atomic_path(out.valid_probs) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, rows=va, probs=valid_probs, probs_plain=result.valid_probs.astype(np.float32))
     history = pd.DataFrame(result.history)
-    with atomic_path(out / "history.csv") as tmp:
+    with atomic_path(out.history) as tmp:
         history.to_csv(tmp, index=False)
     best = result.history[result.best_epoch - 1]
     summary = {"fold": fold, "best_epoch": result.best_epoch,
@@ -187,7 +189,7 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
                "train_seconds": result.train_seconds, "predict_seconds": time.perf_counter() - t0,
                "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
                "amp": result.amp, "device": str(device), "epochs": len(result.history)}
-    write_json(out / "result.json", summary)
+    write_json(out.result, summary)
     state_path.unlink(missing_ok=True)
     progress.end_fold(summary)
     return summary
@@ -200,13 +202,13 @@ def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds:
     probs = np.zeros((len(labels), n_classes), dtype=np.float32)
     plain = np.zeros(len(labels), dtype=np.int64)
     for fold in range(1, n_folds + 1):
-        with np.load(run_dir / f"fold{fold}" / "valid_probs.npz") as z:
+        with np.load(RunDir(run_dir).fold(fold).valid_probs) as z:
             probs[z["rows"]] = z["probs"]
             plain[z["rows"]] = (z["probs_plain"] if "probs_plain" in z else z["probs"]).argmax(1)
     pred = probs.argmax(1)
     frame = pd.DataFrame({"row": np.arange(len(labels)), "label": labels, "fold": folds, "pred": pred})
     frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"prob_{c}" for c in range(n_classes)])], axis=1)
-    with atomic_path(run_dir / "oof.csv") as tmp:
+    with atomic_path(RunDir(run_dir).oof) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
     return {"oof_acc": float((pred == labels).mean()), "oof_loss": loss, "oof_acc_plain": float((plain == labels).mean())}
@@ -226,10 +228,11 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
         raise KaggleVitError(f"--fold {bad[0]}: folds are numbered 1..{cfg.folds}")
     _check_writable(run_dir)
     _prepare_run_dir(run_dir, cfg, spec)
-    shared = (runs_root or run_dir.parent) / f"folds-k{cfg.folds}-seed{cfg.seed}.csv"
+    run = RunDir(run_dir)
+    shared = shared_folds(runs_root or run_dir.parent, cfg.folds, cfg.seed)
     folds = load_or_make_folds(shared, data.train.labels, cfg.folds, cfg.seed)
-    if not (run_dir / "folds.csv").exists():
-        save_folds(run_dir / "folds.csv", folds, data.train.labels)
+    if not run.folds.exists():
+        save_folds(run.folds, folds, data.train.labels)
     trained = [k for k in wanted if not _finished(run_dir, k)]
     jobs = 1 if on_epoch is not None else auto_jobs(cfg, select_device(cfg.device), len(trained))
     try:
@@ -240,19 +243,18 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
                 train_fold(cfg, data, folds, fold, run_dir, progress, on_epoch)
     except KeyboardInterrupt:
         raise Interrupted.during(progress.running) from None
-    summaries = [read_json(fold_dir(run_dir, k) / "result.json") for k in range(1, cfg.folds + 1)
-                 if (fold_dir(run_dir, k) / "result.json").exists()]
+    summaries = [read_json(run.fold(k).result) for k in range(1, cfg.folds + 1) if run.fold(k).result.exists()]
     oof = {"oof_acc": None, "oof_loss": None, "oof_acc_plain": None}
     if len(summaries) == cfg.folds:
         oof = _write_oof(run_dir, data, folds, cfg.folds)
-    histories = {s["fold"]: pd.read_csv(run_dir / f"fold{s['fold']}" / "history.csv").to_dict("records") for s in summaries}
+    histories = {s["fold"]: pd.read_csv(run.fold(s["fold"]).history).to_dict("records") for s in summaries}
     if histories:
-        plot_curves(histories, run_dir / "curves.png")
+        plot_curves(histories, run.plot("curves"))
     metrics = {"competition": spec.name, "model": cfg.model, "class_names": list(spec.class_names),
                "folds": summaries, "n_folds": cfg.folds,
                **oof, "tta": cfg.tta,
                "train_seconds": sum(s["train_seconds"] for s in summaries),
                "predict_seconds": sum(s.get("predict_seconds", 0.0) for s in summaries),
                "version": __version__, "git": git_hash(), "config": to_toml(cfg)}
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(run.metrics, metrics)
     return CVResult(run_dir, summaries, cfg.folds, oof["oof_acc"], oof["oof_loss"], trained, oof["oof_acc_plain"])

@@ -89,7 +89,7 @@ def _ragged_row(path: Path, n_fields: int) -> str:
     return "rows and header differ in field count"
 
 
-def _read_csv(path: Path, text: bool = False) -> pd.DataFrame:
+def read_csv(path: Path, text: bool = False) -> pd.DataFrame:
     """Read a CSV as pandas does (`text`: every cell as the string written, as for ids and labels),
     turning every way it can fail into one line naming file and row."""
     if not path.is_file():
@@ -165,7 +165,7 @@ def _check_values(path: Path, values: np.ndarray, columns: list[str], lo: int, h
 
 def parse_image_csv(path: Path, spec: CompetitionSpec, train: bool) -> ImageTable:
     """Parse and validate one train/test CSV into an ImageTable; raise KaggleVitError on bad input."""
-    frame = _read_csv(path)
+    frame = read_csv(path)
     if len(frame) == 0:
         raise KaggleVitError(f"{path}: no data rows")
     _check_header(path, list(frame.columns), spec, train)
@@ -239,7 +239,7 @@ def load_image_csv(path: str | os.PathLike[str], spec: CompetitionSpec, train: b
 
 def load_sample_ids(path: Path, spec: CompetitionSpec) -> np.ndarray:
     """Ids of the sample submission, checking its columns."""
-    frame = _read_csv(path)
+    frame = read_csv(path)
     if list(frame.columns) != list(spec.submission_columns):
         raise KaggleVitError(f"{path}: row 0: columns {list(frame.columns)}, expected {list(spec.submission_columns)}")
     ids = _numeric(path, frame[[spec.id_column]])

@@ -5,23 +5,59 @@ Kept apart from `data` (reading and validating files) so that commands which onl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images → float32 scaled to [-1, 1]."""
-    return images.float().mul_(1.0 / 127.5).sub_(1.0)
+def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """A model's per-channel numbers for `channels` inputs (one value is shared; RGB numbers for a
+    grey model are averaged)."""
+    if len(values) == channels:
+        return tuple(values)
+    return (sum(values) / len(values),) * channels
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How a model wants its input, as timm's `resolve_data_config` gives it: input size, and the
+    per-channel mean and std of pixels scaled to 0..1 (our kvit models: 0.5 and 0.5, so [-1, 1])."""
+
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    interpolation: str = "bilinear"
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) → float32 (x / 255 - mean) / std, in one multiply and one subtract."""
+        channels = images.shape[1]
+        mean, std = _per_channel(self.mean, channels), _per_channel(self.std, channels)
+        if len(set(mean)) == 1 and len(set(std)) == 1:
+            return images.float().mul_(1.0 / (255.0 * std[0])).sub_(mean[0] / std[0])
+        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, channels, 1, 1)
+        shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(1, channels, 1, 1)
+        return images.float().mul_(scale).sub_(shift)
+
+
+def resolve_data_config(model: nn.Module) -> DataConfig:
+    """The data config of a model (its pretrained config's size, mean, std and interpolation)."""
+    from timm.data import resolve_data_config as timm_resolve
+
+    found = timm_resolve({}, model=model)
+    return DataConfig(tuple(found["input_size"]), tuple(found["mean"]), tuple(found["std"]),
+                      str(found.get("interpolation", "bilinear")))
 
 
 Transform = Callable[..., dict]
 
 
 class ImageDataset(Dataset):
-    """uint8 (N, C, H, W) images → float tensors in [-1, 1], with labels when given.
+    """uint8 (N, C, H, W) images → float tensors normalised as the model wants (`DataConfig`;
+    default [-1, 1]), with labels when given.
 
     `__getitems__` builds a whole batch at once (one stack, one scale), so a DataLoader built with
     `collate_fn=keep_batch` has no per-item collation overhead. An albumentations `transform`
@@ -30,8 +66,9 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, transform: Transform | None = None,
-                 group: int = 1):
+                 group: int = 1, data_config: DataConfig | None = None):
         self.images = images
+        self.data_config = data_config or DataConfig(tuple(images.shape[1:]))
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         self.transform = transform
         self.group = max(1, group)
@@ -54,7 +91,7 @@ class ImageDataset(Dataset):
         return out.transpose(2, 0, 1).reshape(g, c, h, w)
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
-        x = to_float(self._batch_uint8(indices))
+        x = self.data_config.normalize(self._batch_uint8(indices))
         if self.labels is None:
             return (x,)
         return x, self.labels[torch.as_tensor(indices)]

@@ -1,6 +1,7 @@
-"""The one training loop: optimiser, schedule, AMP, epochs with validation, checkpoints, prediction.
+"""The one training loop: optimiser, schedule, AMP, `train_one_epoch` and `evaluate`, the training
+state that makes a fold resumable, prediction with test-time views.
 
-`fit` is used by `cv` and (through `cv`) by `tune`; tuning hooks in through `on_epoch`.
+`fit` runs the epochs for `cv` and (through `cv`) for `tune`; tuning hooks in through `on_epoch`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from .augment import train_transform, tta_views
 from .config import TrainConfig
-from .dataset import ImageDataset, keep_batch, to_float
+from .dataset import DataConfig, ImageDataset, keep_batch, resolve_data_config
 from .errors import KaggleVitError
 from .io import atomic_path
 
@@ -147,10 +148,12 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def train_loader(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch_seed: int, device: torch.device) -> DataLoader:
-    """Shuffled, augmented batches; the order and augmentation depend only on `epoch_seed`."""
+def train_loader(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch_seed: int, device: torch.device,
+                 data_config: DataConfig | None = None) -> DataLoader:
+    """Shuffled, augmented, normalised batches; the order and augmentation depend only on `epoch_seed`."""
     workers, pin = num_workers(cfg, device), device.type == "cuda"
-    ds = ImageDataset(images, labels, train_transform(cfg, seed=epoch_seed, size=images.shape[-2:]), group=cfg.aug_group)
+    ds = ImageDataset(images, labels, train_transform(cfg, seed=epoch_seed, size=images.shape[-2:]), group=cfg.aug_group,
+                      data_config=data_config)
     gen = torch.Generator().manual_seed(epoch_seed)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                       collate_fn=keep_batch, num_workers=workers, generator=gen, pin_memory=pin,
@@ -164,24 +167,25 @@ def maybe_compile(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return torch.compile(model) if cfg.compile else model
 
 
-def _batches(images: np.ndarray, batch_size: int, device: torch.device, pad: bool):
-    """(float batch in [-1, 1] on `device`, real count) pairs; with `pad` the last batch is padded to
+def _batches(images: np.ndarray, batch_size: int, device: torch.device, pad: bool, data_config: DataConfig | None):
+    """(normalised float batch on `device`, real count) pairs; with `pad` the last batch is padded to
     full size, so a compiled model sees one shape and never recompiles."""
+    data_config = data_config or DataConfig(tuple(images.shape[1:]))
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         n = len(chunk)
         if pad and n < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        yield to_float(torch.from_numpy(chunk)).to(device, non_blocking=True), n
+        yield data_config.normalize(torch.from_numpy(chunk)).to(device, non_blocking=True), n
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device, amp: Amp, batch_size: int = 256,
-                   pad: bool = False) -> torch.Tensor:
+                   pad: bool = False, data_config: DataConfig | None = None) -> torch.Tensor:
     """Logits for uint8 (N, C, H, W) images, batched, in eval mode, as float32 on the CPU."""
     model.eval()
     outs = []
-    for x, n in _batches(images, batch_size, device, pad):
+    for x, n in _batches(images, batch_size, device, pad, data_config):
         with autocast(device, amp):
             outs.append(model(x)[:n].float().cpu())
     return torch.cat(outs)
@@ -189,13 +193,13 @@ def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device, a
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, images: np.ndarray, device: torch.device, amp: Amp, batch_size: int = 256,
-                  views: int = 1, pad: bool = False, mode: str = "shift") -> np.ndarray:
+                  views: int = 1, pad: bool = False, mode: str = "shift", data_config: DataConfig | None = None) -> np.ndarray:
     """Class probabilities averaged over `views` test-time views (`augment.tta_views`: one-pixel
     shifts, or mirror images for photos), float32 (N, classes). cv uses it for both the OOF and the
     test predictions, so the OOF score measures the predictor the submission uses."""
     model.eval()
     transforms, outs = tta_views(mode, views), []
-    for x, n in _batches(images, batch_size, device, pad):
+    for x, n in _batches(images, batch_size, device, pad, data_config):
         total = 0
         for view in transforms:
             with autocast(device, amp):
@@ -267,6 +271,57 @@ def _check_finite(value: float, what: str, epoch: int) -> None:
         raise KaggleVitError(f"epoch {epoch}: the {what} became {value}; lower --lr, or use --amp bf16 or off")
 
 
+@dataclass
+class Trainer:
+    """What a training step needs besides the batch: the model (and its compiled forward), the
+    optimiser, the schedule, the gradient scaler, autocast and the config."""
+
+    model: nn.Module
+    forward: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp: Amp
+    device: torch.device
+    cfg: TrainConfig
+
+
+def train_one_epoch(t: Trainer, loader: DataLoader, epoch: int, progress: Progress) -> dict:
+    """One pass over the training batches; returns the epoch's mean loss and accuracy."""
+    t.model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+        with autocast(t.device, t.amp):
+            logits = t.forward(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=t.cfg.label_smoothing)
+        _check_finite(loss.item(), "loss", epoch)
+        t.opt.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.unscale_(t.opt)
+        nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip, foreach=True)
+        t.scaler.step(t.opt)
+        t.scaler.update()
+        t.sched.step()
+        n = len(y)
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += n
+        progress.step(loss.item(), n)
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seen": seen}
+
+
+def evaluate(forward: nn.Module, images: np.ndarray, labels: torch.Tensor, device: torch.device, amp: Amp,
+             batch_size: int, pad: bool, epoch: int, data_config: DataConfig) -> tuple[dict, torch.Tensor]:
+    """Validation loss and accuracy of the plain images (no test-time views: the best epoch is chosen
+    on these), and the logits; a non-finite loss stops the fold."""
+    logits = predict_logits(forward, images, device, amp, batch_size, pad=pad, data_config=data_config)
+    scores = {"valid_loss": F.cross_entropy(logits, labels).item(),
+              "valid_acc": (logits.argmax(1) == labels).float().mean().item()}
+    _check_finite(scores["valid_loss"], "validation loss", epoch)
+    return scores, logits
+
+
 def fit(
     model: nn.Module,
     train: tuple[np.ndarray, np.ndarray],
@@ -290,42 +345,21 @@ def fit(
     sched = make_scheduler(opt, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
     st = _State() if resume is None else _restore(resume, model, opt, sched, scaler)
-    step_fn = maybe_compile(model, cfg)
+    t = Trainer(model, maybe_compile(model, cfg), opt, sched, scaler, amp, device, cfg)
+    data_config = resolve_data_config(model)
     valid_labels = torch.as_tensor(valid[1])
     while st.epoch < cfg.epochs:
         epoch = st.epoch + 1
         t0 = time.perf_counter()
-        model.train()
         progress.start_epoch(epoch, cfg.epochs, steps)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in train_loader(train[0], train[1], cfg, seed * 1000 + epoch, device):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, amp):
-                logits = step_fn(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            _check_finite(loss.item(), "loss", epoch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            n = len(y)
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += n
-            progress.step(loss.item(), n)
+        loader = train_loader(train[0], train[1], cfg, seed * 1000 + epoch, device, data_config)
+        trained = train_one_epoch(t, loader, epoch, progress)
         train_time = time.perf_counter() - t0
-        logits = predict_logits(step_fn, valid[0], device, eval_amp, cfg.eval_batch_size, pad=cfg.compile)
-        record = {
-            "epoch": epoch, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-            "valid_loss": F.cross_entropy(logits, valid_labels).item(),
-            "valid_acc": (logits.argmax(1) == valid_labels).float().mean().item(),
-            "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-            "images_per_s": seen / train_time,
-        }
-        _check_finite(record["valid_loss"], "validation loss", epoch)
+        scores, logits = evaluate(t.forward, valid[0], valid_labels, device, eval_amp, cfg.eval_batch_size,
+                                  cfg.compile, epoch, data_config)
+        record = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"], **scores,
+                  "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+                  "images_per_s": trained["seen"] / train_time}
         st.history.append(record)
         st.seconds += record["seconds"]
         st.epoch = epoch

@@ -16,20 +16,20 @@ from .images import IMAGE_EXTENSIONS, load_images
 
 def _text_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     """A CSV read as text (ids and labels stay as written), with the named columns, no empty cell."""
-    from .data import _read_csv
+    from .data import read_csv
 
-    frame = _read_csv(path)
+    frame = read_csv(path, text=True)  # ids such as 0012 keep their zeros
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise KaggleVitError(f"{path}: row 0: missing column '{missing[0]}' (found {', '.join(map(str, frame.columns))})")
     frame = frame[list(columns)]
     for column in columns:
-        empty = frame[column].isna().to_numpy()
+        empty = (frame[column].str.strip() == "").to_numpy()
         if empty.any():
             raise KaggleVitError(f"{path}: row {int(np.argmax(empty)) + 1}, column '{column}': empty cell")
     if len(frame) == 0:
         raise KaggleVitError(f"{path}: no data rows")
-    return frame.astype(str)
+    return frame
 
 
 def _check_unique(path: Path, ids: list[str], column: str) -> None:
@@ -116,8 +116,12 @@ def read_folders_layout(spec: CompetitionSpec, data_dir: Path):
     if not root.is_dir():
         raise KaggleVitError(f"{root}: training folder not found (one subfolder per class)")
     ids, paths, labels = [], [], []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for name, path in sorted(_files_in(class_dir).items()):
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = _files_in(class_dir)
+        if not files:
+            raise KaggleVitError(f"{class_dir}: empty class folder (no {', '.join(IMAGE_EXTENSIONS)} files); "
+                                 f"add its images or remove it")
+        for name, path in sorted(files.items()):
             ids.append(f"{class_dir.name}/{name}")
             paths.append(path)
             labels.append(class_dir.name)

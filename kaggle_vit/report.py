@@ -90,10 +90,10 @@ def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
 
 def plot_attention(model, images: np.ndarray, labels: list[str], path: Path) -> Path:
     """Each image beside its attention-rollout map over the patches (a kvit model's attention)."""
-    from .dataset import to_float
+    from .dataset import resolve_data_config
 
     model.eval()
-    x = to_float(torch.from_numpy(images)).to(next(model.parameters()).device)
+    x = resolve_data_config(model).normalize(torch.from_numpy(images)).to(next(model.parameters()).device)
     rollout = attention_rollout(model.attention_maps(x)).float().cpu()
     gh, gw = model.grid_size
     heat = rollout.reshape(-1, 1, gh, gw)
@@ -115,30 +115,32 @@ def make_report(run_dir: Path, data, n_images: int = 30, n_attention: int = 8) -
     """Write every view of a run into its folder: curves, OOF confusion, test predictions, OOF mistakes, attention."""
     import pandas as pd
 
+    from .rundir import RunDir
     from .submit import choose_folds, fold_test_probs, load_fold_model
 
     spec, names = data.spec, list(data.spec.class_names)
     folds = choose_folds(run_dir, None, allow_missing=True)
-    histories = {k: pd.read_csv(run_dir / f"fold{k}" / "history.csv").to_dict("records") for k in folds}
-    written = [plot_curves(histories, run_dir / "curves.png")]
+    run = RunDir(run_dir)
+    histories = {k: pd.read_csv(run.fold(k).history).to_dict("records") for k in folds}
+    written = [plot_curves(histories, run.plot("curves"))]
     test_probs = np.mean([fold_test_probs(run_dir, k, data, 1) for k in folds], axis=0)
     pred = test_probs.argmax(1)[:n_images]
     titles = [f"id {i}: {names[p]} ({100 * test_probs[j, p]:.0f}%)" for j, (i, p) in enumerate(zip(data.test.ids, pred))]
-    written.append(plot_grid(data.test.images[:n_images], titles, run_dir / "test_predictions.png",
+    written.append(plot_grid(data.test.images[:n_images], titles, run.plot("test_predictions"),
                              f"first {n_images} test images with the fold ensemble's predicted label", cols=6))
-    oof_path = run_dir / "oof.csv"
+    oof_path = run.oof
     if oof_path.exists():
         oof = pd.read_csv(oof_path)
         labels, preds = oof["label"].to_numpy(), oof["pred"].to_numpy()
-        written.append(plot_confusion(labels, preds, names, run_dir / "confusion.png"))
+        written.append(plot_confusion(labels, preds, names, run.plot("confusion")))
         wrong = np.flatnonzero(labels != preds)[:n_images]
         titles = [f"true {names[labels[r]]}, pred {names[preds[r]]}" for r in wrong]
-        written.append(plot_grid(data.train.images[wrong], titles, run_dir / "mistakes.png",
+        written.append(plot_grid(data.train.images[wrong], titles, run.plot("mistakes"),
                                  f"OOF mistakes: {len(np.flatnonzero(labels != preds))} of {len(labels):,} rows "
                                  f"(first {len(wrong)} shown)", cols=6, colors=["tab:red"] * len(wrong)))
     model = load_fold_model(run_dir, next(iter(folds)), spec)
     if hasattr(model, "attention_maps"):
         idx = np.arange(n_attention)
         labels = [f"train row {r + 1}: {names[data.train.labels[r]]}" for r in idx]
-        written.append(plot_attention(model, data.train.images[idx], labels, run_dir / "attention.png"))
+        written.append(plot_attention(model, data.train.images[idx], labels, run.plot("attention")))
     return written

@@ -1,8 +1,12 @@
-"""A cv run folder's fold files, read the same way by `cv` (to decide what is finished) and by
-`submit`/`report` (to use them), so a damaged file gets the same one-line diagnosis everywhere."""
+"""The cv run folder: every file name in it is spelled here and nowhere else, with the readers
+that decide whether a fold is usable, so `cv` (deciding what is finished) and `submit`/`report`
+(using it) read a damaged file the same way."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,11 +16,90 @@ import torch
 from .errors import KaggleVitError
 
 CHECKPOINT_KEYS = {"model", "kwargs", "state_dict", "input_size", "num_classes"}
+METRICS = "metrics.json"
 
 
-def fold_dir(run_dir: Path, fold: int) -> Path:
-    """runs/.../foldK: one fold's checkpoint, history, probabilities and summary."""
-    return run_dir / f"fold{fold}"
+@dataclass(frozen=True)
+class FoldDir:
+    """runs/.../foldK: one fold's checkpoint, training state, history, probabilities and summary."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        """The best epoch's weights with the model's name and keywords."""
+        return self.root / "model.pt"
+
+    @property
+    def state(self) -> Path:
+        """The last epoch's training state; exists only while the fold is unfinished."""
+        return self.root / "state.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def valid_probs(self) -> Path:
+        return self.root / "valid_probs.npz"
+
+    @property
+    def test_probs(self) -> Path:
+        return self.root / "test_probs.npy"
+
+    @property
+    def result(self) -> Path:
+        """The fold's summary, written last: it marks the fold finished."""
+        return self.root / "result.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run folder: resolved config, folds, per-fold files, OOF predictions, metrics and plots."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.csv"
+
+    @property
+    def oof(self) -> Path:
+        return self.root / "oof.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    def plot(self, name: str) -> Path:
+        """A view of the run: curves, confusion, test_predictions, mistakes, attention."""
+        return self.root / f"{name}.png"
+
+    def fold(self, k: int) -> FoldDir:
+        return FoldDir(self.root / f"fold{k}")
+
+    def new_staging(self) -> Path:
+        """A private folder for the arrays handed to fold workers (`.arrays-PID-*`, removed after)."""
+        return Path(tempfile.mkdtemp(prefix=f".arrays-{os.getpid()}-", dir=self.root))
+
+    def stagings(self) -> list[tuple[int, Path]]:
+        """(pid, folder) of the staging folders present, left behind when a cv was killed."""
+        found = [(p.name.split("-")[1], p) for p in self.root.glob(".arrays-*-*")]
+        return [(int(pid), p) for pid, p in found if pid.isdigit()]
+
+
+def shared_folds(runs_root: Path, n_folds: int, seed: int) -> Path:
+    """The fold assignment shared by every run of a competition with these folds and seed."""
+    return runs_root / f"folds-k{n_folds}-seed{seed}.csv"
+
+
+def runs_of(competition_runs: Path) -> list[Path]:
+    """The run folders under runs/COMPETITION (those that wrote metrics)."""
+    return [p.parent for p in competition_runs.glob(f"*/{METRICS}")]
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -34,39 +117,39 @@ def _load_arrays(path: Path) -> None:
                 loaded[key]  # reading each member checks its CRC
 
 
-FOLD_FILES: dict[str, Callable[[Path], Any]] = {
-    "result.json": lambda p: json.loads(p.read_text(encoding="utf-8")),
-    "model.pt": _load_checkpoint,
-    "valid_probs.npz": _load_arrays,
-    "test_probs.npy": _load_arrays,
+READERS: dict[str, Callable[[Path], Any]] = {
+    "result": lambda p: json.loads(p.read_text(encoding="utf-8")),
+    "model": _load_checkpoint,
+    "valid_probs": _load_arrays,
+    "test_probs": _load_arrays,
 }
 
 
-def _read(path: Path) -> tuple[Any, str | None]:
+def _read(fold: FoldDir, what: str) -> tuple[Any, str | None]:
     """(contents, None), or (None, 'missing' / 'unreadable')."""
+    path = getattr(fold, what)
     if not path.exists():
         return None, "missing"
     try:
-        return FOLD_FILES[path.name](path), None
+        return READERS[what](path), None
     except Exception:  # noqa: BLE001 - whatever the reader raises, the file is unusable
         return None, "unreadable"
 
 
 def read_checkpoint(run_dir: Path, fold: int) -> dict:
     """A fold's best-epoch checkpoint; a missing or damaged one is named with the way to retrain it."""
-    path = fold_dir(run_dir, fold) / "model.pt"
-    ckpt, problem = _read(path)
+    ckpt, problem = _read(RunDir(run_dir).fold(fold), "model")
     if problem:
-        raise KaggleVitError(f"fold {fold}'s checkpoint {path} is {problem}: rerun `kaggle-vit cv` with the same "
-                             f"settings to retrain it")
+        raise KaggleVitError(f"fold {fold}'s checkpoint {RunDir(run_dir).fold(fold).model} is {problem}: rerun "
+                             f"`kaggle-vit cv` with the same settings to retrain it")
     return ckpt
 
 
 def fold_problem(run_dir: Path, fold: int) -> str | None:
     """Why a fold that wrote result.json cannot be used ('RUN/foldK/model.pt is unreadable'), or None."""
-    for name in FOLD_FILES:
-        path = fold_dir(run_dir, fold) / name
-        problem = _read(path)[1]
+    files = RunDir(run_dir).fold(fold)
+    for what in READERS:
+        problem = _read(files, what)[1]
         if problem:
-            return f"{path} is {problem}"
+            return f"{getattr(files, what)} is {problem}"
     return None

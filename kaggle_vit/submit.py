@@ -12,12 +12,13 @@ import torch
 from .competition import CompetitionSpec
 from . import rundir
 from .config import load_toml
-from .data import CompetitionData, _read_csv, load_sample_ids
+from .data import CompetitionData, read_csv, load_sample_ids
+from .dataset import resolve_data_config
 from .engine import inference_amp, predict_probs, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
 from .models import build
-from .rundir import fold_dir
+from .rundir import RunDir, runs_of
 
 
 @dataclass(frozen=True)
@@ -34,15 +35,15 @@ class Submission:
 
 def latest_run(spec: CompetitionSpec, runs_root: Path = Path("runs")) -> Path:
     """The most recently updated run of a competition that has at least one finished fold."""
-    runs = [p.parent for p in (runs_root / spec.name).glob("*/metrics.json")]
+    runs = runs_of(runs_root / spec.name)
     if not runs:
         raise KaggleVitError(f"{runs_root / spec.name}: no runs yet; run kaggle-vit cv first")
-    return max(runs, key=lambda p: (p / "metrics.json").stat().st_mtime)
+    return max(runs, key=lambda p: RunDir(p).metrics.stat().st_mtime)
 
 
 def run_folds(run_dir: Path) -> tuple[int, dict[int, dict]]:
     """Fold count of a run and the summaries of its finished folds."""
-    metrics = run_dir / "metrics.json"
+    metrics = RunDir(run_dir).metrics
     if not metrics.exists():
         raise KaggleVitError(f"{run_dir}: not a kaggle-vit run (no metrics.json)")
     try:
@@ -52,7 +53,7 @@ def run_folds(run_dir: Path) -> tuple[int, dict[int, dict]]:
                              f"settings to rewrite it") from None
     done = {}
     for k in range(1, n_folds + 1):
-        result = fold_dir(run_dir, k) / "result.json"
+        result = RunDir(run_dir).fold(k).result
         try:
             done[k] = read_json(result)
         except FileNotFoundError:
@@ -99,7 +100,7 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
                     device: str = "auto") -> np.ndarray:
     """A fold model's test probabilities: as cv saved them (with the run's test-time views), or,
     when `tta` is given, recomputed with that many views."""
-    saved = fold_dir(run_dir, fold) / "test_probs.npy"
+    saved = RunDir(run_dir).fold(fold).test_probs
     if tta is None and saved.exists():
         try:
             probs = np.load(saved)
@@ -109,10 +110,10 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
             return probs
     model, dev = load_fold_model(run_dir, fold, data.spec), select_device(device)
     model.to(dev)
-    saved_cfg = load_toml(run_dir / "config.toml")
+    saved_cfg = load_toml(RunDir(run_dir).config)
     views = tta if tta is not None else int(saved_cfg.get("tta", 1))
     return predict_probs(model, data.test.images, dev, inference_amp("auto", dev), views=views,
-                         mode=str(saved_cfg.get("tta_mode", "shift")))
+                         mode=str(saved_cfg.get("tta_mode", "shift")), data_config=resolve_data_config(model))
 
 
 def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids: list[str], source: str) -> np.ndarray:
@@ -178,12 +179,12 @@ def make_submission(run_dir: Path, data: CompetitionData, output: Path, folds: l
 
 def read_submission(path: Path, spec: CompetitionSpec, ids: list[str]) -> np.ndarray:
     """Read and validate a submission file; return its labels (as text) in id order."""
-    return validate_submission(_read_csv(Path(path), text=True), spec, ids, str(path))
+    return validate_submission(read_csv(Path(path), text=True), spec, ids, str(path))
 
 
 def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) -> float:
     """The competition metric (accuracy) of a submission against a solution file."""
-    truth = _read_csv(Path(solution), text=True)
+    truth = read_csv(Path(solution), text=True)
     if list(truth.columns[:2]) != list(spec.submission_columns):
         raise KaggleVitError(f"{solution}: row 0: columns {list(truth.columns)}, expected {list(spec.submission_columns)}")
     labels = read_submission(submission, spec, truth[spec.submission_columns[0]].tolist())
@@ -192,7 +193,7 @@ def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) ->
 
 def fold_scores(run_dir: Path, data: CompetitionData, solution: Path, folds: list[int]) -> dict[int, float]:
     """Held-out accuracy of each single fold model (from its saved test probabilities)."""
-    truth = _read_csv(solution, text=True)[data.spec.submission_columns[1]].to_numpy()
+    truth = read_csv(solution, text=True)[data.spec.submission_columns[1]].to_numpy()
     if len(truth) != len(data.test):
         raise KaggleVitError(f"{solution}: {len(truth):,} rows, but {data.data_dir / data.spec.test_file} has "
                              f"{len(data.test):,}; give the --data-dir whose test file this solution scores")

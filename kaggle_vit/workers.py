@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import traceback
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -35,6 +34,7 @@ from .data import CompetitionData, ImageTable
 from .errors import Interrupted, KaggleVitError
 from .io import atomic_path
 from .notices import log, notice
+from .rundir import RunDir
 
 STEP_EVERY = 25  # steps between progress messages from a worker
 
@@ -105,13 +105,23 @@ def _stop_on_sigterm(signum, frame) -> None:
 ARRAYS = ("train_images", "train_labels", "train_ids", "test_images", "test_ids", "folds")
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def _stage_arrays(data: CompetitionData, folds: np.ndarray, run_dir: Path) -> Path:
     """Write the data for the workers into a private folder of the run (removed when they end)."""
-    for stale in run_dir.glob(".arrays-*"):
-        pid = stale.name.split("-")[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+    run = RunDir(run_dir)
+    for pid, stale in run.stagings():  # left by a cv that was killed
+        if not _running(pid):
             shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".arrays-{os.getpid()}-", dir=run_dir))
+    staging = run.new_staging()
     arrays = (data.train.images, data.train.labels, data.train.ids, data.test.images, data.test.ids, folds)
     for name, array in zip(ARRAYS, arrays):
         with atomic_path(staging / f"{name}.npy") as tmp, open(tmp, "wb") as fh:

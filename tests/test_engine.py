@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from kaggle_vit.config import TrainConfig
 from kaggle_vit.data import load_competition
-from kaggle_vit.dataset import to_float
+from kaggle_vit.dataset import DataConfig
 from kaggle_vit.augment import shift, tta_shifts
 from kaggle_vit.engine import amp_for, fit, make_optimizer, make_scheduler, predict_logits, predict_probs
 
@@ -24,7 +24,7 @@ def _model(cfg=TINY):
 
 def test_one_step_lowers_the_loss(small_comp, small_spec):
     d = load_competition(small_spec, small_comp)
-    x, y = to_float(torch.from_numpy(d.train.images[:64])), torch.as_tensor(d.train.labels[:64])
+    x, y = DataConfig((1, 28, 28)).normalize(torch.from_numpy(d.train.images[:64])), torch.as_tensor(d.train.labels[:64])
     model = _model()
     opt = make_optimizer(model, TINY)
     model.train()
@@ -88,7 +88,7 @@ def test_predict_probs_averages_the_shifted_views(small_comp, small_spec):
     model, cpu, off = _model().eval(), torch.device("cpu"), amp_for("off", torch.device("cpu"))
     plain = predict_probs(model, images, cpu, off, batch_size=32)
     assert np.allclose(plain, predict_logits(model, images, cpu, off, 32).softmax(1).numpy(), atol=1e-6)
-    x = to_float(torch.from_numpy(images))
+    x = DataConfig((1, 28, 28)).normalize(torch.from_numpy(images))
     with torch.no_grad():
         by_hand = sum(model(shift(x, dx, dy)).softmax(1) for dx, dy in tta_shifts(3)) / 3
     three = predict_probs(model, images, cpu, off, batch_size=32, views=3)

@@ -23,7 +23,6 @@ from typer.testing import CliRunner
 from kaggle_vit.cli import app
 from kaggle_vit.config import TrainConfig, to_toml
 from kaggle_vit.data import cache_path, load_competition, load_image_csv
-from kaggle_vit.errors import KaggleVitError
 
 runner = CliRunner()
 TINY = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=64,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +98,18 @@ def test_ids_with_their_extension_and_jpeg(tmp_path, mnist):
     assert data.train.images.shape == (120, 3, 32, 32) and data.test.ids[0] == "1000.jpg"
 
 
+def test_ids_that_look_like_numbers_keep_their_zeros(tmp_path, mnist):
+    comp = files_competition(tmp_path / "c", mnist, n_train=40)
+    for i in range(40):
+        (comp / "train" / f"{i}.png").rename(comp / "train" / f"{i:04d}.png")
+    frame = pd.read_csv(comp / "trainLabels.csv", dtype=str)
+    frame["id"] = [f"{i:04d}" for i in range(40)]
+    frame.to_csv(comp / "trainLabels.csv", index=False)
+    data = load_competition(load_spec(files_spec(tmp_path)), comp)
+    assert data.train.ids[7] == "0007" and np.array_equal(data.train.images[7, 0] > 100,
+                                                           np.asarray(Image.fromarray(mnist[0][7]).resize((32, 32))) > 100)
+
+
 def test_decoded_images_are_cached_and_rebuilt_when_a_file_changes(tmp_path, mnist, monkeypatch):
     comp = files_competition(tmp_path / "c", mnist)
     spec = load_spec(files_spec(tmp_path))
@@ -167,8 +178,15 @@ def _unknown_label(comp: Path) -> None:
     frame.to_csv(comp / "trainLabels.csv", index=False)
 
 
+def _empty_label(comp: Path) -> None:
+    frame = pd.read_csv(comp / "trainLabels.csv", dtype=str)
+    frame.loc[4, "label"] = ""
+    frame.to_csv(comp / "trainLabels.csv", index=False)
+
+
 @pytest.mark.parametrize("damage, message", [
     (_missing_image, "trainLabels.csv: row 8, column 'id': id '7' has no image file in"),
+    (_empty_label, "trainLabels.csv: row 5, column 'label': empty cell"),
     (_truncated_image, "train/7.png: cannot decode the image"),
     (_unknown_label, "trainLabels.csv: row 8, column 'label': label 'ten' is not one of the 10 classes"),
 ])
@@ -184,3 +202,100 @@ def test_bad_image_input_is_one_line_and_writes_nothing(tmp_path, mnist, monkeyp
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     after = {p: p.read_bytes() for p in comp.rglob("*") if p.is_file() and ".kvcache" not in p.parts}
     assert after == before and not any((comp / ".kvcache").glob("train-*.npy"))
+
+
+def _duplicate_id(comp: Path) -> None:
+    frame = pd.read_csv(comp / "trainLabels.csv", dtype=str)
+    frame.loc[9, "id"] = frame.loc[2, "id"]
+    frame.to_csv(comp / "trainLabels.csv", index=False)
+
+
+def _sample_id_without_image(comp: Path) -> None:
+    (comp / "test" / "1004.png").unlink()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_duplicate_id, "trainLabels.csv: row 10, column 'id': duplicate id '2'"),
+    (_sample_id_without_image, "sampleSubmission.csv: row 5, column 'id': id '1004' has no image file in"),
+])
+def test_more_bad_files_input(tmp_path, mnist, monkeypatch, damage, message):
+    comp = files_competition(tmp_path / "c", mnist)
+    damage(comp)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["data", "-c", str(files_spec(tmp_path)), "--dest", str(comp)])
+    assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_an_empty_class_folder_is_named(tmp_path, mnist, monkeypatch):
+    comp = folders_competition(tmp_path / "c", mnist)
+    (comp / "train" / "ten").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["data", "-c", str(folders_spec(tmp_path)), "--dest", str(comp)])
+    assert result.exit_code == 2 and f"{comp / 'train' / 'ten'}: empty class folder" in result.output
+
+
+def _solution(comp: Path, mnist, n_test: int, column: str = "label", ext: str = "") -> None:
+    ids = [f"{1000 + i}{ext}" for i in range(n_test)]
+    pd.DataFrame({"id": ids, column: [NAMES[y] for y in mnist[3][:n_test]]}).to_csv(comp / "solution.csv", index=False)
+
+
+def test_files_layout_end_to_end_through_the_cli(tmp_path, mnist, monkeypatch):
+    comp = files_competition(tmp_path / "c", mnist)
+    _solution(comp, mnist, 30)
+    spec, cfg = files_spec(tmp_path), tmp_path / "tiny.toml"
+    cfg.write_text(to_toml(TrainConfig(**TINY)))
+    monkeypatch.chdir(tmp_path)
+    for args in (["data", "-c", spec, "--dest", comp], ["cv", "-c", spec, "--config", cfg, "--data-dir", comp, "-q"],
+                 ["submit", "-c", spec, "--data-dir", comp, "-o", "sub.csv"]):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    sub = pd.read_csv(tmp_path / "sub.csv", dtype=str)
+    assert sub["id"].tolist() == [str(1000 + i) for i in range(30)] and set(sub["label"]) <= set(NAMES)
+    result = runner.invoke(app, ["score", "sub.csv", "-c", str(spec), "--data-dir", str(comp)])
+    assert result.exit_code == 0 and "accuracy" in result.output, result.output
+    truth = pd.read_csv(comp / "solution.csv", dtype=str)["label"]
+    assert f"{100 * (sub['label'] == truth).mean():.3f}%" in result.output
+
+
+def test_the_same_digits_as_png_files_or_a_pixel_csv_train_the_same(tmp_path, mnist, small_spec):
+    from conftest import build_small
+    from kaggle_vit.cv import run_cv
+
+    tx, ty, vx, _ = mnist
+    csv_dir = build_small(tmp_path / "csv", small_spec, mnist, 600, 20)
+    png = tmp_path / "png"
+    for folder in ("train", "test"):
+        (png / folder).mkdir(parents=True)
+    for i in range(600):
+        Image.fromarray(tx[i]).save(png / "train" / f"{i}.png")
+    for i in range(20):
+        Image.fromarray(vx[i]).save(png / "test" / f"{i + 1}.png")
+    pd.DataFrame({"ImageId": range(600), "Label": ty[:600]}).to_csv(png / "train.csv", index=False)
+    pd.DataFrame({"ImageId": range(1, 21), "Label": 0}).to_csv(png / "sample_submission.csv", index=False)
+    spec = tmp_path / "png.toml"
+    spec.write_text('name = "digits-png"\n[files]\nlayout = "files"\n[columns]\nid = "ImageId"\nlabel = "Label"\n'
+                    'submission = ["ImageId", "Label"]\n[image]\nheight = 28\nwidth = 28\nchannels = 1\n')
+    from_png = load_competition(load_spec(spec), png)
+    from_csv = load_competition(small_spec, csv_dir)
+    assert np.array_equal(from_png.train.images, from_csv.train.images)
+    assert np.array_equal(from_png.train.labels, from_csv.train.labels) and from_png.spec.class_names == tuple("0123456789")
+    cfg = TrainConfig(**{**TINY, "model": "kvit_pico_patch7_28", "epochs": 3, "batch_size": 32})
+    a, b = run_cv(cfg, from_png, tmp_path / "run-png"), run_cv(cfg, from_csv, tmp_path / "run-csv")
+    assert a.oof_acc == b.oof_acc and a.oof_acc > 0.3  # the same pixels and labels: the same run, and it learns
+
+
+@pytest.mark.parametrize("model", ["kvit_pico_patch4_28", "vit_tiny_patch16_224"])
+def test_rgb_jpegs_of_another_size_train_with_kvit_and_timm(tmp_path, mnist, monkeypatch, model):
+    comp = files_competition(tmp_path / "c", mnist, n_train=80, n_test=10, ext=".jpg")
+    spec = files_spec(tmp_path, image_extension=".jpg")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(to_toml(TrainConfig(**{**TINY, "model": model, "embed_dim": None, "depth": None, "num_heads": None}
+                                       if model.startswith("vit") else TINY)))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["cv", "-c", str(spec), "--config", str(cfg), "--data-dir", str(comp), "-q"])
+    assert result.exit_code == 0, result.output
+    import torch
+
+    run = next((tmp_path / "runs" / "digits-as-files").glob(f"{model}-*"))
+    ckpt = torch.load(run / "fold1" / "model.pt", weights_only=False)
+    assert ckpt["input_size"] == (3, 32, 32) and ckpt["kwargs"]["in_chans"] == 3
