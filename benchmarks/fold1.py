@@ -21,6 +21,7 @@ import numpy as np
 from kaggle_vit.competition import load_spec
 from kaggle_vit.config import TrainConfig, apply_overrides, validate_config
 from kaggle_vit.data import load_competition, load_or_make_folds
+from kaggle_vit.dataset import ImageDataset, resolve_data_config
 from kaggle_vit.engine import fit, inference_amp, predict_probs, seed_everything, select_device
 from kaggle_vit.models import create_model
 
@@ -39,12 +40,14 @@ def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: 
     seed_everything(cfg.seed + 1)  # as `kaggle-vit cv` seeds fold 1 before building its model
     model = create_model(cfg, spec)
     t0 = time.perf_counter()
-    result = fit(model, (data.train.images[tr], data.train.labels[tr]), (data.train.images[va], data.train.labels[va]),
-                 cfg, seed=cfg.seed + 1)
+    data_config = resolve_data_config(model)
+    result = fit(model, ImageDataset(data.train.images[tr], data.train.labels[tr], data_config=data_config),
+                 ImageDataset(data.train.images[va], data.train.labels[va], data_config=data_config), cfg, seed=cfg.seed + 1)
     train_s = time.perf_counter() - t0
     model.load_state_dict(result.best_state)
     device = select_device(cfg.device)
-    probs = predict_probs(model, data.train.images[va], device, inference_amp(cfg.amp, device), cfg.eval_batch_size, cfg.tta)
+    valid = ImageDataset(data.train.images[va], data_config=data_config)
+    probs = predict_probs(model, valid, device, inference_amp(cfg.amp, device), cfg.eval_batch_size, cfg.tta, mode=cfg.tta_mode)
     tta_acc = (probs.argmax(1) == data.train.labels[va]).mean() * 100
     accs = " ".join(f"{h['valid_acc'] * 100:.2f}" for h in result.history)
     rate = np.median([h["images_per_s"] for h in result.history])

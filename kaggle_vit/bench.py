@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .engine import amp_for, autocast, inference_amp, make_optimizer, select_device, train_loader
+from .dataset import ImageDataset
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def bench_data(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, batches
     device = select_device(cfg.device)
     rates = []
     for r in range(rounds):
-        loader = train_loader(images, labels, cfg, epoch_seed=r, device=device)
+        loader = train_loader(ImageDataset(images, labels), cfg, epoch_seed=r, device=device)
         seen, t0 = 0, time.perf_counter()
         for i, (x, _) in enumerate(loader):
             seen += len(x)

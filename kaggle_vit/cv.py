@@ -21,7 +21,7 @@ from . import __version__
 from .competition import CompetitionSpec
 from .config import TrainConfig, load_toml, save_config, to_toml
 from .data import CompetitionData, load_or_make_folds, save_folds
-from .dataset import resolve_data_config
+from .dataset import ImageDataset, resolve_data_config
 from .engine import (NoProgress, Progress, fit, inference_amp, maybe_compile, predict_probs, read_state,
                      seed_everything, select_device)
 from .errors import Interrupted, KaggleVitError
@@ -154,9 +154,11 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     kwargs = model_kwargs(cfg, spec)
     seed_everything(cfg.seed + fold)  # the fold's initial weights do not depend on what ran before
     model = build(cfg.model, kwargs)
+    data_config = resolve_data_config(model)  # size, mean and std the model wants (kvit: [-1, 1])
     progress.start_fold(fold, cfg.folds)
     try:
-        result = fit(model, (images[tr], labels[tr]), (images[va], labels[va]), cfg, seed=cfg.seed + fold,
+        result = fit(model, ImageDataset(images[tr], labels[tr], data_config=data_config),
+                     ImageDataset(images[va], labels[va], data_config=data_config), cfg, seed=cfg.seed + fold,
                      state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs), progress=progress,
                      on_epoch=on_epoch)
     except KaggleVitError as error:
@@ -170,11 +172,10 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     model.load_state_dict(result.best_state)
     predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
     t0 = time.perf_counter()
-    data_config = resolve_data_config(model)
-    valid_probs = predict_probs(predictor, images[va], device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile,
-                                cfg.tta_mode, data_config)
-    test_probs = predict_probs(predictor, data.test.images, device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile,
-                               cfg.tta_mode, data_config)
+    valid_probs = predict_probs(predictor, ImageDataset(images[va], data_config=data_config), device, amp,
+                                cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
+    test_probs = predict_probs(predictor, ImageDataset(data.test.images, data_config=data_config), device, amp,
+                               cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
     with atomic_path(out.test_probs) as tmp, open(tmp, "wb") as fh:
         np.save(fh, test_probs)
     with atomic_path(out.valid_probs) as tmp, open(tmp, "wb") as fh:

@@ -76,6 +76,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def with_augmentation(self, transform: Transform | None, group: int) -> "ImageDataset":
+        """The same images, labels and normalisation with another augmentation (a fresh draw per epoch)."""
+        return ImageDataset(self.images, self.labels, transform, group, self.data_config)
+
     def _batch_uint8(self, indices: list[int]) -> torch.Tensor:
         batch = self.images[np.asarray(indices)]
         if self.transform is not None:

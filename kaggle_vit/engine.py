@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from .augment import train_transform, tta_views
 from .config import TrainConfig
-from .dataset import DataConfig, ImageDataset, keep_batch, resolve_data_config
+from .dataset import ImageDataset, keep_batch
 from .errors import KaggleVitError
 from .io import atomic_path
 
@@ -148,12 +148,11 @@ def _worker_init(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def train_loader(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, epoch_seed: int, device: torch.device,
-                 data_config: DataConfig | None = None) -> DataLoader:
-    """Shuffled, augmented, normalised batches; the order and augmentation depend only on `epoch_seed`."""
+def train_loader(dataset: ImageDataset, cfg: TrainConfig, epoch_seed: int, device: torch.device) -> DataLoader:
+    """Shuffled, augmented, normalised batches of `dataset`; the order and augmentation depend only on `epoch_seed`."""
     workers, pin = num_workers(cfg, device), device.type == "cuda"
-    ds = ImageDataset(images, labels, train_transform(cfg, seed=epoch_seed, size=images.shape[-2:]), group=cfg.aug_group,
-                      data_config=data_config)
+    transform = train_transform(cfg, seed=epoch_seed, size=dataset.images.shape[-2:])
+    ds = dataset.with_augmentation(transform, cfg.aug_group)
     gen = torch.Generator().manual_seed(epoch_seed)
     return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                       collate_fn=keep_batch, num_workers=workers, generator=gen, pin_memory=pin,
@@ -167,39 +166,38 @@ def maybe_compile(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return torch.compile(model) if cfg.compile else model
 
 
-def _batches(images: np.ndarray, batch_size: int, device: torch.device, pad: bool, data_config: DataConfig | None):
-    """(normalised float batch on `device`, real count) pairs; with `pad` the last batch is padded to
-    full size, so a compiled model sees one shape and never recompiles."""
-    data_config = data_config or DataConfig(tuple(images.shape[1:]))
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
+def _batches(dataset: ImageDataset, batch_size: int, device: torch.device, pad: bool):
+    """(normalised float batch on `device`, real count) pairs in order, without augmentation; with
+    `pad` the last batch is padded to full size, so a compiled model sees one shape and never recompiles."""
+    for start in range(0, len(dataset), batch_size):
+        chunk = dataset.images[start : start + batch_size]
         n = len(chunk)
         if pad and n < batch_size:
             chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        yield data_config.normalize(torch.from_numpy(chunk)).to(device, non_blocking=True), n
+        yield dataset.data_config.normalize(torch.from_numpy(np.ascontiguousarray(chunk))).to(device, non_blocking=True), n
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, device: torch.device, amp: Amp, batch_size: int = 256,
-                   pad: bool = False, data_config: DataConfig | None = None) -> torch.Tensor:
-    """Logits for uint8 (N, C, H, W) images, batched, in eval mode, as float32 on the CPU."""
+def predict_logits(model: nn.Module, dataset: ImageDataset, device: torch.device, amp: Amp, batch_size: int = 256,
+                   pad: bool = False) -> torch.Tensor:
+    """Logits for a dataset's images, batched, in eval mode, as float32 on the CPU."""
     model.eval()
     outs = []
-    for x, n in _batches(images, batch_size, device, pad, data_config):
+    for x, n in _batches(dataset, batch_size, device, pad):
         with autocast(device, amp):
             outs.append(model(x)[:n].float().cpu())
     return torch.cat(outs)
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, images: np.ndarray, device: torch.device, amp: Amp, batch_size: int = 256,
-                  views: int = 1, pad: bool = False, mode: str = "shift", data_config: DataConfig | None = None) -> np.ndarray:
+def predict_probs(model: nn.Module, dataset: ImageDataset, device: torch.device, amp: Amp, batch_size: int = 256,
+                  views: int = 1, pad: bool = False, mode: str = "shift") -> np.ndarray:
     """Class probabilities averaged over `views` test-time views (`augment.tta_views`: one-pixel
     shifts, or mirror images for photos), float32 (N, classes). cv uses it for both the OOF and the
     test predictions, so the OOF score measures the predictor the submission uses."""
     model.eval()
     transforms, outs = tta_views(mode, views), []
-    for x, n in _batches(images, batch_size, device, pad, data_config):
+    for x, n in _batches(dataset, batch_size, device, pad):
         total = 0
         for view in transforms:
             with autocast(device, amp):
@@ -311,11 +309,12 @@ def train_one_epoch(t: Trainer, loader: DataLoader, epoch: int, progress: Progre
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seen": seen}
 
 
-def evaluate(forward: nn.Module, images: np.ndarray, labels: torch.Tensor, device: torch.device, amp: Amp,
-             batch_size: int, pad: bool, epoch: int, data_config: DataConfig) -> tuple[dict, torch.Tensor]:
+def evaluate(forward: nn.Module, dataset: ImageDataset, device: torch.device, amp: Amp, batch_size: int, pad: bool,
+             epoch: int) -> tuple[dict, torch.Tensor]:
     """Validation loss and accuracy of the plain images (no test-time views: the best epoch is chosen
     on these), and the logits; a non-finite loss stops the fold."""
-    logits = predict_logits(forward, images, device, amp, batch_size, pad=pad, data_config=data_config)
+    logits = predict_logits(forward, dataset, device, amp, batch_size, pad=pad)
+    labels = dataset.labels
     scores = {"valid_loss": F.cross_entropy(logits, labels).item(),
               "valid_acc": (logits.argmax(1) == labels).float().mean().item()}
     _check_finite(scores["valid_loss"], "validation loss", epoch)
@@ -324,8 +323,8 @@ def evaluate(forward: nn.Module, images: np.ndarray, labels: torch.Tensor, devic
 
 def fit(
     model: nn.Module,
-    train: tuple[np.ndarray, np.ndarray],
-    valid: tuple[np.ndarray, np.ndarray],
+    train: ImageDataset,
+    valid: ImageDataset,
     cfg: TrainConfig,
     seed: int,
     state_path: Path | None = None,
@@ -333,30 +332,27 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     resume: dict | None = None,
 ) -> FitResult:
-    """Train for cfg.epochs, validating each epoch and keeping the best. Each epoch's state is saved
+    """Train on `train` for cfg.epochs, validating on `valid` each epoch and keeping the best (the
+    datasets carry the images, labels and the model's normalisation). Each epoch's state is saved
     to `state_path`; `resume` (a state from `read_state`) continues after its last epoch."""
     progress = progress or NoProgress()
     device = select_device(cfg.device)
     amp, eval_amp = amp_for(cfg.amp, device), inference_amp(cfg.amp, device)
     model.to(device)
     seed_everything(seed)
-    steps = max(1, len(train[0]) // cfg.batch_size)
+    steps = max(1, len(train) // cfg.batch_size)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
     st = _State() if resume is None else _restore(resume, model, opt, sched, scaler)
     t = Trainer(model, maybe_compile(model, cfg), opt, sched, scaler, amp, device, cfg)
-    data_config = resolve_data_config(model)
-    valid_labels = torch.as_tensor(valid[1])
     while st.epoch < cfg.epochs:
         epoch = st.epoch + 1
         t0 = time.perf_counter()
         progress.start_epoch(epoch, cfg.epochs, steps)
-        loader = train_loader(train[0], train[1], cfg, seed * 1000 + epoch, device, data_config)
-        trained = train_one_epoch(t, loader, epoch, progress)
+        trained = train_one_epoch(t, train_loader(train, cfg, seed * 1000 + epoch, device), epoch, progress)
         train_time = time.perf_counter() - t0
-        scores, logits = evaluate(t.forward, valid[0], valid_labels, device, eval_amp, cfg.eval_batch_size,
-                                  cfg.compile, epoch, data_config)
+        scores, logits = evaluate(t.forward, valid, device, eval_amp, cfg.eval_batch_size, cfg.compile, epoch)
         record = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"], **scores,
                   "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                   "images_per_s": trained["seen"] / train_time}

@@ -13,7 +13,7 @@ from .competition import CompetitionSpec
 from . import rundir
 from .config import load_toml
 from .data import CompetitionData, read_csv, load_sample_ids
-from .dataset import resolve_data_config
+from .dataset import ImageDataset, resolve_data_config
 from .engine import inference_amp, predict_probs, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
@@ -112,8 +112,9 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
     model.to(dev)
     saved_cfg = load_toml(RunDir(run_dir).config)
     views = tta if tta is not None else int(saved_cfg.get("tta", 1))
-    return predict_probs(model, data.test.images, dev, inference_amp("auto", dev), views=views,
-                         mode=str(saved_cfg.get("tta_mode", "shift")), data_config=resolve_data_config(model))
+    test = ImageDataset(data.test.images, data_config=resolve_data_config(model))
+    return predict_probs(model, test, dev, inference_amp("auto", dev), views=views,
+                         mode=str(saved_cfg.get("tta_mode", "shift")))
 
 
 def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids: list[str], source: str) -> np.ndarray:

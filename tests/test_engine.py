@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from kaggle_vit.config import TrainConfig
 from kaggle_vit.data import load_competition
-from kaggle_vit.dataset import DataConfig
+from kaggle_vit.dataset import DataConfig, ImageDataset
 from kaggle_vit.augment import shift, tta_shifts
-from kaggle_vit.engine import amp_for, fit, make_optimizer, make_scheduler, predict_logits, predict_probs
+from kaggle_vit.engine import amp_for, fit, make_optimizer, make_scheduler, predict_logits, predict_probs, read_state
 
 TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=32,
                    lr=2e-3, aug="rotate", num_workers=0, device="cpu")
@@ -52,7 +52,7 @@ def test_schedule_warms_up_then_decays():
 
 def test_fit_is_repeatable_and_resumes_exactly(small_comp, small_spec, tmp_path):
     d = load_competition(small_spec, small_comp)
-    train, valid = (d.train.images[:480], d.train.labels[:480]), (d.train.images[480:], d.train.labels[480:])
+    train, valid = ImageDataset(d.train.images[:480], d.train.labels[:480]), ImageDataset(d.train.images[480:], d.train.labels[480:])
     straight = fit(_model(), train, valid, TINY, seed=1)
     again = fit(_model(), train, valid, TINY, seed=1)
     assert straight.history[-1]["valid_loss"] == again.history[-1]["valid_loss"]
@@ -67,8 +67,10 @@ def test_fit_is_repeatable_and_resumes_exactly(small_comp, small_spec, tmp_path)
     except KeyboardInterrupt:
         pass
     assert state.exists()
-    resumed = fit(_model(), train, valid, TINY, seed=1, state_path=state)
-    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    trained_epochs = []
+    resumed = fit(_model(), train, valid, TINY, seed=1, state_path=state, resume=read_state(state),
+                  on_epoch=lambda record: trained_epochs.append(record["epoch"]))
+    assert trained_epochs == [2] and [r["epoch"] for r in resumed.history] == [1, 2]  # epoch 1 came from the state
     assert resumed.history[-1]["valid_loss"] == straight.history[-1]["valid_loss"]
     assert len(straight.history) == 2 and straight.best_state is not None
     assert straight.valid_probs.shape == (120, 10) and np.allclose(straight.valid_probs.sum(1), 1, atol=1e-5)
@@ -85,13 +87,14 @@ def test_shift_moves_the_image_and_repeats_the_border():
 
 def test_predict_probs_averages_the_shifted_views(small_comp, small_spec):
     images = load_competition(small_spec, small_comp).train.images[:70]
+    dataset = ImageDataset(images)
     model, cpu, off = _model().eval(), torch.device("cpu"), amp_for("off", torch.device("cpu"))
-    plain = predict_probs(model, images, cpu, off, batch_size=32)
-    assert np.allclose(plain, predict_logits(model, images, cpu, off, 32).softmax(1).numpy(), atol=1e-6)
+    plain = predict_probs(model, dataset, cpu, off, batch_size=32)
+    assert np.allclose(plain, predict_logits(model, dataset, cpu, off, 32).softmax(1).numpy(), atol=1e-6)
     x = DataConfig((1, 28, 28)).normalize(torch.from_numpy(images))
     with torch.no_grad():
         by_hand = sum(model(shift(x, dx, dy)).softmax(1) for dx, dy in tta_shifts(3)) / 3
-    three = predict_probs(model, images, cpu, off, batch_size=32, views=3)
+    three = predict_probs(model, dataset, cpu, off, batch_size=32, views=3)
     assert np.allclose(three, by_hand.numpy(), atol=1e-5) and not np.allclose(three, plain, atol=1e-3)
     # A padded last batch (what a compiled model is given) changes no prediction.
-    assert np.allclose(predict_probs(model, images, cpu, off, batch_size=32, views=3, pad=True), three, atol=1e-6)
+    assert np.allclose(predict_probs(model, dataset, cpu, off, batch_size=32, views=3, pad=True), three, atol=1e-6)

@@ -387,8 +387,9 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes_in_plain_lines(comp, tmp_path,
     # a path longer than 80 columns: a pipe must get it on one line
     run = tmp_path / ("a-run-folder-with-a-name-long-enough-to-wrap-at-eighty-columns-" * 2) / "run"
     before = snapshot(comp)
+    # SIGINT as a terminal leaves it (a shell running this suite in the background ignores it)
     proc = subprocess.Popen(_cv_command(cfg, comp, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(lambda: (run / "fold1" / "state.pt").exists(), proc)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     stdout, stderr = proc.communicate(timeout=120)
