@@ -207,6 +207,10 @@ def cv(
     target = run_dir or default_run_dir(cfg, spec)
     progress = LineProgress(err) if quiet else RichProgress(err)
     result = run_cv(cfg, data, target, _parse_folds(fold), progress)
+    if result.folds:
+        from .report import plot_run_curves
+
+        plot_run_curves(result.run_dir)
     out.print(fold_table(result))
     if result.complete:
         out.print(f"OOF accuracy {100 * result.oof_acc:.2f}% over {len(data.train):,} rows with {cfg.tta} test-time "

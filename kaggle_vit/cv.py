@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from . import __version__
 from .competition import CompetitionSpec
 from .config import TrainConfig, load_toml, save_config, to_toml
 from .data import CompetitionData, load_or_make_folds, save_folds
-from .dataset import ImageDataset, resolve_data_config
-from .engine import (NoProgress, Progress, fit, inference_amp, maybe_compile, predict_probs, read_state,
-                     seed_everything, select_device)
+from .engine import NoProgress, Progress, select_device
 from .errors import Interrupted, KaggleVitError
 from .io import atomic_path, read_json, write_json
 from .models import build, model_kwargs
+from .fold import train_fold
 from .notices import notice
-from .report import plot_curves
 from .rundir import RunDir, fold_problem, shared_folds
 from .workers import auto_jobs, train_folds_parallel
 
@@ -104,19 +100,6 @@ def _finished(run_dir: Path, fold: int) -> bool:
     return True
 
 
-def _resume_state(path: Path, fold: int, epochs: int) -> dict | None:
-    """A fold's saved training state, saying that it resumes; an unreadable one restarts the fold."""
-    if not path.exists():
-        return None
-    try:
-        state = read_state(path)
-    except Exception as error:  # noqa: BLE001 - a damaged state file costs the fold's epochs, not the run
-        notice(f"fold {fold}: {path} is unreadable ({type(error).__name__}); restarting the fold from its first epoch")
-        return None
-    notice(f"fold {fold}: resuming after epoch {state['state']['epoch']} of {epochs}")
-    return state
-
-
 class _Tracked:
     """The user's Progress, remembering which fold and epoch are training (for Ctrl-C's message)."""
 
@@ -143,59 +126,6 @@ class _Tracked:
         self.progress.end_fold(summary)
 
 
-def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
-               progress: Progress, on_epoch=None) -> dict:
-    """Train one fold and write its checkpoint, history, validation and test probabilities."""
-    spec, out = data.spec, RunDir(run_dir).fold(fold)
-    out.root.mkdir(parents=True, exist_ok=True)
-    state_path = out.state
-    tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-    images, labels = data.train.images, data.train.labels
-    kwargs = model_kwargs(cfg, spec)
-    seed_everything(cfg.seed + fold)  # the fold's initial weights do not depend on what ran before
-    model = build(cfg.model, kwargs)
-    data_config = resolve_data_config(model)  # size, mean and std the model wants (kvit: [-1, 1])
-    progress.start_fold(fold, cfg.folds)
-    try:
-        result = fit(model, ImageDataset(images[tr], labels[tr], data_config=data_config),
-                     ImageDataset(images[va], labels[va], data_config=data_config), cfg, seed=cfg.seed + fold,
-                     state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs), progress=progress,
-                     on_epoch=on_epoch)
-    except KaggleVitError as error:
-        raise KaggleVitError(f"fold {fold}: {error}") from None
-    checkpoint = {"model": cfg.model, "kwargs": kwargs, "state_dict": result.best_state, "fold": fold,
-                  "competition": spec.name, "input_size": (spec.channels, spec.height, spec.width),
-                  "num_classes": spec.num_classes, "class_names": list(spec.class_names), "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]}
-    with atomic_path(out.model) as tmp:
-        torch.save(checkpoint, tmp)
-    device = select_device(cfg.device)
-    model.load_state_dict(result.best_state)
-    predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
-    t0 = time.perf_counter()
-    valid_probs = predict_probs(predictor, ImageDataset(images[va], data_config=data_config), device, amp,
-                                cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
-    test_probs = predict_probs(predictor, ImageDataset(data.test.images, data_config=data_config), device, amp,
-                               cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
-    with atomic_path(out.test_probs) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, test_probs)
-    with atomic_path(out.valid_probs) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, rows=va, probs=valid_probs, probs_plain=result.valid_probs.astype(np.float32))
-    history = pd.DataFrame(result.history)
-    with atomic_path(out.history) as tmp:
-        history.to_csv(tmp, index=False)
-    best = result.history[result.best_epoch - 1]
-    summary = {"fold": fold, "best_epoch": result.best_epoch,
-               "valid_acc": float((valid_probs.argmax(1) == labels[va]).mean()), "tta": cfg.tta,
-               "valid_acc_plain": best["valid_acc"], "valid_loss": best["valid_loss"],
-               "train_seconds": result.train_seconds, "predict_seconds": time.perf_counter() - t0,
-               "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
-               "amp": result.amp, "device": str(device), "epochs": len(result.history)}
-    write_json(out.result, summary)
-    state_path.unlink(missing_ok=True)
-    progress.end_fold(summary)
-    return summary
-
-
 def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds: int) -> dict[str, float]:
     """Gather every fold's validation probabilities into oof.csv; return OOF accuracy and loss (of
     the run's predictor, with its test-time views) and the accuracy without test-time views."""
@@ -217,7 +147,7 @@ def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds:
 
 def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: list[int] | None = None,
            progress: Progress | None = None, on_epoch=None, runs_root: Path | None = None) -> CVResult:
-    """Train every fold not yet finished (or only `only_folds`), then write OOF scores and curves.
+    """Train every fold not yet finished (or only `only_folds`), then write OOF scores and metrics.
     Folds train `cfg.jobs` at a time in worker processes (`workers`), or in this process when one
     at a time or when `on_epoch` (tune's pruning hook) must see every epoch."""
     progress = _Tracked(progress or NoProgress())
@@ -248,9 +178,6 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     oof = {"oof_acc": None, "oof_loss": None, "oof_acc_plain": None}
     if len(summaries) == cfg.folds:
         oof = _write_oof(run_dir, data, folds, cfg.folds)
-    histories = {s["fold"]: pd.read_csv(run.fold(s["fold"]).history).to_dict("records") for s in summaries}
-    if histories:
-        plot_curves(histories, run.plot("curves"))
     metrics = {"competition": spec.name, "model": cfg.model, "class_names": list(spec.class_names),
                "folds": summaries, "n_folds": cfg.folds,
                **oof, "tta": cfg.tta,

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
+from .rundir import RunDir, model_from, read_checkpoint  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -111,26 +112,31 @@ def plot_attention(model, images: np.ndarray, labels: list[str], path: Path) -> 
     return _save(fig, path)
 
 
+def plot_run_curves(run_dir: Path) -> Path:
+    """curves.png of a run: every finished fold's loss and accuracy per epoch."""
+    run = RunDir(run_dir)
+    return plot_curves(run.histories(run.finished_folds()), run.plot("curves"))
+
+
 def make_report(run_dir: Path, data, n_images: int = 30, n_attention: int = 8) -> list[Path]:
-    """Write every view of a run into its folder: curves, OOF confusion, test predictions, OOF mistakes, attention."""
+    """Write every view of a run into its folder: curves, OOF confusion, test predictions (the fold
+    ensemble, as the submission averages it), OOF mistakes, attention."""
     import pandas as pd
 
-    from .rundir import RunDir
-    from .submit import choose_folds, fold_test_probs, load_fold_model
+    from .errors import KaggleVitError
 
-    spec, names = data.spec, list(data.spec.class_names)
-    folds = choose_folds(run_dir, None, allow_missing=True)
-    run = RunDir(run_dir)
-    histories = {k: pd.read_csv(run.fold(k).history).to_dict("records") for k in folds}
-    written = [plot_curves(histories, run.plot("curves"))]
-    test_probs = np.mean([fold_test_probs(run_dir, k, data, 1) for k in folds], axis=0)
+    names, run = list(data.spec.class_names), RunDir(run_dir)
+    folds = run.finished_folds()
+    if not folds:
+        raise KaggleVitError(f"{run_dir}: no finished folds yet; run kaggle-vit cv first")
+    written = [plot_run_curves(run_dir)]
+    test_probs = np.mean([np.load(run.fold(k).test_probs) for k in folds], axis=0)
     pred = test_probs.argmax(1)[:n_images]
     titles = [f"id {i}: {names[p]} ({100 * test_probs[j, p]:.0f}%)" for j, (i, p) in enumerate(zip(data.test.ids, pred))]
     written.append(plot_grid(data.test.images[:n_images], titles, run.plot("test_predictions"),
                              f"first {n_images} test images with the fold ensemble's predicted label", cols=6))
-    oof_path = run.oof
-    if oof_path.exists():
-        oof = pd.read_csv(oof_path)
+    if run.oof.exists():
+        oof = pd.read_csv(run.oof)
         labels, preds = oof["label"].to_numpy(), oof["pred"].to_numpy()
         written.append(plot_confusion(labels, preds, names, run.plot("confusion")))
         wrong = np.flatnonzero(labels != preds)[:n_images]
@@ -138,9 +144,9 @@ def make_report(run_dir: Path, data, n_images: int = 30, n_attention: int = 8) -
         written.append(plot_grid(data.train.images[wrong], titles, run.plot("mistakes"),
                                  f"OOF mistakes: {len(np.flatnonzero(labels != preds))} of {len(labels):,} rows "
                                  f"(first {len(wrong)} shown)", cols=6, colors=["tab:red"] * len(wrong)))
-    model = load_fold_model(run_dir, next(iter(folds)), spec)
+    model = model_from(read_checkpoint(run_dir, folds[0]))
     if hasattr(model, "attention_maps"):
-        idx = np.arange(n_attention)
+        idx = np.arange(min(n_attention, len(data.train)))
         labels = [f"train row {r + 1}: {names[data.train.labels[r]]}" for r in idx]
         written.append(plot_attention(model, data.train.images[idx], labels, run.plot("attention")))
     return written

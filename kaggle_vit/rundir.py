@@ -82,6 +82,17 @@ class RunDir:
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.root / f"fold{k}")
 
+    def finished_folds(self) -> list[int]:
+        """The folds that wrote their summary, of the run's fold count (from metrics.json)."""
+        n_folds = int(json.loads(self.metrics.read_text(encoding="utf-8"))["n_folds"])
+        return [k for k in range(1, n_folds + 1) if self.fold(k).result.exists()]
+
+    def histories(self, folds: list[int]) -> dict[int, list[dict]]:
+        """Every epoch's record of each fold (history.csv), for the curves."""
+        import pandas as pd
+
+        return {k: pd.read_csv(self.fold(k).history).to_dict("records") for k in folds}
+
     def new_staging(self) -> Path:
         """A private folder for the arrays handed to fold workers (`.arrays-PID-*`, removed after)."""
         return Path(tempfile.mkdtemp(prefix=f".arrays-{os.getpid()}-", dir=self.root))
@@ -143,6 +154,15 @@ def read_checkpoint(run_dir: Path, fold: int) -> dict:
         raise KaggleVitError(f"fold {fold}'s checkpoint {RunDir(run_dir).fold(fold).model} is {problem}: rerun "
                              f"`kaggle-vit cv` with the same settings to retrain it")
     return ckpt
+
+
+def model_from(ckpt: dict) -> torch.nn.Module:
+    """The model a fold checkpoint describes, with its best weights, in eval mode."""
+    from .models import build
+
+    model = build(ckpt["model"], ckpt["kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
 
 
 def fold_problem(run_dir: Path, fold: int) -> str | None:

@@ -17,7 +17,6 @@ from .dataset import ImageDataset, resolve_data_config
 from .engine import inference_amp, predict_probs, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
-from .models import build
 from .rundir import RunDir, runs_of
 
 
@@ -90,10 +89,7 @@ def read_checkpoint(run_dir: Path, fold: int, spec: CompetitionSpec) -> dict:
 
 def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> torch.nn.Module:
     """A fold's best model, in eval mode (its checkpoint checked against the competition)."""
-    ckpt = read_checkpoint(run_dir, fold, spec)
-    model = build(ckpt["model"], ckpt["kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
+    return rundir.model_from(read_checkpoint(run_dir, fold, spec))
 
 
 def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | None = None,

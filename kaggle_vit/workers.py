@@ -2,7 +2,7 @@
 
 On a small CPU, two single-threaded processes train more images per second between them than one
 process with two threads (small matrices leave the second thread idle much of the time). Each
-worker runs `cv.train_fold` for one fold, exactly as the sequential loop does, and reports to the
+worker runs `fold.train_fold` for one fold, exactly as the sequential loop does, and reports to the
 parent through its own pipe.
 
 What a user must never see from a worker, and how: a worker is a plain `python -m
@@ -32,6 +32,7 @@ import torch
 from .config import TrainConfig
 from .data import CompetitionData, ImageTable
 from .errors import Interrupted, KaggleVitError
+from .fold import train_fold
 from .io import atomic_path
 from .notices import log, notice
 from .rundir import RunDir
@@ -139,8 +140,6 @@ def _load_arrays(staging: Path, data: CompetitionData) -> tuple[CompetitionData,
 def _worker(job: Path, fd: int) -> None:
     """Process entry point: train the fold described in `job` (written by `_start`), reporting
     through the pipe `fd`. The data in the job comes without its arrays, read from the job's folder."""
-    from .cv import train_fold
-
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     cfg, bare, fold, run_dir, threads, parent = pickle.loads(job.read_bytes())
     torch.set_num_threads(threads)

@@ -127,16 +127,20 @@ def test_decoded_images_are_cached_and_rebuilt_when_a_file_changes(tmp_path, mni
     assert len(list((comp / ".kvcache").glob("train-*.npy"))) == 1  # the stale cache is gone
 
 
-def test_folders_layout_cv_and_submit_write_class_names(tmp_path, mnist, monkeypatch):
+def test_folders_layout_end_to_end_writes_class_names(tmp_path, mnist, monkeypatch):
     comp = folders_competition(tmp_path / "c", mnist)
     spec_path = folders_spec(tmp_path)
     cfg = tmp_path / "tiny.toml"
     cfg.write_text(to_toml(TrainConfig(**TINY)))
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["cv", "-c", str(spec_path), "--config", str(cfg), "--data-dir", str(comp), "--quiet"])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["submit", "-c", str(spec_path), "--data-dir", str(comp), "-o", "sub.csv"])
-    assert result.exit_code == 0, result.output
+    pd.DataFrame({"file": [f"t{i:04d}.png" for i in range(20)], "species": [NAMES[y] for y in mnist[3][:20]]}).to_csv(
+        comp / "solution.csv", index=False)
+    for args in (["data", "-c", spec_path, "--dest", comp], ["cv", "-c", spec_path, "--config", cfg, "--data-dir", comp, "-q"],
+                 ["submit", "-c", spec_path, "--data-dir", comp, "-o", "sub.csv"],
+                 ["score", "sub.csv", "-c", spec_path, "--data-dir", comp]):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    assert "accuracy" in result.output and (tmp_path / "runs" / "digits-in-folders").is_dir()
     sub = pd.read_csv(tmp_path / "sub.csv")
     assert list(sub.columns) == ["file", "species"] and sub["file"].tolist() == [f"t{i:04d}.png" for i in range(20)]
     assert set(sub["species"]) <= set(NAMES)

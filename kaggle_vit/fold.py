@@ -1,0 +1,88 @@
+"""One fold, start to finish: build and seed its model, train it (resuming from its saved state),
+then write its checkpoint, history, validation and test probabilities and, last, its summary.
+`cv` runs it in this process or (`cv --jobs`) in worker processes, which import only this."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import TrainConfig
+from .data import CompetitionData
+from .dataset import ImageDataset, resolve_data_config
+from .engine import Progress, fit, inference_amp, maybe_compile, predict_probs, read_state, seed_everything, select_device
+from .errors import KaggleVitError
+from .io import atomic_path, write_json
+from .models import build, model_kwargs
+from .notices import notice
+from .rundir import RunDir
+
+
+def _resume_state(path: Path, fold: int, epochs: int) -> dict | None:
+    """A fold's saved training state, saying that it resumes; an unreadable one restarts the fold."""
+    if not path.exists():
+        return None
+    try:
+        state = read_state(path)
+    except Exception as error:  # noqa: BLE001 - a damaged state file costs the fold's epochs, not the run
+        notice(f"fold {fold}: {path} is unreadable ({type(error).__name__}); restarting the fold from its first epoch")
+        return None
+    notice(f"fold {fold}: resuming after epoch {state['state']['epoch']} of {epochs}")
+    return state
+
+
+def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
+               progress: Progress, on_epoch=None) -> dict:
+    """Train one fold and write its checkpoint, history, validation and test probabilities."""
+    spec, out = data.spec, RunDir(run_dir).fold(fold)
+    out.root.mkdir(parents=True, exist_ok=True)
+    state_path = out.state
+    tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    images, labels = data.train.images, data.train.labels
+    kwargs = model_kwargs(cfg, spec)
+    seed_everything(cfg.seed + fold)  # the fold's initial weights do not depend on what ran before
+    model = build(cfg.model, kwargs)
+    data_config = resolve_data_config(model)  # size, mean and std the model wants (kvit: [-1, 1])
+    progress.start_fold(fold, cfg.folds)
+    try:
+        result = fit(model, ImageDataset(images[tr], labels[tr], data_config=data_config),
+                     ImageDataset(images[va], labels[va], data_config=data_config), cfg, seed=cfg.seed + fold,
+                     state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs), progress=progress,
+                     on_epoch=on_epoch)
+    except KaggleVitError as error:
+        raise KaggleVitError(f"fold {fold}: {error}") from None
+    checkpoint = {"model": cfg.model, "kwargs": kwargs, "state_dict": result.best_state, "fold": fold,
+                  "competition": spec.name, "input_size": (spec.channels, spec.height, spec.width),
+                  "num_classes": spec.num_classes, "class_names": list(spec.class_names),
+                  "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]}
+    with atomic_path(out.model) as tmp:
+        torch.save(checkpoint, tmp)
+    device = select_device(cfg.device)
+    model.load_state_dict(result.best_state)
+    predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
+    t0 = time.perf_counter()
+    valid_probs = predict_probs(predictor, ImageDataset(images[va], data_config=data_config), device, amp,
+                                cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
+    test_probs = predict_probs(predictor, ImageDataset(data.test.images, data_config=data_config), device, amp,
+                               cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
+    with atomic_path(out.test_probs) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, test_probs)
+    with atomic_path(out.valid_probs) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, rows=va, probs=valid_probs, probs_plain=result.valid_probs.astype(np.float32))
+    history = pd.DataFrame(result.history)
+    with atomic_path(out.history) as tmp:
+        history.to_csv(tmp, index=False)
+    best = result.history[result.best_epoch - 1]
+    summary = {"fold": fold, "best_epoch": result.best_epoch,
+               "valid_acc": float((valid_probs.argmax(1) == labels[va]).mean()), "tta": cfg.tta,
+               "valid_acc_plain": best["valid_acc"], "valid_loss": best["valid_loss"],
+               "train_seconds": result.train_seconds, "predict_seconds": time.perf_counter() - t0,
+               "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
+               "amp": result.amp, "device": str(device), "epochs": len(result.history)}
+    write_json(out.result, summary)
+    state_path.unlink(missing_ok=True)
+    progress.end_fold(summary)
+    return summary
