@@ -82,9 +82,19 @@ class RunDir:
     def fold(self, k: int) -> FoldDir:
         return FoldDir(self.root / f"fold{k}")
 
-    def finished_folds(self) -> list[int]:
-        """The folds that wrote their summary, of the run's fold count (from metrics.json)."""
-        n_folds = int(json.loads(self.metrics.read_text(encoding="utf-8"))["n_folds"])
+    def n_folds(self) -> int:
+        """The run's fold count (metrics.json); a folder that is no run, or a damaged file, is one line."""
+        if not self.metrics.exists():
+            raise KaggleVitError(f"{self.root}: not a kaggle-vit run (no {METRICS})")
+        try:
+            return int(json.loads(self.metrics.read_text(encoding="utf-8"))["n_folds"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise KaggleVitError(f"{self.metrics}: unreadable ({type(error).__name__}); rerun `kaggle-vit cv` with the "
+                                 f"same settings to rewrite it") from None
+
+    def finished_folds(self, n_folds: int | None = None) -> list[int]:
+        """The folds that wrote their summary, of the run's fold count."""
+        n_folds = self.n_folds() if n_folds is None else n_folds
         return [k for k in range(1, n_folds + 1) if self.fold(k).result.exists()]
 
     def histories(self, folds: list[int]) -> dict[int, list[dict]]:

@@ -42,24 +42,14 @@ def latest_run(spec: CompetitionSpec, runs_root: Path = Path("runs")) -> Path:
 
 def run_folds(run_dir: Path) -> tuple[int, dict[int, dict]]:
     """Fold count of a run and the summaries of its finished folds."""
-    metrics = RunDir(run_dir).metrics
-    if not metrics.exists():
-        raise KaggleVitError(f"{run_dir}: not a kaggle-vit run (no metrics.json)")
-    try:
-        n_folds = int(read_json(metrics)["n_folds"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise KaggleVitError(f"{metrics}: unreadable ({type(error).__name__}); rerun `kaggle-vit cv` with the same "
-                             f"settings to rewrite it") from None
-    done = {}
-    for k in range(1, n_folds + 1):
-        result = RunDir(run_dir).fold(k).result
+    run = RunDir(run_dir)
+    n_folds, done = run.n_folds(), {}
+    for k in run.finished_folds(n_folds):
         try:
-            done[k] = read_json(result)
-        except FileNotFoundError:
-            continue
+            done[k] = read_json(run.fold(k).result)
         except ValueError:
-            raise KaggleVitError(f"{result}: unreadable; rerun `kaggle-vit cv` with the same settings to retrain "
-                                 f"fold {k}") from None
+            raise KaggleVitError(f"{run.fold(k).result}: unreadable; rerun `kaggle-vit cv` with the same settings to "
+                                 f"retrain fold {k}") from None
     return n_folds, done
 
 

@@ -267,8 +267,7 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
                     if proc.returncode != 0:
                         stopped[fold], pending = proc.returncode, []
     except KeyboardInterrupt:
-        _stop([proc for proc, _ in running.values()])
-        raise Interrupted.during(relay.running) from None
+        raise Interrupted.during(relay.running) from None  # the workers are stopped below
     finally:
         _stop([proc for proc, _ in running.values()])
         shutil.rmtree(staging, ignore_errors=True)
