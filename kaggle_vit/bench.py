@@ -1,9 +1,12 @@
 """Throughput, measured side by side: our ViT against timm's VisionTransformer of the same shape,
-and the data pipeline against the training step. Rounds alternate between the contenders so a
+the data pipeline against the training step, and cv's real training loop against the bare step. Rounds alternate between the contenders so a
 noisy machine slows both alike; medians are reported."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -14,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .engine import amp_for, autocast, inference_amp, make_optimizer, select_device, train_loader
-from .dataset import ImageDataset
+from .batches import DeviceBatches, loader_workers, train_batches
+from .dataset import ImageDataset, resolve_data_config
+from .engine import (NoProgress, amp_for, autocast, inference_amp, make_optimizer, make_trainer, select_device,
+                     train_one_epoch)
 
 
 @dataclass(frozen=True)
@@ -47,13 +52,11 @@ def _train_step(model, opt, x, y, device, amp):
 
 
 def _timed(fn, n: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -83,16 +86,101 @@ def bench_models(models: dict[str, nn.Module], cfg: TrainConfig, rounds: int = 5
 
 
 def bench_data(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, batches: int = 50, rounds: int = 3) -> BenchRow:
-    """images/s of the training input pipeline alone: cached uint8 → albumentations → batch."""
+    """images/s of the training input pipeline alone, as cv builds it: on the device (uint8 images
+    there, warped in batches) or on the host (albumentations, DataLoader)."""
     device = select_device(cfg.device)
+    source = train_batches(ImageDataset(images, labels), cfg, device)
     rates = []
-    for r in range(rounds):
-        loader = train_loader(ImageDataset(images, labels), cfg, epoch_seed=r, device=device)
+    for r in range(rounds + 1):  # round 0 starts loader workers / warms up
+        source.set_epoch(r)
         seen, t0 = 0, time.perf_counter()
-        for i, (x, _) in enumerate(loader):
+        for x, _ in itertools.islice(source, batches):
             seen += len(x)
-            if i + 1 == batches:
-                break
-        rates.append(seen / (time.perf_counter() - t0))
-    return BenchRow(f"data pipeline (aug {cfg.aug}, {cfg.num_workers if cfg.num_workers >= 0 else 'auto'} workers)",
-                    "load", statistics.median(rates), rounds)
+        _sync(device)
+        if r:
+            rates.append(seen / (time.perf_counter() - t0))
+    where = "on device" if isinstance(source, DeviceBatches) else f"albumentations, {loader_workers(cfg, device)} workers"
+    return BenchRow(f"data pipeline ({where}, aug {cfg.aug})", "load", statistics.median(rates), rounds)
+
+
+class GpuSampler:
+    """Mean GPU utilisation (NVML, `nvidia-ml-py`) sampled in a thread while its block runs; None
+    on a CPU or without NVML."""
+
+    def __init__(self, device: torch.device, every: float = 0.05):
+        self.device, self.every, self.samples, self._stop = device, every, [], threading.Event()
+        self.handle = None
+        if device.type == "cuda":
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+                self._read = lambda: pynvml.nvmlDeviceGetUtilizationRates(self.handle).gpu
+            except Exception:  # noqa: BLE001 - no NVML (package or driver): utilisation is not reported
+                self.handle = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(self._read())
+
+    def __enter__(self) -> "GpuSampler":
+        if self.handle is not None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
+
+
+@dataclass(frozen=True)
+class LoopBench:
+    """The bare training step (random data already on the device: the ceiling) against cv's real
+    loop (data, augmentation, the same step), at the same batch size, and the GPU's utilisation."""
+
+    bare: BenchRow
+    loop: BenchRow
+    gpu_utilization: float | None
+
+    @property
+    def ratio(self) -> float:
+        return self.loop.images_per_s / self.bare.images_per_s
+
+
+def bench_loop(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, steps: int = 40,
+               rounds: int = 3) -> LoopBench:
+    """images/s of `engine.train_one_epoch` fed by random batches already on the device, and fed by
+    the real training batches (`batches.train_batches`), rounds interleaved; both run the model as
+    cv does (AMP, compiled when cfg.compile; round 0 compiles and warms up)."""
+    device = select_device(cfg.device)
+    dataset = ImageDataset(images, labels, data_config=resolve_data_config(model))
+    source = train_batches(dataset, cfg, device)
+    t = make_trainer(model, cfg, steps_per_epoch=len(source))
+    x = torch.randn(cfg.batch_size, *images.shape[1:], device=device)
+    y = torch.randint(0, int(labels.max()) + 1, (cfg.batch_size,), device=device)
+    rates: dict[str, list[float]] = {"bare": [], "loop": []}
+    sampler = GpuSampler(device)
+    for r in range(rounds + 1):
+        source.set_epoch(r)
+        for name, batches in (("bare", [(x, y)] * steps), ("loop", itertools.islice(source, steps))):
+            with sampler if (r and name == "loop") else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                seen = train_one_epoch(t, batches, epoch=r, progress=NoProgress())["seen"]
+                if r:
+                    rates[name].append(seen / (time.perf_counter() - t0))
+    rows = {n: BenchRow("bare training step" if n == "bare" else "cv training loop", "train", statistics.median(v), len(v))
+            for n, v in rates.items()}
+    return LoopBench(rows["bare"], rows["loop"], sampler.mean)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()

@@ -182,7 +182,9 @@ def cv(
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default: spare cores).")] = None,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Folds trained at once (0: auto, 2 on a CPU).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Folds trained at once (0: auto: one per GPU, 2 on a CPU).")] = None,
+    devices: Annotated[Optional[str], typer.Option("--devices", help="GPUs the folds are spread over: all (default) or e.g. 0,1.")] = None,
+    data_on_device: Annotated[Optional[str], typer.Option("--data-on-device", help="Training images kept and augmented on the GPU: auto (when they fit), on, off.")] = None,
     tta: Annotated[Optional[int], typer.Option("--tta", help="Test-time views for OOF and test predictions: 1 (off) to 9.")] = None,
     tta_mode: Annotated[Optional[str], typer.Option("--tta-mode", help="shift (one-pixel shifts) or flip (mirror images).")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
@@ -198,7 +200,7 @@ def cv(
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
                          seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers,
-                         jobs=jobs, tta=tta, tta_mode=tta_mode, compile=compile)
+                         jobs=jobs, devices=devices, data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile)
     from .models import create_model
 
     spec = load_spec(cfg.competition)
@@ -382,14 +384,16 @@ def bench(
     competition: CompetitionOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Images/s of our ViT vs timm's VisionTransformer of the same shape, and of the data pipeline."""
+    """Images/s of our ViT vs timm's VisionTransformer of the same shape, of the data pipeline, and of
+    cv's real training loop against the bare training step (with GPU utilisation on CUDA)."""
     import dataclasses
     import json
 
     from rich.table import Table
 
-    from .bench import bench_data, bench_models, timm_twin
+    from .bench import bench_data, bench_loop, bench_models, timm_twin
     from .config import resolve_config
+    from .engine import amp_for, select_device
     from .models import create_model
 
     cfg = resolve_config(preset, None, competition=competition, model=model, device=device, batch_size=batch_size)
@@ -402,14 +406,20 @@ def bench(
     rows = bench_models(contenders, cfg, rounds=rounds)
     data = load_data(spec, data_dir)
     rows.append(bench_data(data.train.images, data.train.labels, cfg))
+    loop = bench_loop(create_model(cfg, spec), data.train.images, data.train.labels, cfg, rounds=min(rounds, 3))
+    rows += [loop.bare, loop.loop]
     rate = {(r.name, r.mode): r.images_per_s for r in rows}
     ratio = rate[("kvit, no stem (same shape as timm)", "train")] / rate[("timm VisionTransformer", "train")]
-    data_ratio = rows[-1].images_per_s / rate[(cfg.model, "train")]
+    data_ratio = rows[-3].images_per_s / rate[(cfg.model, "train")]
+    util = "not measured" if loop.gpu_utilization is None else f"{loop.gpu_utilization:.0f}%"
     if as_json:
         out.print_json(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "train_ratio_vs_timm": ratio,
-                                   "data_vs_train_ratio": data_ratio, "device": cfg.device, "batch_size": cfg.batch_size}))
+                                   "data_vs_train_ratio": data_ratio, "loop_vs_bare_ratio": loop.ratio,
+                                   "gpu_utilization": loop.gpu_utilization, "device": cfg.device,
+                                   "amp": amp_for(cfg.amp, select_device(cfg.device)).name, "compile": cfg.compile,
+                                   "batch_size": cfg.batch_size}))
         return
-    table = Table(title=f"images/s, median of {rounds} interleaved rounds (batch {cfg.batch_size})")
+    table = Table(title=f"images/s, median of interleaved rounds (batch {cfg.batch_size})")
     for col in ("contender", "mode", "images/s"):
         table.add_column(col, justify="right" if col == "images/s" else "left")
     for r in rows:
@@ -417,6 +427,7 @@ def bench(
     out.print(table)
     out.print(f"training throughput, ours / timm (same shape): [bold]{ratio:.2f}[/]; "
               f"data pipeline / training step: [bold]{data_ratio:.1f}x[/]")
+    out.print(f"cv training loop / bare step: [bold]{loop.ratio:.2f}[/]; GPU utilisation in the loop: {util}")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ most its fold, which is trained again (an unreadable `state.pt` restarts the fol
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -19,14 +20,14 @@ from . import __version__
 from .competition import CompetitionSpec
 from .config import TrainConfig, load_toml, save_config, to_toml
 from .data import CompetitionData, load_or_make_folds, save_folds
-from .engine import NoProgress, Progress, select_device
+from .engine import NoProgress, Progress
 from .errors import Interrupted, KaggleVitError
 from .io import atomic_path, read_json, write_json
 from .models import build, model_kwargs
 from .fold import train_fold
 from .notices import notice
 from .rundir import RunDir, fold_problem, shared_folds
-from .workers import auto_jobs, train_folds_parallel
+from .workers import auto_jobs, train_folds_parallel, visible_devices
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class _Tracked:
         self.running[self.fold] = (epoch, epochs)
         self.progress.start_epoch(epoch, epochs, steps)
 
-    def step(self, loss: float, images: int) -> None:
+    def step(self, loss: float | None, images: int) -> None:
         self.progress.step(loss, images)
 
     def end_epoch(self, record: dict) -> None:
@@ -165,13 +166,15 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     if not run.folds.exists():
         save_folds(run.folds, folds, data.train.labels)
     trained = [k for k in wanted if not _finished(run_dir, k)]
-    jobs = 1 if on_epoch is not None else auto_jobs(cfg, select_device(cfg.device), len(trained))
+    devices = visible_devices(cfg)
+    jobs = 1 if on_epoch is not None else auto_jobs(cfg, devices, len(trained))
     try:
         if jobs > 1:
-            train_folds_parallel(cfg, data, folds, trained, run_dir, jobs, progress)
+            train_folds_parallel(cfg, data, folds, trained, run_dir, jobs, progress, devices)
         else:
+            one = cfg if devices == ["cpu"] else dataclasses.replace(cfg, device=devices[0])
             for fold in trained:
-                train_fold(cfg, data, folds, fold, run_dir, progress, on_epoch)
+                train_fold(one, data, folds, fold, run_dir, progress, on_epoch)
     except KeyboardInterrupt:
         raise Interrupted.during(progress.running) from None
     summaries = [read_json(run.fold(k).result) for k in range(1, cfg.folds + 1) if run.fold(k).result.exists()]

@@ -83,6 +83,8 @@ class ImageDataset(Dataset):
     def _batch_uint8(self, indices: list[int]) -> torch.Tensor:
         batch = self.images[np.asarray(indices)]
         if self.transform is not None:
+            if getattr(indices, "seed", None) is not None:  # a batch from batches.EpochBatchSampler
+                self.transform.set_random_seed(indices.seed)
             batch = np.concatenate([self._augment(batch[i : i + self.group]) for i in range(0, len(batch), self.group)])
         return torch.from_numpy(np.ascontiguousarray(batch))
 

@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from .augment import train_transform, tta_views
+from .augment import tta_views
+from .batches import DeviceBatches, HostBatches, train_batches
 from .config import TrainConfig
-from .dataset import ImageDataset, keep_batch
+from .dataset import ImageDataset
 from .errors import KaggleVitError
 from .io import atomic_path
 
@@ -48,12 +47,16 @@ class Amp:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "off")
 
 
-def amp_for(mode: str, device: torch.device) -> Amp:
-    """auto: bf16 on CUDA that supports it, fp16 + GradScaler on older CUDA, off on CPU (slower there)."""
+def amp_for(mode: str, device: torch.device, bf16_supported: bool | None = None) -> Amp:
+    """auto: bf16 on CUDA that supports it; fp16 with a GradScaler on CUDA that has no bf16 (T4,
+    P100), whose attention softmax stays in float32 (fused kernels, and `models.vit.Attention`);
+    off on a CPU (slower there). `bf16_supported` overrides asking the device (for tests)."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return Amp(None, False)
     if mode == "auto":
-        mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        mode = "bf16" if bf16_supported else "fp16"
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     return Amp(dtype, dtype == torch.float16 and device.type == "cuda")
 
@@ -78,17 +81,6 @@ def inference_amp(mode: str, device: torch.device) -> Amp:
 def autocast(device: torch.device, amp: Amp):
     """The autocast context for `amp` (a no-op when off)."""
     return torch.autocast(device.type, dtype=amp.dtype or torch.float32, enabled=amp.dtype is not None)
-
-
-def num_workers(cfg: TrainConfig, device: torch.device) -> int:
-    """DataLoader workers: the config's; else on CUDA one per spare core, and on a CPU with two
-    cores none (a worker there competes with training: 619 vs 824 img/s measured)."""
-    if cfg.num_workers >= 0:
-        return cfg.num_workers
-    cores = os.cpu_count() or 2
-    if device.type == "cuda":
-        return max(1, min(8, cores - 1))
-    return 0 if cores <= 2 else min(4, cores // 4)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -122,7 +114,7 @@ class Progress(Protocol):
     def start_fold(self, fold: int, folds: int) -> None: ...
     def end_fold(self, summary: dict) -> None: ...
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, loss: float, images: int) -> None: ...
+    def step(self, loss: float | None, images: int) -> None: ...
     def end_epoch(self, record: dict) -> None: ...
 
 
@@ -130,7 +122,7 @@ class NoProgress:
     def start_fold(self, fold: int, folds: int) -> None: ...
     def end_fold(self, summary: dict) -> None: ...
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, loss: float, images: int) -> None: ...
+    def step(self, loss: float | None, images: int) -> None: ...
     def end_epoch(self, record: dict) -> None: ...
 
 
@@ -139,24 +131,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _worker_init(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    if info.dataset.transform is not None:
-        info.dataset.transform.set_random_seed(info.seed % 2**31)
-    torch.set_num_threads(1)
-
-
-def train_loader(dataset: ImageDataset, cfg: TrainConfig, epoch_seed: int, device: torch.device) -> DataLoader:
-    """Shuffled, augmented, normalised batches of `dataset`; the order and augmentation depend only on `epoch_seed`."""
-    workers, pin = num_workers(cfg, device), device.type == "cuda"
-    transform = train_transform(cfg, seed=epoch_seed, size=dataset.images.shape[-2:])
-    ds = dataset.with_augmentation(transform, cfg.aug_group)
-    gen = torch.Generator().manual_seed(epoch_seed)
-    return DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
-                      collate_fn=keep_batch, num_workers=workers, generator=gen, pin_memory=pin,
-                      worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None)
 
 
 def maybe_compile(model: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -168,25 +142,27 @@ def maybe_compile(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 def _batches(dataset: ImageDataset, batch_size: int, device: torch.device, pad: bool):
     """(normalised float batch on `device`, real count) pairs in order, without augmentation; with
-    `pad` the last batch is padded to full size, so a compiled model sees one shape and never recompiles."""
+    `pad` the last batch is padded to full size, so a compiled model sees one shape and never
+    recompiles. The images may be a NumPy array or a tensor already on the device."""
+    images = dataset.images if isinstance(dataset.images, torch.Tensor) else torch.from_numpy(dataset.images)
     for start in range(0, len(dataset), batch_size):
-        chunk = dataset.images[start : start + batch_size]
+        chunk = images[start : start + batch_size]
         n = len(chunk)
         if pad and n < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        yield dataset.data_config.normalize(torch.from_numpy(np.ascontiguousarray(chunk))).to(device, non_blocking=True), n
+            chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n,) + tuple(chunk.shape[1:]))])
+        yield dataset.data_config.normalize(chunk.to(device, non_blocking=True)), n
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset: ImageDataset, device: torch.device, amp: Amp, batch_size: int = 256,
                    pad: bool = False) -> torch.Tensor:
-    """Logits for a dataset's images, batched, in eval mode, as float32 on the CPU."""
+    """Logits for a dataset's images, batched, in eval mode, as float32 on the CPU (copied once, at the end)."""
     model.eval()
     outs = []
     for x, n in _batches(dataset, batch_size, device, pad):
         with autocast(device, amp):
-            outs.append(model(x)[:n].float().cpu())
-    return torch.cat(outs)
+            outs.append(model(x)[:n].float())
+    return torch.cat(outs).cpu()
 
 
 @torch.no_grad()
@@ -202,8 +178,8 @@ def predict_probs(model: nn.Module, dataset: ImageDataset, device: torch.device,
         for view in transforms:
             with autocast(device, amp):
                 total = total + model(view(x))[:n].float().softmax(1)
-        outs.append((total / len(transforms)).cpu())
-    return torch.cat(outs).numpy()
+        outs.append(total / len(transforms))
+    return torch.cat(outs).cpu().numpy()
 
 
 @dataclass
@@ -284,16 +260,31 @@ class Trainer:
     cfg: TrainConfig
 
 
-def train_one_epoch(t: Trainer, loader: DataLoader, epoch: int, progress: Progress) -> dict:
-    """One pass over the training batches; returns the epoch's mean loss and accuracy."""
+def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> Trainer:
+    """The model moved to cfg's device, with its optimiser, schedule, scaler, AMP and (compiled) forward."""
+    device = select_device(cfg.device)
+    amp = amp_for(cfg.amp, device)
+    model.to(device)
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
+    return Trainer(model, maybe_compile(model, cfg), opt, sched, scaler, amp, device, cfg)
+
+
+def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int,
+                    progress: Progress) -> dict:
+    """One pass over the training batches; returns the epoch's mean loss and accuracy. The sums stay
+    on the device and are read once, at the end: a read per step would make the host wait for the
+    GPU at every step. On a CPU, where a read costs nothing, the display also gets each step's loss."""
     t.model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in loader:
+    loss_sum = torch.zeros((), device=t.device)
+    correct = torch.zeros((), dtype=torch.long, device=t.device)
+    seen, show_loss = 0, t.device.type == "cpu"
+    for x, y in batches:
         x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
         with autocast(t.device, t.amp):
             logits = t.forward(x)
             loss = F.cross_entropy(logits, y, label_smoothing=t.cfg.label_smoothing)
-        _check_finite(loss.item(), "loss", epoch)
         t.opt.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         t.scaler.unscale_(t.opt)
@@ -302,11 +293,13 @@ def train_one_epoch(t: Trainer, loader: DataLoader, epoch: int, progress: Progre
         t.scaler.update()
         t.sched.step()
         n = len(y)
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.detach().float() * n
+        correct += (logits.argmax(1) == y).sum()
         seen += n
-        progress.step(loss.item(), n)
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "seen": seen}
+        progress.step(loss.item() if show_loss else None, n)
+    mean_loss = loss_sum.item() / max(1, seen)
+    _check_finite(mean_loss, "loss", epoch)
+    return {"train_loss": mean_loss, "train_acc": correct.item() / max(1, seen), "seen": seen}
 
 
 def evaluate(forward: nn.Module, dataset: ImageDataset, device: torch.device, amp: Amp, batch_size: int, pad: bool,
@@ -319,6 +312,14 @@ def evaluate(forward: nn.Module, dataset: ImageDataset, device: torch.device, am
               "valid_acc": (logits.argmax(1) == labels).float().mean().item()}
     _check_finite(scores["valid_loss"], "validation loss", epoch)
     return scores, logits
+
+
+def _on_device(dataset: ImageDataset, batches: DeviceBatches | HostBatches, device: torch.device) -> ImageDataset:
+    """The validation images on the device too when the training images are (one copy, not one per epoch)."""
+    if not isinstance(batches, DeviceBatches):
+        return dataset
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(dataset.images)).to(device), dataset.labels,
+                        data_config=dataset.data_config)
 
 
 def fit(
@@ -337,24 +338,23 @@ def fit(
     to `state_path`; `resume` (a state from `read_state`) continues after its last epoch."""
     progress = progress or NoProgress()
     device = select_device(cfg.device)
-    amp, eval_amp = amp_for(cfg.amp, device), inference_amp(cfg.amp, device)
+    eval_amp = inference_amp(cfg.amp, device)
     model.to(device)
     seed_everything(seed)
-    steps = max(1, len(train) // cfg.batch_size)
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
-    st = _State() if resume is None else _restore(resume, model, opt, sched, scaler)
-    t = Trainer(model, maybe_compile(model, cfg), opt, sched, scaler, amp, device, cfg)
+    batches = train_batches(train, cfg, device)
+    valid = _on_device(valid, batches, device)
+    t = make_trainer(model, cfg, max(1, len(batches)))
+    st = _State() if resume is None else _restore(resume, model, t.opt, t.sched, t.scaler)
     while st.epoch < cfg.epochs:
         epoch = st.epoch + 1
         t0 = time.perf_counter()
-        progress.start_epoch(epoch, cfg.epochs, steps)
-        trained = train_one_epoch(t, train_loader(train, cfg, seed * 1000 + epoch, device), epoch, progress)
+        progress.start_epoch(epoch, cfg.epochs, len(batches))
+        batches.set_epoch(seed * 1000 + epoch)
+        trained = train_one_epoch(t, batches, epoch, progress)
         train_time = time.perf_counter() - t0
         scores, logits = evaluate(t.forward, valid, device, eval_amp, cfg.eval_batch_size, cfg.compile, epoch)
         record = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"], **scores,
-                  "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+                  "lr": t.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                   "images_per_s": trained["seen"] / train_time}
         st.history.append(record)
         st.seconds += record["seconds"]
@@ -365,7 +365,7 @@ def fit(
             st.best_probs = logits.softmax(1).numpy()
         progress.end_epoch(record)
         if state_path is not None:
-            _save_state(state_path, model, opt, sched, scaler, st)
+            _save_state(state_path, model, t.opt, t.sched, t.scaler, st)
         if on_epoch is not None:
             on_epoch(record)
-    return FitResult(st.history, st.best_epoch, st.best_state, st.best_probs, st.seconds, amp.name)
+    return FitResult(st.history, st.best_epoch, st.best_state, st.best_probs, st.seconds, t.amp.name)

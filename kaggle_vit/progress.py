@@ -43,7 +43,7 @@ class RichProgress:
         )
         self.task = None
         self.fold, self.folds = 0, 0
-        self.t0, self.images, self.last_acc = 0.0, 0, "-"
+        self.t0, self.images, self.last_acc, self.last_loss = 0.0, 0, "-", 0.0
 
     def start_fold(self, fold: int, folds: int) -> None:
         self.fold, self.folds, self.last_acc = fold, folds, "-"
@@ -54,15 +54,15 @@ class RichProgress:
             self.bar.remove_task(self.task)
         self.t0, self.images = time.perf_counter(), 0
         self.task = self.bar.add_task("", total=steps, fold=self.fold, folds=self.folds,
-                                      epoch=f"{epoch}/{epochs}", loss=0.0, acc=self.last_acc, ips=0.0)
+                                      epoch=f"{epoch}/{epochs}", loss=self.last_loss, acc=self.last_acc, ips=0.0)
 
-    def step(self, loss: float, images: int) -> None:
+    def step(self, loss: float | None, images: int) -> None:
         self.images += images
         ips = self.images / max(1e-9, time.perf_counter() - self.t0)
-        self.bar.update(self.task, advance=1, loss=loss, ips=ips)
+        self.bar.update(self.task, advance=1, ips=ips, **({} if loss is None else {"loss": loss}))
 
     def end_epoch(self, record: dict) -> None:
-        self.last_acc = f"{100 * record['valid_acc']:.2f}%"
+        self.last_acc, self.last_loss = f"{100 * record['valid_acc']:.2f}%", record["train_loss"]
         self.console.print(
             f"fold {self.fold} epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
             f"acc {100 * record['train_acc']:.2f}% | valid loss {record['valid_loss']:.4f} "
@@ -88,7 +88,7 @@ class LineProgress:
 
     def start_fold(self, fold: int, folds: int) -> None: ...
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, loss: float, images: int) -> None: ...
+    def step(self, loss: float | None, images: int) -> None: ...
     def end_epoch(self, record: dict) -> None: ...
 
     def end_fold(self, summary: dict) -> None:

@@ -1,4 +1,4 @@
-"""Folds trained at once in worker processes on one machine (`cv --jobs N`).
+"""Folds trained at once in worker processes on one machine (`cv --jobs N`), over its cores or GPUs.
 
 On a small CPU, two single-threaded processes train more images per second between them than one
 process with two threads (small matrices leave the second thread idle much of the time). Each
@@ -15,6 +15,7 @@ killed `cv` leaves no orphan writing into the run folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -40,12 +41,53 @@ from .rundir import RunDir
 STEP_EVERY = 25  # steps between progress messages from a worker
 
 
-def auto_jobs(cfg: TrainConfig, device: torch.device, folds_to_run: int) -> int:
-    """How many folds to train at once: `cfg.jobs` when set; else 2 on a CPU with 2+ cores, 1 on a GPU."""
+def visible_devices(cfg: TrainConfig, gpu_count: int | None = None) -> list[str]:
+    """The devices folds are spread over: ["cpu"] on a CPU; the one GPU that `--device cuda:N`
+    names; else `--devices` (all visible GPUs, or indices such as "0,1"). `gpu_count` overrides
+    asking CUDA (for tests)."""
+    if cfg.device == "cpu" or (cfg.device == "auto" and not (gpu_count if gpu_count is not None else torch.cuda.is_available())):
+        return ["cpu"]
+    if cfg.device.startswith("cuda:"):
+        return [cfg.device]
+    count = torch.cuda.device_count() if gpu_count is None else gpu_count
+    if cfg.devices == "all":
+        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    try:
+        wanted = [int(part) for part in cfg.devices.split(",")]
+    except ValueError:
+        raise KaggleVitError(f"--devices {cfg.devices}: give GPU indices such as 0,1, or all") from None
+    bad = [i for i in wanted if not 0 <= i < count]
+    if bad:
+        raise KaggleVitError(f"--devices {cfg.devices}: GPU {bad[0]} is not visible ({count} GPU(s) are: 0..{count - 1})")
+    return [f"cuda:{i}" for i in dict.fromkeys(wanted)]
+
+
+def auto_jobs(cfg: TrainConfig, devices: list[str], folds_to_run: int) -> int:
+    """How many folds to train at once: `cfg.jobs` when set; else one per GPU, or 2 on a CPU with 2+ cores."""
     if cfg.jobs > 0:
         return min(cfg.jobs, max(1, folds_to_run))
+    if devices != ["cpu"]:
+        return max(1, min(len(devices), folds_to_run))
     cores = os.cpu_count() or 1
-    return 2 if device.type == "cpu" and cores >= 2 and folds_to_run > 1 else 1
+    return 2 if cores >= 2 and folds_to_run > 1 else 1
+
+
+def fold_batches(todo: list[int], jobs: int, devices: list[str]) -> list[list[tuple[int, str]]]:
+    """The folds in batches of `jobs` trained at once, the i-th fold of a batch on devices[i % n]:
+    two GPUs train two folds at once; `jobs` above the GPU count shares each GPU between folds."""
+    batches = [todo[i : i + jobs] for i in range(0, len(todo), jobs)]
+    return [[(fold, devices[i % len(devices)]) for i, fold in enumerate(batch)] for batch in batches]
+
+
+def worker_env(device: str, environ: dict[str, str]) -> tuple[dict[str, str], str]:
+    """A worker's environment and the device it names: a GPU worker sees only its GPU (as cuda),
+    counted within the parent's CUDA_VISIBLE_DEVICES when that is set, so a fold runs the same
+    code on whichever GPU it lands."""
+    if not device.startswith("cuda"):
+        return dict(environ), device
+    index = int(device.partition(":")[2] or 0)
+    visible = [v for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return {**environ, "CUDA_VISIBLE_DEVICES": visible[index] if visible else str(index)}, "cuda"
 
 
 class PipeProgress:
@@ -72,7 +114,7 @@ class PipeProgress:
         self._alive()
         self.send("start_epoch", (epoch, epochs, steps))
 
-    def step(self, loss: float, images: int) -> None:
+    def step(self, loss: float | None, images: int) -> None:
         self.steps, self.images, self.loss = self.steps + 1, self.images + images, loss
         if self.steps % STEP_EVERY == 0:
             self._alive()
@@ -194,17 +236,18 @@ class FoldRelay:
 
 
 def _start(cfg: TrainConfig, data: CompetitionData, staging: Path, fold: int, run_dir: Path,
-           threads: int) -> tuple[subprocess.Popen, Connection]:
-    """Start one fold's worker in its own session (Ctrl-C goes to the parent alone), with the
-    package importable as this process imports it (a notebook may have put it on sys.path)."""
+           threads: int, device: str) -> tuple[subprocess.Popen, Connection]:
+    """Start one fold's worker on `device` in its own session (Ctrl-C goes to the parent alone),
+    with the package importable as this process imports it (a notebook may have put it on sys.path)."""
     bare = CompetitionData(data.spec, data.data_dir,
                            *(ImageTable(t.images[:0], None, t.ids[:0]) for t in (data.train, data.test)))
+    env, device = worker_env(device, dict(os.environ))
     job = staging / f"fold{fold}.pkl"
     with atomic_path(job) as tmp:
-        tmp.write_bytes(pickle.dumps((cfg, bare, fold, run_dir, threads, os.getpid())))
+        tmp.write_bytes(pickle.dumps((dataclasses.replace(cfg, device=device), bare, fold, run_dir, threads, os.getpid())))
     read_fd, write_fd = os.pipe()
     package_root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     try:
         proc = subprocess.Popen([sys.executable, "-m", "kaggle_vit.workers", str(job), str(write_fd)],
                                 pass_fds=(write_fd,), start_new_session=True, env=env)
@@ -226,13 +269,14 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, todo: list[int], run_dir: Path,
-                         jobs: int, progress) -> None:
-    """Train the `todo` folds in batches of `jobs`, each fold in its own process with an equal share
-    of the cores (a last, smaller batch gets more threads each). Batches rather than a queue keep
-    each fold's thread count, and so its numbers, independent of timing: folds take equal time,
-    so little is lost waiting. Raises KaggleVitError naming the fold if a worker fails, and
-    Interrupted (after stopping the workers) on Ctrl-C."""
-    cores, pending = os.cpu_count() or 1, list(todo)
+                         jobs: int, progress, devices: list[str] | None = None) -> None:
+    """Train the `todo` folds in batches of `jobs` (`fold_batches` spreads them over `devices`), each
+    fold in its own process with an equal share of the cores (a last, smaller batch gets more
+    threads each). Batches rather than a queue keep each fold's thread count, and so its numbers,
+    independent of timing: folds take equal time, so little is lost waiting. Raises
+    KaggleVitError naming the fold if a worker fails, and Interrupted (after stopping the
+    workers) on Ctrl-C."""
+    cores, pending = os.cpu_count() or 1, fold_batches(list(todo), jobs, devices or ["cpu"])
     running: dict[int, tuple[subprocess.Popen, Connection]] = {}
     relay, errors, stopped = FoldRelay(progress), {}, {}
     staging = _stage_arrays(data, folds, run_dir)
@@ -253,10 +297,10 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
     try:
         while pending or running:
             if not running and pending and not stopped:  # the next batch of up to `jobs` folds
-                batch, pending = pending[:jobs], pending[jobs:]
+                batch, pending = pending[0], pending[1:]
                 threads = max(1, cores // len(batch))
-                for fold in batch:
-                    running[fold] = _start(cfg, data, staging, fold, run_dir, threads)
+                for fold, device in batch:
+                    running[fold] = _start(cfg, data, staging, fold, run_dir, threads, device)
             wait([conn for _, conn in running.values()], timeout=0.5)
             for fold, (proc, conn) in list(running.items()):
                 if not receive(conn) or proc.poll() is not None:
@@ -267,6 +311,8 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
                     if proc.returncode != 0:
                         stopped[fold], pending = proc.returncode, []
     except KeyboardInterrupt:
+        for _, conn in running.values():  # messages not yet read say where each fold is
+            receive(conn)
         raise Interrupted.during(relay.running) from None  # the workers are stopped below
     finally:
         _stop([proc for proc, _ in running.values()])

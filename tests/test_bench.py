@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from kaggle_vit.bench import timm_twin
@@ -28,3 +30,7 @@ def test_bench_reports_ratios_as_json(small_comp):
     assert ("timm VisionTransformer", "train") in modes and ("kvit_pico_patch4_28", "infer") in modes
     assert report["train_ratio_vs_timm"] > 0 and report["data_vs_train_ratio"] > 0
     assert all(r["images_per_s"] > 0 for r in report["rows"])
+    assert ("bare training step", "train") in modes and ("cv training loop", "train") in modes
+    rate = {r["name"]: r["images_per_s"] for r in report["rows"] if r["mode"] == "train"}
+    assert report["loop_vs_bare_ratio"] == pytest.approx(rate["cv training loop"] / rate["bare training step"])
+    assert report["gpu_utilization"] is None and report["amp"] == "off"  # NVML only on CUDA

@@ -98,3 +98,29 @@ def test_predict_probs_averages_the_shifted_views(small_comp, small_spec):
     assert np.allclose(three, by_hand.numpy(), atol=1e-5) and not np.allclose(three, plain, atol=1e-3)
     # A padded last batch (what a compiled model is given) changes no prediction.
     assert np.allclose(predict_probs(model, dataset, cpu, off, batch_size=32, views=3, pad=True), three, atol=1e-6)
+
+
+def test_amp_policy_uses_fp16_with_a_scaler_where_there_is_no_bf16(monkeypatch):
+    cuda = torch.device("cuda")
+    assert (amp_for("auto", cuda, bf16_supported=False).name, amp_for("auto", cuda, bf16_supported=False).scaler) == ("fp16", True)
+    assert (amp_for("auto", cuda, bf16_supported=True).name, amp_for("auto", cuda, bf16_supported=True).scaler) == ("bf16", False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4 or P100, as the device reports it
+    assert amp_for("auto", cuda).name == "fp16" and amp_for("fp16", cuda).scaler
+    assert amp_for("bf16", cuda).name == "bf16" and amp_for("auto", torch.device("cpu")).name == "off"
+
+
+def test_attention_weights_stay_finite_where_fp16_scores_overflow():
+    """q·k of 256-wide heads with values near 40 exceeds fp16's 65,504: computed in fp16 the softmax
+    gives NaN; the explicit attention path computes it in float32."""
+    from kaggle_vit.models.vit import Attention
+
+    attn = Attention(dim=256, num_heads=1).half()
+    x = torch.full((1, 5, 256), 40.0, dtype=torch.float16)
+    with torch.no_grad():
+        attn.qkv.weight.fill_(0.02)
+        attn.qkv.bias.zero_()
+        q, k, _ = attn.qkv(x).view(1, 5, 3, 1, 256).permute(2, 0, 3, 1, 4).unbind(0)
+        assert torch.isnan((q @ k.transpose(-2, -1)).softmax(-1)).any()  # what fp16 scores would give
+        out, weights = attn(x, return_attention=True)
+    assert weights.dtype == torch.float32 and torch.isfinite(weights).all()
+    assert torch.allclose(weights.sum(-1), torch.ones(1)) and out.dtype == torch.float16 and torch.isfinite(out).all()

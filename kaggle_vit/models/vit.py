@@ -51,9 +51,10 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         weights = None
-        if return_attention:
-            weights = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
-            x = weights @ v
+        if return_attention:  # in float32 under any autocast: q·k overflows fp16's range long before softmax
+            with torch.autocast(x.device.type, enabled=False):
+                weights = ((q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)).softmax(dim=-1)
+                x = (weights @ v.float()).to(v.dtype)
         else:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c))), weights

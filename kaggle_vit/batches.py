@@ -1,0 +1,132 @@
+"""Where a fold's training batches come from, one epoch after another, built once per fold.
+
+Two sources with one interface (`set_epoch(seed)`, iteration, `len`):
+- `DeviceBatches`: the uint8 training images live on the device (a GPU), and each batch is
+  gathered, warped (`augment.augment_on_device`) and normalised there, so the host only launches
+  work and never waits for data;
+- `HostBatches`: albumentations on the host through one DataLoader kept for the whole fold (its
+  worker processes persist across epochs), for CPUs and for image sets too large for the device.
+
+Either way a batch's images and augmentation depend only on the epoch's seed and the batch's
+place in the epoch, never on how many loader workers drew them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .augment import aug_ranges, augment_on_device, train_transform
+from .config import TrainConfig
+from .dataset import ImageDataset, keep_batch
+
+# At most this share of the device's free memory holds the training images (the rest is the model's).
+DEVICE_SHARE = 0.25
+
+
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """DataLoader workers: the config's; else on CUDA one per spare core, and on a CPU with two
+    cores none (a worker there competes with training: 619 vs 824 img/s measured)."""
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    cores = os.cpu_count() or 2
+    if device.type == "cuda":
+        return max(1, min(8, cores - 1))
+    return 0 if cores <= 2 else min(4, cores // 4)
+
+
+class SeededBatch(list):
+    """A batch's row indices, with the seed its augmentation draws from (it travels to loader workers)."""
+
+    def __init__(self, indices: list[int], seed: int):
+        super().__init__(indices)
+        self.seed = seed
+
+
+class EpochBatchSampler(Sampler[SeededBatch]):
+    """Shuffled batches of row indices; the order and every batch's seed follow from `set_epoch`."""
+
+    def __init__(self, n: int, batch_size: int, drop_last: bool):
+        self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, 0
+
+    def set_epoch(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[SeededBatch]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        for i in range(len(self)):
+            yield SeededBatch(order[i * self.batch_size : (i + 1) * self.batch_size], (self.seed * 100_003 + i) % 2**31)
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+class HostBatches:
+    """Augmented (albumentations), normalised batches from one DataLoader that lives as long as the fold."""
+
+    def __init__(self, dataset: ImageDataset, cfg: TrainConfig, device: torch.device):
+        workers = loader_workers(cfg, device)
+        transform = train_transform(cfg, seed=cfg.seed, size=tuple(dataset.images.shape[-2:]))
+        self.sampler = EpochBatchSampler(len(dataset), cfg.batch_size, drop_last=len(dataset) > cfg.batch_size)
+        self.loader = DataLoader(dataset.with_augmentation(transform, cfg.aug_group), batch_sampler=self.sampler,
+                                 collate_fn=keep_batch, num_workers=workers, pin_memory=device.type == "cuda",
+                                 persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                 worker_init_fn=_loader_worker_init if workers else None)
+
+    def set_epoch(self, seed: int) -> None:
+        self.sampler.set_epoch(seed)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+
+class DeviceBatches:
+    """The training images kept on `device` as uint8; each batch gathered, warped and normalised there."""
+
+    def __init__(self, dataset: ImageDataset, cfg: TrainConfig, device: torch.device):
+        self.images = torch.from_numpy(np.ascontiguousarray(dataset.images)).to(device)
+        self.labels = dataset.labels.to(device)
+        self.data_config, self.ranges, self.batch_size = dataset.data_config, aug_ranges(cfg), cfg.batch_size
+        self.drop_last = len(dataset) > cfg.batch_size
+        self.gen = torch.Generator(device=device)
+
+    def set_epoch(self, seed: int) -> None:
+        self.gen.manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.images), generator=self.gen, device=self.images.device)
+        for i in range(len(self)):
+            rows = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.data_config.normalize(augment_on_device(self.images[rows], self.ranges, self.gen)), self.labels[rows]
+
+
+def fits_on_device(images: np.ndarray, device: torch.device) -> bool:
+    """Whether `images` take at most DEVICE_SHARE of the GPU's free memory (never for a CPU)."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.nbytes <= DEVICE_SHARE * free
+
+
+def on_device(cfg: TrainConfig, images: np.ndarray, device: torch.device) -> bool:
+    """Whether training batches are built on the device: `data_on_device` on/off, or auto (when they fit on a GPU)."""
+    return cfg.data_on_device == "on" or (cfg.data_on_device == "auto" and fits_on_device(images, device))
+
+
+def train_batches(dataset: ImageDataset, cfg: TrainConfig, device: torch.device) -> DeviceBatches | HostBatches:
+    """The fold's source of training batches (see the module's docstring)."""
+    return (DeviceBatches if on_device(cfg, dataset.images, device) else HostBatches)(dataset, cfg, device)

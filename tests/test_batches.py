@@ -1,0 +1,69 @@
+"""Training batches: on the device (uint8 images kept there, warped in batches) or from one
+persistent DataLoader with albumentations; both repeat from the epoch's seed alone."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from kaggle_vit.batches import DeviceBatches, HostBatches, train_batches
+from kaggle_vit.config import TrainConfig
+from kaggle_vit.dataset import ImageDataset
+from kaggle_vit.engine import fit
+
+CFG = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=50,
+                  lr=2e-3, aug="affine", num_workers=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def digits(mnist) -> ImageDataset:
+    return ImageDataset(mnist[0][:300, None], mnist[1][:300])
+
+
+def _epoch(source, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    source.set_epoch(seed)
+    return [(x.clone(), y.clone()) for x, y in source]
+
+
+@pytest.mark.parametrize("where", ["on", "off"])
+def test_an_epoch_is_a_shuffle_of_every_row_and_repeats_from_its_seed(digits, where):
+    source = train_batches(digits, dataclasses.replace(CFG, data_on_device=where), torch.device("cpu"))
+    assert isinstance(source, DeviceBatches if where == "on" else HostBatches) and len(source) == 6
+    first, again, other = _epoch(source, 7), _epoch(source, 7), _epoch(source, 8)
+    labels = torch.cat([y for _, y in first])
+    assert sorted(labels.tolist()) == sorted(digits.labels.tolist())  # every row once
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][1], other[0][1])
+    x = first[0][0]
+    assert x.shape == (50, 1, 28, 28) and x.dtype == torch.float32 and -1.0001 <= x.min() and x.max() <= 1.0001
+
+
+def test_device_batches_without_augmentation_are_the_normalised_rows(digits):
+    source = train_batches(digits, dataclasses.replace(CFG, data_on_device="on", aug="none"), torch.device("cpu"))
+    table = digits.data_config.normalize(torch.from_numpy(digits.images)).flatten(1)
+    for x, y in _epoch(source, 3):
+        distance = (x.flatten(1)[:, None, :] - table[None]).abs().amax(-1)
+        assert (distance.min(1).values == 0).all() and torch.equal(digits.labels[distance.argmin(1)], y)
+
+
+def test_host_batches_do_not_depend_on_loader_workers(digits):
+    """A batch's augmentation is seeded by the epoch and its place in it, so 0 or 2 loader workers give the same batches."""
+    alone = _epoch(train_batches(digits, CFG, torch.device("cpu")), 5)
+    helped = _epoch(train_batches(digits, dataclasses.replace(CFG, num_workers=2), torch.device("cpu")), 5)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(alone, helped))
+
+
+def test_auto_keeps_a_cpu_on_albumentations(digits):
+    assert isinstance(train_batches(digits, CFG, torch.device("cpu")), HostBatches)
+
+
+def test_fit_learns_from_device_batches(mnist):
+    train = ImageDataset(mnist[0][:2000, None], mnist[1][:2000])
+    valid = ImageDataset(mnist[0][2000:2500, None], mnist[1][2000:2500])
+    from kaggle_vit.competition import load_spec
+    from kaggle_vit.models import create_model
+
+    cfg = TrainConfig(epochs=3, batch_size=32, num_workers=0, device="cpu", data_on_device="on")
+    torch.manual_seed(0)
+    result = fit(create_model(cfg, load_spec("digit-recognizer")), train, valid, cfg, seed=1)
+    assert result.history[-1]["valid_acc"] > 0.8 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
