@@ -188,6 +188,7 @@ def cv(
     tta: Annotated[Optional[int], typer.Option("--tta", help="Test-time views for OOF and test predictions: 1 (off) to 9.")] = None,
     tta_mode: Annotated[Optional[str], typer.Option("--tta-mode", help="shift (one-pixel shifts) or flip (mirror images).")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="default, reduce-overhead (CUDA graphs) or max-autotune.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Default: runs/COMPETITION/MODEL-HASH.")] = None,
     data_dir: DataDirOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per fold; no live display.")] = False,
@@ -200,7 +201,8 @@ def cv(
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
                          seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers,
-                         jobs=jobs, devices=devices, data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile)
+                         jobs=jobs, devices=devices, data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile,
+                         compile_mode=compile_mode)
     from .models import create_model
 
     spec = load_spec(cfg.competition)
@@ -380,6 +382,7 @@ def bench(
     preset: Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b")] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved timing rounds (medians reported).")] = 5,
+    compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the loop (with the preset's --compile).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     competition: CompetitionOpt = None,
     data_dir: DataDirOpt = None,
@@ -396,7 +399,8 @@ def bench(
     from .engine import amp_for, select_device
     from .models import create_model
 
-    cfg = resolve_config(preset, None, competition=competition, model=model, device=device, batch_size=batch_size)
+    cfg = resolve_config(preset, None, competition=competition, model=model, device=device, batch_size=batch_size,
+                         compile_mode=compile_mode)
     spec = load_spec(cfg.competition)
     ours = create_model(cfg, spec)
     if not hasattr(ours, "attention_maps"):

@@ -59,6 +59,7 @@ class TrainConfig:
     tta: int = 5  # test-time views for the OOF and test predictions
     tta_mode: str = "shift"  # shift: one-pixel shifts (digits) | flip: mirror images and their shifts (photos)
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
 
     def model_overrides(self) -> dict[str, Any]:
         """Architecture keywords given explicitly (not None), for timm.create_model."""
@@ -67,8 +68,8 @@ class TrainConfig:
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change results: all but where and how fast the run goes (device,
-        GPUs, DataLoader workers, evaluation batch size, folds trained at once)."""
-        skip = {"device", "devices", "num_workers", "eval_batch_size", "jobs"}
+        GPUs, DataLoader workers, evaluation batch size, folds trained at once, compile mode)."""
+        skip = {"device", "devices", "num_workers", "eval_batch_size", "jobs", "compile_mode"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def fingerprint(self) -> str:
@@ -148,6 +149,9 @@ def validate_config(cfg: TrainConfig) -> None:
         raise KaggleVitError(f"tta_mode must be shift or flip, got '{cfg.tta_mode}'")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
         raise KaggleVitError(f"amp must be auto, bf16, fp16 or off, got '{cfg.amp}'")
+    if cfg.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise KaggleVitError(f"compile_mode must be default, reduce-overhead, max-autotune or "
+                             f"max-autotune-no-cudagraphs, got '{cfg.compile_mode}'")
     if cfg.data_on_device not in ("auto", "on", "off"):
         raise KaggleVitError(f"data_on_device must be auto, on or off, got '{cfg.data_on_device}'")
     if cfg.jobs < 0:
