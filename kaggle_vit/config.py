@@ -152,6 +152,8 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         raise KaggleVitError(f"compile_mode must be default, reduce-overhead, max-autotune or "
                              f"max-autotune-no-cudagraphs, got '{cfg.compile_mode}'")
+    if cfg.devices != "all" and not all(part.strip().isdigit() for part in cfg.devices.split(",")):
+        raise KaggleVitError(f"--devices {cfg.devices}: give GPU indices such as 0,1, or all")
     if cfg.data_on_device not in ("auto", "on", "off"):
         raise KaggleVitError(f"data_on_device must be auto, on or off, got '{cfg.data_on_device}'")
     if cfg.jobs < 0:

@@ -52,10 +52,7 @@ def visible_devices(cfg: TrainConfig, gpu_count: int | None = None) -> list[str]
     count = torch.cuda.device_count() if gpu_count is None else gpu_count
     if cfg.devices == "all":
         return [f"cuda:{i}" for i in range(count)] or ["cpu"]
-    try:
-        wanted = [int(part) for part in cfg.devices.split(",")]
-    except ValueError:
-        raise KaggleVitError(f"--devices {cfg.devices}: give GPU indices such as 0,1, or all") from None
+    wanted = [int(part) for part in cfg.devices.split(",")]  # checked by config.validate_config
     bad = [i for i in wanted if not 0 <= i < count]
     if bad:
         raise KaggleVitError(f"--devices {cfg.devices}: GPU {bad[0]} is not visible ({count} GPU(s) are: 0..{count - 1})")

@@ -2,7 +2,7 @@
 environment that makes every GPU worker see its GPU as `cuda`."""
 import pytest
 
-from kaggle_vit.config import TrainConfig
+from kaggle_vit.config import TrainConfig, validate_config
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.workers import auto_jobs, fold_batches, visible_devices, worker_env
 
@@ -30,7 +30,7 @@ def test_devices_option_picks_and_checks_gpus():
     with pytest.raises(KaggleVitError, match=r"^--devices 0,2: GPU 2 is not visible \(2 GPU\(s\) are: 0\.\.1\)$"):
         visible_devices(TrainConfig(devices="0,2"), gpu_count=2)
     with pytest.raises(KaggleVitError, match="give GPU indices such as 0,1, or all"):
-        visible_devices(TrainConfig(devices="first"), gpu_count=2)
+        validate_config(TrainConfig(devices="first"))
 
 
 def test_cpu_keeps_two_single_threaded_folds():
