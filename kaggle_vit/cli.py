@@ -150,15 +150,19 @@ def fold_table(result) -> "Table":
     from rich.table import Table
 
     table = Table(title=f"cross-validation: {result.run_dir}")
-    for col in ("fold", "best epoch", "valid acc", "no TTA", "valid loss", "train time", "img/s", "amp"):
+    extra = result.metric != "accuracy"  # the competition's metric gets its own columns, named
+    columns = ("fold", "best epoch", "valid acc", "no TTA") + ((f"valid {result.metric}", "no TTA") if extra else ())
+    for col in columns + ("valid loss", "train time", "img/s", "amp"):
         table.add_column(col, justify="right")
     for f in result.folds:
         plain = f.get("valid_acc_plain", f["valid_acc"])
+        scores = (f"{f['valid_score']:.4f}", f"{f['valid_score_plain']:.4f}") if extra else ()
         table.add_row(str(f["fold"]), str(f["best_epoch"]), f"{100 * f['valid_acc']:.2f}%", f"{100 * plain:.2f}%",
-                      f"{f['valid_loss']:.4f}", f"{f['train_seconds']:.0f}s", f"{f['images_per_s']:.0f}", f["amp"])
+                      *scores, f"{f['valid_loss']:.4f}", f"{f['train_seconds']:.0f}s", f"{f['images_per_s']:.0f}", f["amp"])
     if result.complete:
         table.add_section()
-        table.add_row("OOF", "", f"{100 * result.oof_acc:.2f}%", f"{100 * result.oof_acc_plain:.2f}%",
+        scores = (f"{result.oof_score:.4f}", f"{result.oof_score_plain:.4f}") if extra else ()
+        table.add_row("OOF", "", f"{100 * result.oof_acc:.2f}%", f"{100 * result.oof_acc_plain:.2f}%", *scores,
                       f"{result.oof_loss:.4f}", f"{sum(f['train_seconds'] for f in result.folds):.0f}s", "", "")
     return table
 
@@ -217,6 +221,8 @@ def cv(
         plot_run_curves(result.run_dir)
     out.print(fold_table(result))
     if result.complete:
+        if result.metric != "accuracy":
+            out.print(f"OOF {result.metric} {result.oof_score:.4f} ({result.oof_score_plain:.4f} without test-time views)")
         out.print(f"OOF accuracy {100 * result.oof_acc:.2f}% over {len(data.train):,} rows with {cfg.tta} test-time "
                   f"view(s) ({100 * result.oof_acc_plain:.2f}% without); run in [cyan]{result.run_dir}[/]")
     else:
@@ -269,25 +275,30 @@ def score(
     """Score a submission against a solution file: the local private leaderboard."""
     from .io import read_json
     from .rundir import RunDir
+    from .metrics import get_metric
     from .submit import fold_scores, latest_run, run_folds, score_submission
 
     spec = load_spec(competition or "digit-recognizer")
     solution = solution or data_dir_for(spec, data_dir) / spec.solution_file
-    accuracy = score_submission(submission_file, solution, spec)
-    lines = [f"{submission_file}: {spec.metric} [bold]{100 * accuracy:.3f}%[/] on {solution}"]
+    if not spec.class_names:  # named by the training labels: the data says which they are
+        spec = load_data(spec, data_dir).spec
+    value = score_submission(submission_file, solution, spec)
+    shown = (lambda v: f"{100 * v:.3f}%") if spec.metric == "accuracy" else (lambda v: f"{v:.5f}")
+    lines = [f"{submission_file}: {spec.metric} [bold]{shown(value)}[/] on {solution}"]
     try:
         run = run_dir or latest_run(spec)
     except KaggleVitError:
         run = None  # no run to compare with: the score alone
     if run is not None:
         n_folds, done = run_folds(run)
-        oof = read_json(RunDir(run).metrics).get("oof_acc")
+        oof = read_json(RunDir(run).metrics).get("oof_score" if spec.metric != "accuracy" else "oof_acc")
         if oof is not None:
-            lines.append(f"  OOF accuracy of {run}: {100 * oof:.3f}% ({len(done)} folds)")
+            lines.append(f"  OOF {spec.metric} of {run}: {shown(oof)} ({len(done)} folds)")
         if done:
             singles = fold_scores(run, load_data(spec, data_dir), solution, sorted(done))
-            best = max(singles, key=singles.get)
-            lines.append("  single folds on the same rows: " + ", ".join(f"fold {k}: {100 * a:.3f}%" for k, a in
+            metric = get_metric(spec.metric)
+            best = max(singles, key=singles.get) if metric.higher_is_better else min(singles, key=singles.get)
+            lines.append("  single folds on the same rows: " + ", ".join(f"fold {k}: {shown(a)}" for k, a in
                                                                         singles.items()) + f" (best: fold {best})")
     for line in lines:
         out.print(line)

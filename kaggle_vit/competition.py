@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .errors import KaggleVitError
 from .io import read_toml
+from .metrics import METRICS
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,6 @@ def _int(table: dict, key: str, where: str, default: int | None = None, low: int
     return value
 
 
-METRICS = ("accuracy",)
 SPLITS = ("official", "resplit")
 LAYOUTS = ("pixels", "files", "folders")
 
@@ -177,6 +177,8 @@ def parse_spec(data: dict, path: str) -> CompetitionSpec:
         train_defaults=tuple(sorted(_table(data, "train", path, required=False).items())),
     )
     _check_choices(path, spec.metric, spec.offline_split, spec.pixel_column)
+    if METRICS[spec.metric].binary_only and spec.num_classes not in (0, 2):
+        raise KaggleVitError(f"{path}: metric = '{spec.metric}' scores two classes, but num_classes = {spec.num_classes}")
     if layout != "pixels" and spec.channels not in (1, 3):
         raise KaggleVitError(f"{path} [image]: channels = {spec.channels} must be 1 (grey) or 3 (RGB) for image files")
     return spec

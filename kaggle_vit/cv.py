@@ -23,6 +23,7 @@ from .data import CompetitionData, load_or_make_folds, save_folds
 from .engine import NoProgress, Progress
 from .errors import Interrupted, KaggleVitError
 from .io import atomic_path, read_json, write_json
+from .metrics import get_metric
 from .models import build, model_kwargs
 from .fold import train_fold
 from .notices import notice
@@ -41,6 +42,9 @@ class CVResult:
     oof_loss: float | None
     trained: list[int]
     oof_acc_plain: float | None = None  # without test-time views
+    metric: str = "accuracy"  # the competition's metric, which oof_score and each fold's valid_score are
+    oof_score: float | None = None
+    oof_score_plain: float | None = None
 
     @property
     def complete(self) -> bool:
@@ -128,22 +132,25 @@ class _Tracked:
 
 
 def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds: int) -> dict[str, float]:
-    """Gather every fold's validation probabilities into oof.csv; return OOF accuracy and loss (of
-    the run's predictor, with its test-time views) and the accuracy without test-time views."""
-    labels, n_classes = data.train.labels, data.spec.num_classes
+    """Gather every fold's validation probabilities into oof.csv; return OOF accuracy, loss and the
+    competition's metric (of the run's predictor, with its test-time views), and accuracy and metric
+    without test-time views."""
+    labels, n_classes, metric = data.train.labels, data.spec.num_classes, get_metric(data.spec.metric)
     probs = np.zeros((len(labels), n_classes), dtype=np.float32)
-    plain = np.zeros(len(labels), dtype=np.int64)
+    plain_probs = np.zeros_like(probs)
     for fold in range(1, n_folds + 1):
         with np.load(RunDir(run_dir).fold(fold).valid_probs) as z:
             probs[z["rows"]] = z["probs"]
-            plain[z["rows"]] = (z["probs_plain"] if "probs_plain" in z else z["probs"]).argmax(1)
+            plain_probs[z["rows"]] = z["probs_plain"] if "probs_plain" in z else z["probs"]
+    plain = plain_probs.argmax(1)
     pred = probs.argmax(1)
     frame = pd.DataFrame({"row": np.arange(len(labels)), "label": labels, "fold": folds, "pred": pred})
     frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"prob_{c}" for c in range(n_classes)])], axis=1)
     with atomic_path(RunDir(run_dir).oof) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    return {"oof_acc": float((pred == labels).mean()), "oof_loss": loss, "oof_acc_plain": float((plain == labels).mean())}
+    return {"oof_acc": float((pred == labels).mean()), "oof_loss": loss, "oof_acc_plain": float((plain == labels).mean()),
+            "oof_score": metric(labels, probs), "oof_score_plain": metric(labels, plain_probs)}
 
 
 def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: list[int] | None = None,
@@ -178,14 +185,15 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     except KeyboardInterrupt:
         raise Interrupted.during(progress.running) from None
     summaries = [read_json(run.fold(k).result) for k in range(1, cfg.folds + 1) if run.fold(k).result.exists()]
-    oof = {"oof_acc": None, "oof_loss": None, "oof_acc_plain": None}
+    oof = dict.fromkeys(("oof_acc", "oof_loss", "oof_acc_plain", "oof_score", "oof_score_plain"))
     if len(summaries) == cfg.folds:
         oof = _write_oof(run_dir, data, folds, cfg.folds)
-    metrics = {"competition": spec.name, "model": cfg.model, "class_names": list(spec.class_names),
+    metrics = {"competition": spec.name, "model": cfg.model, "class_names": list(spec.class_names), "metric": spec.metric,
                "folds": summaries, "n_folds": cfg.folds,
                **oof, "tta": cfg.tta,
                "train_seconds": sum(s["train_seconds"] for s in summaries),
                "predict_seconds": sum(s.get("predict_seconds", 0.0) for s in summaries),
                "version": __version__, "git": git_hash(), "config": to_toml(cfg)}
     write_json(run.metrics, metrics)
-    return CVResult(run_dir, summaries, cfg.folds, oof["oof_acc"], oof["oof_loss"], trained, oof["oof_acc_plain"])
+    return CVResult(run_dir, summaries, cfg.folds, oof["oof_acc"], oof["oof_loss"], trained, oof["oof_acc_plain"],
+                    spec.metric, oof["oof_score"], oof["oof_score_plain"])

@@ -24,6 +24,7 @@ from .config import TrainConfig
 from .dataset import ImageDataset
 from .errors import KaggleVitError
 from .io import atomic_path
+from .metrics import Metric, get_metric
 
 
 def select_device(name: str) -> torch.device:
@@ -198,7 +199,7 @@ class FitResult:
 class _State:
     epoch: int = 0
     history: list[dict] = field(default_factory=list)
-    best_acc: float = -1.0
+    best_score: float | None = None
     best_epoch: int = -1
     best_state: dict | None = None
     best_probs: np.ndarray | None = None
@@ -332,11 +333,14 @@ def fit(
     progress: Progress | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    metric: Metric | None = None,
 ) -> FitResult:
-    """Train on `train` for cfg.epochs, validating on `valid` each epoch and keeping the best (the
-    datasets carry the images, labels and the model's normalisation). Each epoch's state is saved
-    to `state_path`; `resume` (a state from `read_state`) continues after its last epoch."""
+    """Train on `train` for cfg.epochs, validating on `valid` each epoch and keeping the epoch best
+    by the competition's `metric` (default accuracy; the datasets carry the images, labels and the
+    model's normalisation). Each epoch's state is saved to `state_path`; `resume` (a state from
+    `read_state`) continues after its last epoch."""
     progress = progress or NoProgress()
+    metric = metric or get_metric("accuracy")
     device = select_device(cfg.device)
     eval_amp = inference_amp(cfg.amp, device)
     model.to(device)
@@ -353,16 +357,18 @@ def fit(
         trained = train_one_epoch(t, batches, epoch, progress)
         train_time = time.perf_counter() - t0
         scores, logits = evaluate(t.forward, valid, device, eval_amp, cfg.eval_batch_size, cfg.compile, epoch)
+        probs = logits.softmax(1).numpy()
+        scores["valid_score"] = metric(valid.labels.numpy(), probs)
         record = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"], **scores,
                   "lr": t.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                   "images_per_s": trained["seen"] / train_time}
         st.history.append(record)
         st.seconds += record["seconds"]
         st.epoch = epoch
-        if record["valid_acc"] > st.best_acc:
-            st.best_acc, st.best_epoch = record["valid_acc"], epoch
+        if metric.better(record["valid_score"], st.best_score):
+            st.best_score, st.best_epoch = record["valid_score"], epoch
             st.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            st.best_probs = logits.softmax(1).numpy()
+            st.best_probs = probs
         progress.end_epoch(record)
         if state_path is not None:
             _save_state(state_path, model, t.opt, t.sched, t.scaler, st)

@@ -16,6 +16,7 @@ from .dataset import ImageDataset, resolve_data_config
 from .engine import Progress, fit, inference_amp, maybe_compile, predict_probs, read_state, seed_everything, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, write_json
+from .metrics import get_metric
 from .models import build, model_kwargs
 from .notices import notice
 from .rundir import RunDir
@@ -37,7 +38,7 @@ def _resume_state(path: Path, fold: int, epochs: int) -> dict | None:
 def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
                progress: Progress, on_epoch=None) -> dict:
     """Train one fold and write its checkpoint, history, validation and test probabilities."""
-    spec, out = data.spec, RunDir(run_dir).fold(fold)
+    spec, out, metric = data.spec, RunDir(run_dir).fold(fold), get_metric(data.spec.metric)
     out.root.mkdir(parents=True, exist_ok=True)
     state_path = out.state
     tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
@@ -51,7 +52,7 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
         result = fit(model, ImageDataset(images[tr], labels[tr], data_config=data_config),
                      ImageDataset(images[va], labels[va], data_config=data_config), cfg, seed=cfg.seed + fold,
                      state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs), progress=progress,
-                     on_epoch=on_epoch)
+                     on_epoch=on_epoch, metric=metric)
     except KaggleVitError as error:
         raise KaggleVitError(f"fold {fold}: {error}") from None
     checkpoint = {"model": cfg.model, "kwargs": kwargs, "state_dict": result.best_state, "fold": fold,
@@ -78,7 +79,8 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     best = result.history[result.best_epoch - 1]
     summary = {"fold": fold, "best_epoch": result.best_epoch,
                "valid_acc": float((valid_probs.argmax(1) == labels[va]).mean()), "tta": cfg.tta,
-               "valid_acc_plain": best["valid_acc"], "valid_loss": best["valid_loss"],
+               "valid_acc_plain": best["valid_acc"], "valid_loss": best["valid_loss"], "metric": metric.name,
+               "valid_score": metric(labels[va], valid_probs), "valid_score_plain": best["valid_score"],
                "train_seconds": result.train_seconds, "predict_seconds": time.perf_counter() - t0,
                "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
                "amp": result.amp, "device": str(device), "epochs": len(result.history)}

@@ -17,6 +17,7 @@ from .dataset import ImageDataset, resolve_data_config
 from .engine import inference_amp, predict_probs, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
+from .metrics import get_metric, one_hot
 from .rundir import RunDir, runs_of
 
 
@@ -169,20 +170,39 @@ def read_submission(path: Path, spec: CompetitionSpec, ids: list[str]) -> np.nda
     return validate_submission(read_csv(Path(path), text=True), spec, ids, str(path))
 
 
-def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) -> float:
-    """The competition metric (accuracy) of a submission against a solution file."""
+def _class_indices(labels: np.ndarray, spec: CompetitionSpec, source: str) -> np.ndarray:
+    """Labels as text → class indices (a solution's labels must be class names)."""
+    index = {name: i for i, name in enumerate(spec.class_names)}
+    unknown = [r for r, label in enumerate(labels) if label not in index]
+    if unknown:
+        r = unknown[0]
+        raise KaggleVitError(f"{source}: row {r + 1}, column '{spec.submission_columns[1]}': label '{labels[r]}' is not "
+                             f"one of the {len(index)} classes")
+    return np.asarray([index[label] for label in labels], dtype=np.int64)
+
+
+def _solution(solution: Path, spec: CompetitionSpec) -> tuple[list[str], np.ndarray]:
+    """A solution file's ids and true class indices."""
     truth = read_csv(Path(solution), text=True)
     if list(truth.columns[:2]) != list(spec.submission_columns):
         raise KaggleVitError(f"{solution}: row 0: columns {list(truth.columns)}, expected {list(spec.submission_columns)}")
-    labels = read_submission(submission, spec, truth[spec.submission_columns[0]].tolist())
-    return float((labels == truth[spec.submission_columns[1]].to_numpy()).mean())
+    return truth[spec.submission_columns[0]].tolist(), _class_indices(truth[spec.submission_columns[1]].to_numpy(), spec,
+                                                                       str(solution))
+
+
+def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) -> float:
+    """The competition's metric of a submission against a solution file (a metric of probabilities
+    scores submitted labels as certain)."""
+    ids, truth = _solution(solution, spec)
+    labels = _class_indices(read_submission(submission, spec, ids), spec, str(submission))
+    return get_metric(spec.metric)(truth, one_hot(labels, spec.num_classes))
 
 
 def fold_scores(run_dir: Path, data: CompetitionData, solution: Path, folds: list[int]) -> dict[int, float]:
-    """Held-out accuracy of each single fold model (from its saved test probabilities)."""
-    truth = read_csv(solution, text=True)[data.spec.submission_columns[1]].to_numpy()
+    """The competition's metric of each single fold model on the held-out rows (from its saved test probabilities)."""
+    _, truth = _solution(solution, data.spec)
     if len(truth) != len(data.test):
         raise KaggleVitError(f"{solution}: {len(truth):,} rows, but {data.data_dir / data.spec.test_file} has "
                              f"{len(data.test):,}; give the --data-dir whose test file this solution scores")
-    names = np.asarray(data.spec.class_names, dtype=object)
-    return {k: float((names[fold_test_probs(run_dir, k, data).argmax(1)] == truth).mean()) for k in folds}
+    metric = get_metric(data.spec.metric)
+    return {k: metric(truth, fold_test_probs(run_dir, k, data)) for k in folds}

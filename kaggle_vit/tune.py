@@ -23,6 +23,7 @@ from .cv import run_cv
 from .data import CompetitionData
 from .errors import KaggleVitError
 from .io import read_toml
+from .metrics import get_metric
 
 HEADS = (2, 3, 4, 6, 8)
 
@@ -108,10 +109,11 @@ def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     return _connect(url)
 
 
-def open_study(storage: str, study_name: str, pruner: str, seed: int) -> optuna.Study:
-    """Create or resume a study; its storage's heartbeat fails trials whose worker died."""
+def open_study(storage: str, study_name: str, pruner: str, seed: int, direction: str = "maximize") -> optuna.Study:
+    """Create or resume a study that optimises the competition's metric in its `direction`; its
+    storage's heartbeat fails trials whose worker died."""
     rdb = _storage(storage)
-    return optuna.create_study(study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
+    return optuna.create_study(study_name=study_name, storage=rdb, direction=direction, load_if_exists=True,
                                sampler=optuna.samplers.TPESampler(seed=seed), pruner=make_pruner(pruner))
 
 
@@ -135,14 +137,14 @@ def objective(data: CompetitionData, base: TrainConfig, space: dict, tune_folds:
         step = {"n": 0}
 
         def report(record: dict) -> None:
-            trial.report(record["valid_acc"], step["n"])
+            trial.report(record["valid_score"], step["n"])
             step["n"] += 1
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
         result = run_cv(cfg, data, trials_dir / f"trial{trial.number}", only_folds=tune_folds, on_epoch=report,
                         runs_root=runs_root)
-        scores = [f["valid_acc"] for f in result.folds if f["fold"] in tune_folds]
+        scores = [f["valid_score"] for f in result.folds if f["fold"] in tune_folds]
         return sum(scores) / len(scores)
 
     return run
@@ -212,7 +214,7 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     study_name = study_name or f"kvit-{data.spec.name}"
-    study = open_study(storage, study_name, pruner, base.seed)
+    study = open_study(storage, study_name, pruner, base.seed, get_metric(data.spec.metric).direction)
     study.set_user_attr("competition", data.spec.name)
     from .engine import select_device
 

@@ -267,7 +267,8 @@ def test_unreadable_csv_is_one_line(comp, tmp_path, monkeypatch, damage, message
     (("height = 28", "height = 0"), "[image]: height = 0 must be at least 1"),
     (("num_classes = 10", "num_classes = 0"), "[classes]: num_classes = 0 must be at least 2"),
     (("width = 28", "width = \"28\""), "[image]: width = '28' must be an integer"),
-    (('metric = "accuracy"', 'metric = "auc"'), "metric = 'auc' is not known"),
+    (('metric = "accuracy"', 'metric = "rmse"'), "metric = 'rmse' is not known"),
+    (('metric = "accuracy"', 'metric = "auc"'), "metric = 'auc' scores two classes, but num_classes = 10"),
 ])
 def test_spec_values_are_checked_when_loaded(comp, tmp_path, monkeypatch, edit, message):
     from kaggle_vit.competition import _bundled_dir
