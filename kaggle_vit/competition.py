@@ -44,6 +44,7 @@ class CompetitionSpec:
     image_extension: str = ""  # added to ids without one; "" tries .png, .jpg, .jpeg, .bmp, .tif, .tiff
     pixel_start: int = 0  # number of the first pixel column (Fashion-MNIST's CSVs start at pixel1)
     train_defaults: tuple[tuple[str, object], ...] = ()  # [train]: TrainConfig settings for this competition
+    submission_form: str = "label"  # label | probability (of the second class) | class_probabilities
 
     @property
     def n_pixels(self) -> int:
@@ -59,6 +60,20 @@ class CompetitionSpec:
     def prediction_column(self) -> str:
         """The submission column holding the predicted label."""
         return self.submission_columns[1]
+
+    def submission_header(self) -> list[str]:
+        """The submission's columns: id and label or probability, or id and one column per class."""
+        if self.submission_form == "class_probabilities":
+            return [self.submission_columns[0], *self.class_names]
+        return list(self.submission_columns)
+
+    @property
+    def solution_columns(self) -> tuple[str, str]:
+        """A solution file's columns: the submission's id, and the true label (the submission's
+        second column, or the training file's label column when there is one column per class)."""
+        if len(self.submission_columns) == 2:
+            return self.submission_columns[0], self.submission_columns[1]
+        return self.submission_columns[0], self.label_column
 
     def patch_sizes(self, limit: int = 14) -> list[int]:
         """Patch sizes that tile the image exactly (timm drops border pixels otherwise)."""
@@ -102,6 +117,7 @@ def _int(table: dict, key: str, where: str, default: int | None = None, low: int
 
 SPLITS = ("official", "resplit")
 LAYOUTS = ("pixels", "files", "folders")
+FORMS = ("label", "probability", "class_probabilities")
 
 
 def _classes(classes: dict, where: str, required: bool) -> tuple[int, tuple[str, ...]]:
@@ -140,8 +156,14 @@ def parse_spec(data: dict, path: str) -> CompetitionSpec:
     offline = _table(data, "offline", path, required=False)
     num_classes, names = _classes(classes, f"{path} [classes]", required=layout == "pixels")
     submission = tuple(str(c) for c in _need(cols, "submission", f"{path} [columns]"))
-    if len(submission) != 2:
-        raise KaggleVitError(f"{path} [columns]: submission must name two columns (id, label)")
+    form = str(data.get("submission_form", "label"))
+    if form not in FORMS:
+        raise KaggleVitError(f"{path}: submission_form = '{form}' must be one of {', '.join(FORMS)}")
+    if form == "class_probabilities" and len(submission) != 1:
+        raise KaggleVitError(f"{path} [columns]: submission must name the id column alone (the class columns follow "
+                             f"from the class names) when submission_form = 'class_probabilities'")
+    if form != "class_probabilities" and len(submission) != 2:
+        raise KaggleVitError(f"{path} [columns]: submission must name two columns (id, {form})")
     name = str(_need(data, "name", path))
     spec = CompetitionSpec(
         name=name,
@@ -175,10 +197,13 @@ def parse_spec(data: dict, path: str) -> CompetitionSpec:
         image_extension=str(files.get("image_extension", "")),
         pixel_start=_int(cols, "pixel_start", f"{path} [columns]", default=0, low=0),
         train_defaults=tuple(sorted(_table(data, "train", path, required=False).items())),
+        submission_form=form,
     )
     _check_choices(path, spec.metric, spec.offline_split, spec.pixel_column)
     if METRICS[spec.metric].binary_only and spec.num_classes not in (0, 2):
         raise KaggleVitError(f"{path}: metric = '{spec.metric}' scores two classes, but num_classes = {spec.num_classes}")
+    if form == "probability" and spec.num_classes not in (0, 2):
+        raise KaggleVitError(f"{path}: submission_form = 'probability' is for two classes, but num_classes = {spec.num_classes}")
     if layout != "pixels" and spec.channels not in (1, 3):
         raise KaggleVitError(f"{path} [image]: channels = {spec.channels} must be 1 (grey) or 3 (RGB) for image files")
     return spec

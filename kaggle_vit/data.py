@@ -240,8 +240,8 @@ def load_image_csv(path: str | os.PathLike[str], spec: CompetitionSpec, train: b
 def load_sample_ids(path: Path, spec: CompetitionSpec) -> np.ndarray:
     """Ids of the sample submission, checking its columns."""
     frame = read_csv(path)
-    if list(frame.columns) != list(spec.submission_columns):
-        raise KaggleVitError(f"{path}: row 0: columns {list(frame.columns)}, expected {list(spec.submission_columns)}")
+    if list(frame.columns) != spec.submission_header():
+        raise KaggleVitError(f"{path}: row 0: columns {list(frame.columns)}, expected {spec.submission_header()}")
     ids = _numeric(path, frame[[spec.id_column]])
     _check_values(path, ids, [spec.id_column], -(2**62), 2**62, "id")
     return ids[:, 0].astype(np.int64)

@@ -190,12 +190,13 @@ def write_competition_files(spec: CompetitionSpec, dest: Path, train_x, train_y,
     _write_rows(dest / spec.train_file, [spec.label_column, *pixels], _to_rows(train_x, spec, "train images"), train_y)
     _write_rows(dest / spec.test_file, pixels, _to_rows(test_x, spec, "test images"))
     ids = np.arange(spec.id_start, spec.id_start + len(test_x))
-    id_col, label_col = spec.submission_columns
-    sample = "".join(f"{i},0\n" for i in ids)
-    solution = "".join(f"{i},{y}\n" for i, y in zip(ids, test_y))
-    for name, body in ((spec.sample_submission_file, sample), (spec.solution_file, solution)):
+    placeholder = {"label": "0", "probability": "0.5"}.get(spec.submission_form, ",".join([f"{1 / spec.num_classes:.6g}"] * spec.num_classes))
+    sample = "".join(f"{i},{placeholder}\n" for i in ids)
+    solution = "".join(f"{i},{spec.class_names[y]}\n" for i, y in zip(ids, test_y))
+    for name, header, body in ((spec.sample_submission_file, spec.submission_header(), sample),
+                               (spec.solution_file, spec.solution_columns, solution)):
         with atomic_path(dest / name) as tmp:
-            tmp.write_text(f"{id_col},{label_col}\n" + body, encoding="utf-8")
+            tmp.write_text(",".join(header) + "\n" + body, encoding="utf-8")
 
 
 def kaggle_credentials_present() -> bool:

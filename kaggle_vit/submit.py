@@ -17,7 +17,7 @@ from .dataset import ImageDataset, resolve_data_config
 from .engine import inference_amp, predict_probs, select_device
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
-from .metrics import get_metric, one_hot
+from .metrics import clip_probs, get_metric, one_hot
 from .rundir import RunDir, runs_of
 
 
@@ -104,13 +104,8 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
                          mode=str(saved_cfg.get("tta_mode", "shift")))
 
 
-def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids: list[str], source: str) -> np.ndarray:
-    """Check columns, row count, ids (unique, the sample's, in its order) and labels (among the
-    class names, when known), all as the text Kaggle reads; return the labels."""
-    id_col, label_col = spec.submission_columns
-    if list(frame.columns) != [id_col, label_col]:
-        raise KaggleVitError(f"{source}: row 0: columns {list(frame.columns)}, expected {[id_col, label_col]}")
-    ids, labels = frame[id_col].astype(str).to_numpy(), frame[label_col].astype(str).to_numpy()
+def _check_ids(ids: np.ndarray, expected_ids: list[str], id_col: str, source: str) -> None:
+    """Ids unique, the sample's, in its order, compared as the text Kaggle reads."""
     dup = pd.Series(ids).duplicated().to_numpy()
     if dup.any():
         r = int(np.argmax(dup))
@@ -124,14 +119,56 @@ def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids
     if mismatch.any():
         r = int(np.argmax(mismatch))
         raise KaggleVitError(f"{source}: row {r + 1}, column '{id_col}': id {ids[r]}, expected {expected[r]}")
-    names = spec.class_names
-    unknown = ~np.isin(labels, np.asarray(names)) if names else (labels == "")
-    if unknown.any():
-        r = int(np.argmax(unknown))
+
+
+def _labels(frame: pd.DataFrame, column: str, names: tuple[str, ...], source: str) -> np.ndarray:
+    """A label column as (N, classes) certain probabilities; every label must be a class name."""
+    labels = frame[column].astype(str).to_numpy()
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [r for r, label in enumerate(labels) if label not in index]
+    if unknown:
+        r = unknown[0]
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise KaggleVitError(f"{source}: row {r + 1}, column '{label_col}': label '{labels[r]}' is not one of the "
+        raise KaggleVitError(f"{source}: row {r + 1}, column '{column}': label '{labels[r]}' is not one of the "
                              f"{len(names)} classes ({shown})")
-    return labels
+    return one_hot(np.asarray([index[label] for label in labels], dtype=np.int64), len(names))
+
+
+def _probabilities(frame: pd.DataFrame, columns: list[str], source: str) -> np.ndarray:
+    """Probability columns as an (N, len(columns)) array; each value must be a number from 0 to 1."""
+    values = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~((values >= 0) & (values <= 1))  # also NaN: text that is not a number
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])
+        raise KaggleVitError(f"{source}: row {r + 1}, column '{columns[c]}': '{frame[columns[c]].iloc[r]}' is not a "
+                             f"probability (a number from 0 to 1)")
+    return values
+
+
+def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids: list[str], source: str) -> np.ndarray:
+    """Check a submission in the spec's form, as the text Kaggle reads: its columns, row count, ids
+    (unique, the sample's, in its order) and values (class names, or probabilities from 0 to 1);
+    return it as (N, classes) probabilities (a label is a certain class)."""
+    header = spec.submission_header()
+    if list(frame.columns) != header:
+        raise KaggleVitError(f"{source}: row 0: columns {list(frame.columns)}, expected {header}")
+    _check_ids(frame[header[0]].astype(str).to_numpy(), expected_ids, header[0], source)
+    if spec.submission_form == "label":
+        return _labels(frame, header[1], spec.class_names, source)
+    probs = _probabilities(frame, header[1:], source)
+    return np.concatenate([1 - probs, probs], axis=1) if spec.submission_form == "probability" else probs
+
+
+def submission_frame(ids: np.ndarray, probs: np.ndarray, spec: CompetitionSpec) -> pd.DataFrame:
+    """The submission of ensemble probabilities in the spec's form: the most probable class's name,
+    the second class's probability, or every class's; probabilities clipped as Kaggle's log loss clips them."""
+    header = spec.submission_header()
+    if spec.submission_form == "label":
+        return pd.DataFrame({header[0]: ids, header[1]: np.asarray(spec.class_names, dtype=object)[probs.argmax(1)]})
+    clipped = clip_probs(probs)
+    if spec.submission_form == "probability":
+        return pd.DataFrame({header[0]: ids, header[1]: clipped[:, 1]})
+    return pd.concat([pd.DataFrame({header[0]: ids}), pd.DataFrame(clipped, columns=header[1:])], axis=1)
 
 
 def expected_ids(data: CompetitionData) -> list[str]:
@@ -156,8 +193,7 @@ def make_submission(run_dir: Path, data: CompetitionData, output: Path, folds: l
     weights = raw / raw.sum()
     probs = sum(w * per_fold[k] for w, k in zip(weights, chosen))
     labels = probs.argmax(1)
-    names = np.asarray(spec.class_names, dtype=object)
-    frame = pd.DataFrame({spec.submission_columns[0]: data.test.ids, spec.submission_columns[1]: names[labels]})
+    frame = submission_frame(data.test.ids, probs, spec)
     validate_submission(frame, spec, expected_ids(data), str(output))
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
@@ -166,36 +202,30 @@ def make_submission(run_dir: Path, data: CompetitionData, output: Path, folds: l
 
 
 def read_submission(path: Path, spec: CompetitionSpec, ids: list[str]) -> np.ndarray:
-    """Read and validate a submission file; return its labels (as text) in id order."""
+    """Read and validate a submission file; return it as (N, classes) probabilities in id order."""
     return validate_submission(read_csv(Path(path), text=True), spec, ids, str(path))
 
 
 def _class_indices(labels: np.ndarray, spec: CompetitionSpec, source: str) -> np.ndarray:
-    """Labels as text → class indices (a solution's labels must be class names)."""
-    index = {name: i for i, name in enumerate(spec.class_names)}
-    unknown = [r for r, label in enumerate(labels) if label not in index]
-    if unknown:
-        r = unknown[0]
-        raise KaggleVitError(f"{source}: row {r + 1}, column '{spec.submission_columns[1]}': label '{labels[r]}' is not "
-                             f"one of the {len(index)} classes")
-    return np.asarray([index[label] for label in labels], dtype=np.int64)
+    """A solution's labels (class names, as text) → class indices."""
+    column = spec.solution_columns[1]
+    return _labels(pd.DataFrame({column: labels}), column, spec.class_names, source).argmax(1)
 
 
 def _solution(solution: Path, spec: CompetitionSpec) -> tuple[list[str], np.ndarray]:
-    """A solution file's ids and true class indices."""
+    """A solution file's ids and true class indices (its columns: `spec.solution_columns`)."""
     truth = read_csv(Path(solution), text=True)
-    if list(truth.columns[:2]) != list(spec.submission_columns):
-        raise KaggleVitError(f"{solution}: row 0: columns {list(truth.columns)}, expected {list(spec.submission_columns)}")
-    return truth[spec.submission_columns[0]].tolist(), _class_indices(truth[spec.submission_columns[1]].to_numpy(), spec,
-                                                                       str(solution))
+    id_col, label_col = spec.solution_columns
+    if list(truth.columns[:2]) != [id_col, label_col]:
+        raise KaggleVitError(f"{solution}: row 0: columns {list(truth.columns)}, expected {[id_col, label_col]}")
+    return truth[id_col].tolist(), _class_indices(truth[label_col].to_numpy(), spec, str(solution))
 
 
 def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) -> float:
     """The competition's metric of a submission against a solution file (a metric of probabilities
     scores submitted labels as certain)."""
     ids, truth = _solution(solution, spec)
-    labels = _class_indices(read_submission(submission, spec, ids), spec, str(submission))
-    return get_metric(spec.metric)(truth, one_hot(labels, spec.num_classes))
+    return get_metric(spec.metric)(truth, read_submission(submission, spec, ids))
 
 
 def fold_scores(run_dir: Path, data: CompetitionData, solution: Path, folds: list[int]) -> dict[int, float]:
