@@ -1,5 +1,10 @@
 #!/bin/bash
-# Second GPU check for issue 15: CUDA graphs, five folds at once, 2 and 4 folds sharing the GPU.
+# The GPU checks of issue 15 in one script for the `device` tool (every step has a timeout; logs
+# and nvidia-smi samples go to $OUT, a few files only). Before calling it, as FIELD-NOTES.md says:
+# download the albumentations wheels into .whl/ and copy ~/.cache/kaggle-vit/mnist.pkl.gz into
+# .gpu/ (both git-ignored), then run `bash benchmarks/gpu_check.sh` with carry [".whl", ".gpu"].
+# It measures: bench with CUDA graphs, 5-fold CV + submit with five folds at once, fold 1 with CUDA
+# graphs, and 4 folds x 4 epochs with 2 and with 4 folds sharing the GPU.
 set -u
 T0=$(date +%s)
 L=$OUT/steps.log

@@ -154,10 +154,12 @@ def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds:
 
 
 def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: list[int] | None = None,
-           progress: Progress | None = None, on_epoch=None, runs_root: Path | None = None) -> CVResult:
+           progress: Progress | None = None, on_epoch=None, runs_root: Path | None = None,
+           validate_only: bool = False) -> CVResult:
     """Train every fold not yet finished (or only `only_folds`), then write OOF scores and metrics.
     Folds train `cfg.jobs` at a time in worker processes (`workers`), or in this process when one
-    at a time or when `on_epoch` (tune's pruning hook) must see every epoch."""
+    at a time or when `on_epoch` (tune's pruning hook) must see every epoch. `validate_only` (a
+    tuning trial) skips the test predictions and test-time views."""
     progress = _Tracked(progress or NoProgress())
     spec = data.spec
     build(cfg.model, model_kwargs(cfg, spec))  # an impossible model fails here, before any folder or worker
@@ -181,7 +183,7 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
         else:
             one = cfg if devices == ["cpu"] else dataclasses.replace(cfg, device=devices[0])
             for fold in trained:
-                train_fold(one, data, folds, fold, run_dir, progress, on_epoch)
+                train_fold(one, data, folds, fold, run_dir, progress, on_epoch, validate_only)
     except KeyboardInterrupt:
         raise Interrupted.during(progress.running) from None
     summaries = [read_json(run.fold(k).result) for k in range(1, cfg.folds + 1) if run.fold(k).result.exists()]

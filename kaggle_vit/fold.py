@@ -35,9 +35,26 @@ def _resume_state(path: Path, fold: int, epochs: int) -> dict | None:
     return state
 
 
+def _predict(model, best_state: dict, cfg: TrainConfig, data_config, valid_images: np.ndarray,
+             test_images: np.ndarray, out) -> tuple[np.ndarray, int]:
+    """The best model's validation and test probabilities under cfg's test-time views; the test
+    probabilities are written to the fold's folder. Returns the validation probabilities and the view count."""
+    device = select_device(cfg.device)
+    model.load_state_dict(best_state)
+    predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
+    valid_probs = predict_probs(predictor, ImageDataset(valid_images, data_config=data_config), device, amp,
+                                cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
+    test_probs = predict_probs(predictor, ImageDataset(test_images, data_config=data_config), device, amp,
+                               cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
+    with atomic_path(out.test_probs) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, test_probs)
+    return valid_probs, cfg.tta
+
+
 def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
-               progress: Progress, on_epoch=None) -> dict:
-    """Train one fold and write its checkpoint, history, validation and test probabilities."""
+               progress: Progress, on_epoch=None, validate_only: bool = False) -> dict:
+    """Train one fold and write its checkpoint, history, validation and (unless `validate_only`, as
+    a tuning trial asks) test probabilities under the test-time views."""
     spec, out, metric = data.spec, RunDir(run_dir).fold(fold), get_metric(data.spec.metric)
     out.root.mkdir(parents=True, exist_ok=True)
     state_path = out.state
@@ -61,16 +78,11 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
                   "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]}
     with atomic_path(out.model) as tmp:
         torch.save(checkpoint, tmp)
-    device = select_device(cfg.device)
-    model.load_state_dict(result.best_state)
-    predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
     t0 = time.perf_counter()
-    valid_probs = predict_probs(predictor, ImageDataset(images[va], data_config=data_config), device, amp,
-                                cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
-    test_probs = predict_probs(predictor, ImageDataset(data.test.images, data_config=data_config), device, amp,
-                               cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
-    with atomic_path(out.test_probs) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, test_probs)
+    if validate_only:  # a tuning trial: its score is the best epoch's plain validation; no test set, no views
+        valid_probs, views = result.valid_probs.astype(np.float32), 1
+    else:
+        valid_probs, views = _predict(model, result.best_state, cfg, data_config, images[va], data.test.images, out)
     with atomic_path(out.valid_probs) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, rows=va, probs=valid_probs, probs_plain=result.valid_probs.astype(np.float32))
     history = pd.DataFrame(result.history)
@@ -78,12 +90,12 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
         history.to_csv(tmp, index=False)
     best = result.history[result.best_epoch - 1]
     summary = {"fold": fold, "best_epoch": result.best_epoch,
-               "valid_acc": float((valid_probs.argmax(1) == labels[va]).mean()), "tta": cfg.tta,
+               "valid_acc": float((valid_probs.argmax(1) == labels[va]).mean()), "tta": views,
                "valid_acc_plain": best["valid_acc"], "valid_loss": best["valid_loss"], "metric": metric.name,
                "valid_score": metric(labels[va], valid_probs), "valid_score_plain": best["valid_score"],
                "train_seconds": result.train_seconds, "predict_seconds": time.perf_counter() - t0,
                "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
-               "amp": result.amp, "device": str(device), "epochs": len(result.history)}
+               "amp": result.amp, "device": str(select_device(cfg.device)), "epochs": len(result.history)}
     write_json(out.result, summary)
     state_path.unlink(missing_ok=True)
     progress.end_fold(summary)

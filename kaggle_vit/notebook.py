@@ -43,6 +43,20 @@ def _wrap(text: str, width: int = 100) -> str:
     return "\n".join(text[i : i + width] for i in range(0, len(text), width))
 
 
+def _spec_lines(spec: CompetitionSpec) -> str:
+    """The notebook's COMPETITION: a bundled spec by name; any other spec's TOML embedded and written
+    next to the notebook, so the notebook runs for a competition the package does not ship."""
+    from .competition import _bundled_dir
+
+    path = Path(spec.path)
+    if path.parent.resolve() == _bundled_dir().resolve():
+        return f"COMPETITION = {spec.name!r}\n"
+    return (f"SPEC_TOML = {path.read_text(encoding='utf-8')!r}  # this competition's spec, written next to the notebook\n"
+            "_spec_dir = KAGGLE_ROOT / 'working' if (KAGGLE_ROOT / 'working').is_dir() else Path('.')\n"
+            f"(_spec_dir / {spec.name + '.toml'!r}).write_text(SPEC_TOML)\n"
+            f"COMPETITION = str(_spec_dir / {spec.name + '.toml'!r})\n")
+
+
 def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
     archive = _wrap(package_archive())
     return [
@@ -63,18 +77,18 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
         ("code", "# Configuration: the CPU preset; on a GPU session the GPU preset is chosen.\n"
                  "from pathlib import Path\n"
                  "import torch\n"
-                 f"COMPETITION = {spec.name!r}\n"
                  "KAGGLE_ROOT = Path('/kaggle')\n"
+                 + _spec_lines(spec) +
                  "PRESET = 'gpu' if torch.cuda.is_available() else 'cpu'\n"
                  "OVERRIDES = {}  # e.g. {'epochs': 10, 'folds': 5}\n"
                  "MAX_TRAIN_ROWS = None  # e.g. 5000 for a quick look"),
-        ("code", "# Data: Kaggle's input folder when present, else the offline build from real MNIST\n"
+        ("code", "# Data: Kaggle's input folder when the competition is attached, else `ensure_data` (offline build)\n"
                  "import dataclasses\n"
                  "from kaggle_vit import load_spec, ensure_data, load_competition, resolve_config\n"
                  "spec = load_spec(COMPETITION)\n"
                  "input_dir = KAGGLE_ROOT / 'input' / spec.slug\n"
                  "work_dir = KAGGLE_ROOT / 'working' if (KAGGLE_ROOT / 'working').is_dir() else Path('.')\n"
-                 "if (input_dir / spec.train_file).exists():\n"
+                 "if input_dir.is_dir():\n"
                  "    data = load_competition(spec, input_dir)\n"
                  "else:\n"
                  "    data = ensure_data(spec, work_dir / 'data' / spec.name).data\n"
@@ -89,7 +103,7 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
                  "from kaggle_vit.progress import LineProgress\n"
                  "run_dir = work_dir / 'runs' / spec.name / cfg.model\n"
                  "cv = run_cv(cfg, data, run_dir, progress=LineProgress())\n"
-                 "print(f'OOF accuracy {100 * cv.oof_acc:.2f}%')"),
+                 "print(f'OOF {cv.metric} {cv.oof_score:.4f}, accuracy {100 * cv.oof_acc:.2f}%')"),
         ("code", "# Curves, test predictions, OOF mistakes, confusion matrix, attention\n"
                  "from IPython.display import Image, display\n"
                  "from kaggle_vit import make_report\n"

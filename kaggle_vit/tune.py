@@ -1,8 +1,9 @@
 """Optuna search over the ViT's shape and training: a thin layer over `cv.run_cv`.
 
-Each trial samples a TrainConfig, trains `tune_folds` folds through the same code as `kaggle-vit
-cv`, and reports every epoch's validation accuracy (step = fold position × epochs + epoch, the
-same for every trial) so the pruner can stop weak trials. The study lives in a real database:
+Each trial samples a TrainConfig, trains and validates `tune_folds` folds through the same code as
+`kaggle-vit cv` (no test predictions, no test-time views: no trial needs them), and reports after
+every epoch the running mean of the competition's metric across its folds (step = fold position ×
+epochs + epoch, the same for every trial) so the pruner can stop weak trials. The study lives in a real database:
 SQLite in the competition's runs folder by default, PostgreSQL for many workers; a heartbeat
 marks the trials of killed workers failed so the others go on.
 """
@@ -23,7 +24,7 @@ from .cv import run_cv
 from .data import CompetitionData
 from .errors import KaggleVitError
 from .io import read_toml
-from .metrics import get_metric
+from .metrics import Metric, get_metric
 
 HEADS = (2, 3, 4, 6, 8)
 
@@ -127,23 +128,41 @@ class TuneResult:
     plots: list[Path]
 
 
+class FoldMeanReporter:
+    """Reports a trial's running mean across its tune folds after every epoch: the best score of
+    each finished fold and the best so far of the fold in progress, averaged, at a step that keeps
+    growing across folds (fold position × epochs + epoch). Every trial is so compared with others
+    at the same fold and epoch; raw per-fold scores would jump at each new fold."""
+
+    def __init__(self, trial: optuna.Trial, metric: Metric):
+        self.trial, self.metric = trial, metric
+        self.finished: list[float] = []
+        self.current: float | None = None
+        self.step = 0
+
+    def __call__(self, record: dict) -> None:
+        if record["epoch"] == 1 and self.current is not None:  # a new fold began
+            self.finished.append(self.current)
+            self.current = None
+        if self.metric.better(record["valid_score"], self.current):
+            self.current = record["valid_score"]
+        self.trial.report(sum(self.finished + [self.current]) / (len(self.finished) + 1), self.step)
+        self.step += 1
+        if self.trial.should_prune():
+            raise optuna.TrialPruned()
+
+
 def objective(data: CompetitionData, base: TrainConfig, space: dict, tune_folds: list[int], trials_dir: Path,
               runs_root: Path):
-    """The Optuna objective: sample, train the tune folds with run_cv, report each epoch, maybe prune."""
+    """The Optuna objective: sample, train and validate the tune folds with run_cv (no test
+    predictions, no test-time views), report the running fold mean each epoch, maybe prune."""
     patch_sizes = data.spec.patch_sizes(limit=min(data.spec.height, data.spec.width))
+    metric = get_metric(data.spec.metric)
 
     def run(trial: optuna.Trial) -> float:
         cfg = sample_config(trial, base, space, patch_sizes)
-        step = {"n": 0}
-
-        def report(record: dict) -> None:
-            trial.report(record["valid_score"], step["n"])
-            step["n"] += 1
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-
-        result = run_cv(cfg, data, trials_dir / f"trial{trial.number}", only_folds=tune_folds, on_epoch=report,
-                        runs_root=runs_root)
+        result = run_cv(cfg, data, trials_dir / f"trial{trial.number}", only_folds=tune_folds,
+                        on_epoch=FoldMeanReporter(trial, metric), runs_root=runs_root, validate_only=True)
         scores = [f["valid_score"] for f in result.folds if f["fold"] in tune_folds]
         return sum(scores) / len(scores)
 

@@ -164,6 +164,8 @@ def _stage_arrays(data: CompetitionData, folds: np.ndarray, run_dir: Path) -> Pa
     staging = run.new_staging()
     arrays = (data.train.images, data.train.labels, data.train.ids, data.test.images, data.test.ids, folds)
     for name, array in zip(ARRAYS, arrays):
+        if array.dtype == object:  # file names as ids: fixed-width text maps, Python objects do not
+            array = np.asarray(array, dtype=str)
         with atomic_path(staging / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
             np.save(fh, array)
     return staging

@@ -52,3 +52,32 @@ def test_walkthrough_uses_only_the_public_api():
             for node in ast.walk(tree):
                 if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "kv":
                     assert node.attr in kaggle_vit.__all__, node.attr
+
+
+@pytest.mark.parametrize("bundled", [True, False])
+def test_notebook_for_an_image_file_competition_runs(tmp_path, mnist, bundled):
+    """cifar-10's layout (PNG files, class names), attached as Kaggle attaches it; the second case
+    gives the spec as a file the package does not ship, so the notebook carries its TOML."""
+    from test_bundled import build_fixture
+
+    spec = load_spec("cifar-10")
+    if not bundled:
+        own = tmp_path / "my-cifar.toml"
+        own.write_text(Path(spec.path).read_text().replace('name = "cifar-10"', 'name = "my-cifar"'))
+        spec = load_spec(own)
+    kaggle = tmp_path / "kaggle"
+    test_ids, _ = build_fixture(spec, kaggle / "input" / spec.slug, mnist)
+    (kaggle / "working").mkdir()
+    nb = nbformat.reads(json.dumps(build_notebook(spec)), as_version=4)
+    config = nb.cells[2]
+    assert ("SPEC_TOML" in config.source) != bundled
+    config.source = (config.source.replace("Path('/kaggle')", f"Path({str(kaggle)!r})")
+                     .replace("OVERRIDES = {}", "OVERRIDES = {'epochs': 1, 'folds': 2, 'embed_dim': 32, 'depth': 1, "
+                              "'num_heads': 2, 'num_workers': 0, 'patch_size': 8, 'tta': 2}")
+                     .replace("PRESET = 'gpu' if torch.cuda.is_available() else 'cpu'", "PRESET = 'cpu'"))
+    nb.cells[1].source = nb.cells[1].source.replace("pathlib.Path('/kaggle/working')", f"pathlib.Path({str(kaggle / 'working')!r})")
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    sub = pd.read_csv(kaggle / "working" / "submission.csv", dtype=str)
+    assert list(sub.columns) == ["id", "label"] and sub["id"].tolist() == test_ids
+    assert set(sub["label"]) <= set(spec.class_names)
+    assert "OOF accuracy " in "".join(o.get("text", "") for o in nb.cells[4].outputs)

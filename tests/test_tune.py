@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -66,6 +67,39 @@ def test_tune_prunes_writes_best_and_resumes(setup, monkeypatch):
     assert again.exit_code == 0, again.output
     study = optuna.load_study(study_name="kvit-digit-recognizer", storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 8
+    trial0 = out / "trials" / "trial0" / "fold1"
+    assert (trial0 / "valid_probs.npz").exists() and not (trial0 / "test_probs.npy").exists()  # no test set in a trial
+    assert json.loads((trial0 / "result.json").read_text())["tta"] == 1  # and no test-time views
+
+
+class _Trial:
+    """What FoldMeanReporter sees of an Optuna trial: report and should_prune."""
+
+    def __init__(self):
+        self.reports = []
+
+    def report(self, value, step):
+        self.reports.append((step, value))
+
+    def should_prune(self):
+        return False
+
+
+@pytest.mark.parametrize("metric,scores,expected", [
+    # two folds of three epochs: fold 1 ends at its best 0.8; fold 2's running mean includes it
+    ("accuracy", [0.5, 0.8, 0.7, 0.6, 0.9, 0.85], [0.5, 0.8, 0.8, 0.7, 0.85, 0.85]),
+    ("logloss", [0.9, 0.4, 0.6, 0.8, 0.2, 0.3], [0.9, 0.4, 0.4, 0.6, 0.3, 0.3]),  # lower is better
+])
+def test_reports_a_running_fold_mean_at_growing_steps(metric, scores, expected):
+    from kaggle_vit.metrics import get_metric
+    from kaggle_vit.tune import FoldMeanReporter
+
+    trial = _Trial()
+    reporter = FoldMeanReporter(trial, get_metric(metric))
+    for i, score in enumerate(scores):
+        reporter({"epoch": i % 3 + 1, "valid_score": score})
+    assert [s for s, _ in trial.reports] == list(range(6))
+    assert [v for _, v in trial.reports] == pytest.approx(expected)
 
 
 def test_heads_fit_width():
