@@ -22,7 +22,8 @@ from kaggle_vit.competition import load_spec
 from kaggle_vit.config import TrainConfig, apply_overrides, validate_config
 from kaggle_vit.data import load_competition, load_or_make_folds
 from kaggle_vit.dataset import ImageDataset, resolve_data_config
-from kaggle_vit.engine import fit, inference_amp, predict_probs, seed_everything, select_device
+from kaggle_vit.device import inference_amp, select_device
+from kaggle_vit.engine import fit, predict_probs, seed_everything
 from kaggle_vit.models import create_model
 
 

@@ -19,8 +19,8 @@ from torch import nn
 from .config import TrainConfig
 from .batches import DeviceBatches, loader_workers, train_batches
 from .dataset import ImageDataset, resolve_data_config
-from .engine import (NoProgress, amp_for, autocast, inference_amp, make_optimizer, make_trainer, select_device,
-                     train_one_epoch)
+from .device import amp_for, autocast, inference_amp, select_device
+from .engine import NoProgress, make_optimizer, make_trainer, train_one_epoch
 
 
 @dataclass(frozen=True)

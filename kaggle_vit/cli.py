@@ -344,6 +344,7 @@ def tune(
     from rich.table import Table
 
     from .config import resolve_config
+    from .metrics import get_metric
     from .tune import check_budget, load_space, make_pruner, run_tune
 
     base = resolve_config(preset, config, competition=competition, epochs=epochs, folds=folds, device=device)
@@ -358,12 +359,13 @@ def tune(
     states = [t.state.name.lower() for t in result.study.trials]
     counts = {s: states.count(s) for s in sorted(set(states))}
     table = Table(title=f"study {name}: {len(states)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
-    for col in ("trial", "valid acc", "params"):
+    for col in ("trial", f"valid {spec.metric} (no views)", "params"):
         table.add_column(col)
     done = [t for t in result.study.trials if t.value is not None]
-    for t in sorted(done, key=lambda t: -t.value)[:5]:
+    sign = -1 if get_metric(spec.metric).higher_is_better else 1
+    for t in sorted(done, key=lambda t: sign * t.value)[:5]:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
-        table.add_row(str(t.number), f"{100 * t.value:.2f}%", params)
+        table.add_row(str(t.number), f"{100 * t.value:.2f}%" if spec.metric == "accuracy" else f"{t.value:.4f}", params)
     out.print(table)
     if result.best_path:
         out.print(f"best config: [cyan]{result.best_path}[/] (kaggle-vit cv --config {result.best_path})")
@@ -407,7 +409,7 @@ def bench(
 
     from .bench import bench_data, bench_loop, bench_models, timm_twin
     from .config import resolve_config
-    from .engine import amp_for, select_device
+    from .device import amp_for, select_device
     from .models import create_model
 
     cfg = resolve_config(preset, None, competition=competition, model=model, device=device, batch_size=batch_size,

@@ -1,11 +1,10 @@
-"""The one training loop: optimiser, schedule, AMP, `train_one_epoch` and `evaluate`, the training
-state that makes a fold resumable, prediction with test-time views.
+"""The one training loop: optimiser, schedule, `train_one_epoch` and `evaluate`, the training state
+that makes a fold resumable, prediction with test-time views (device and AMP policy: `device`).
 
 `fit` runs the epochs for `cv` and (through `cv`) for `tune`; tuning hooks in through `on_epoch`.
 """
 from __future__ import annotations
 
-import functools
 import math
 import random
 import time
@@ -22,66 +21,10 @@ from .augment import tta_views
 from .batches import DeviceBatches, HostBatches, train_batches
 from .config import TrainConfig
 from .dataset import ImageDataset
+from .device import Amp, amp_for, autocast, inference_amp, select_device
 from .errors import KaggleVitError
 from .io import atomic_path
 from .metrics import Metric, get_metric
-
-
-def select_device(name: str) -> torch.device:
-    """'auto' → cuda when available, else cpu; anything else as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise KaggleVitError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
-
-
-@dataclass(frozen=True)
-class Amp:
-    """Autocast settings: dtype None means full precision."""
-
-    dtype: torch.dtype | None
-    scaler: bool
-
-    @property
-    def name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "off")
-
-
-def amp_for(mode: str, device: torch.device, bf16_supported: bool | None = None) -> Amp:
-    """auto: bf16 on CUDA that supports it; fp16 with a GradScaler on CUDA that has no bf16 (T4,
-    P100), whose attention softmax stays in float32 (fused kernels, and `models.vit.Attention`);
-    off on a CPU (slower there). `bf16_supported` overrides asking the device (for tests)."""
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return Amp(None, False)
-    if mode == "auto":
-        if bf16_supported is None:
-            bf16_supported = torch.cuda.is_bf16_supported()
-        mode = "bf16" if bf16_supported else "fp16"
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return Amp(dtype, dtype == torch.float16 and device.type == "cuda")
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX bf16 tiles (Linux /proc/cpuinfo; False where unknown)."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-def inference_amp(mode: str, device: torch.device) -> Amp:
-    """Autocast for prediction: as for training, except that `auto` on a CPU with AMX predicts in
-    bf16, measured at 1.9x the fp32 images/s (where training in bf16 ran at 0.4x, so it stays fp32)."""
-    if mode == "auto" and device.type == "cpu" and cpu_has_amx():
-        return Amp(torch.bfloat16, False)
-    return amp_for(mode, device)
-
-
-def autocast(device: torch.device, amp: Amp):
-    """The autocast context for `amp` (a no-op when off)."""
-    return torch.autocast(device.type, dtype=amp.dtype or torch.float32, enabled=amp.dtype is not None)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

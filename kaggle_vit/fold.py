@@ -13,7 +13,8 @@ import torch
 from .config import TrainConfig
 from .data import CompetitionData
 from .dataset import ImageDataset, resolve_data_config
-from .engine import Progress, fit, inference_amp, maybe_compile, predict_probs, read_state, seed_everything, select_device
+from .device import inference_amp, select_device
+from .engine import Progress, fit, maybe_compile, predict_probs, read_state, seed_everything
 from .errors import KaggleVitError
 from .io import atomic_path, write_json
 from .metrics import get_metric

@@ -14,7 +14,8 @@ from . import rundir
 from .config import load_toml
 from .data import CompetitionData, read_csv, load_sample_ids
 from .dataset import ImageDataset, resolve_data_config
-from .engine import inference_amp, predict_probs, select_device
+from .device import inference_amp, select_device
+from .engine import predict_probs
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
 from .metrics import clip_probs, get_metric, one_hot

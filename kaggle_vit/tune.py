@@ -235,7 +235,7 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
     study_name = study_name or f"kvit-{data.spec.name}"
     study = open_study(storage, study_name, pruner, base.seed, get_metric(data.spec.metric).direction)
     study.set_user_attr("competition", data.spec.name)
-    from .engine import select_device
+    from .device import select_device
 
     device = str(select_device(base.device))
     obj = objective(data, base, space or default_space(data, device), list(range(1, tune_folds + 1)), out_dir / "trials",

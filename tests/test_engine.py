@@ -8,7 +8,8 @@ from kaggle_vit.config import TrainConfig
 from kaggle_vit.data import load_competition
 from kaggle_vit.dataset import DataConfig, ImageDataset
 from kaggle_vit.augment import shift, tta_shifts
-from kaggle_vit.engine import amp_for, fit, make_optimizer, make_scheduler, predict_logits, predict_probs, read_state
+from kaggle_vit.device import amp_for
+from kaggle_vit.engine import fit, make_optimizer, make_scheduler, predict_logits, predict_probs, read_state
 
 TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=32,
                    lr=2e-3, aug="rotate", num_workers=0, device="cpu")
