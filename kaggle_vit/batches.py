@@ -38,6 +38,12 @@ def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     return 0 if cores <= 2 else min(4, cores // 4)
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Full batches only (a last, short batch is dropped), except that fewer rows than one batch
+    make one batch."""
+    return n // batch_size if n > batch_size else min(n, 1)
+
+
 class SeededBatch(list):
     """A batch's row indices, with the seed its augmentation draws from (it travels to loader workers)."""
 
@@ -49,14 +55,14 @@ class SeededBatch(list):
 class EpochBatchSampler(Sampler[SeededBatch]):
     """Shuffled batches of row indices; the order and every batch's seed follow from `set_epoch`."""
 
-    def __init__(self, n: int, batch_size: int, drop_last: bool):
-        self.n, self.batch_size, self.drop_last, self.seed = n, batch_size, drop_last, 0
+    def __init__(self, n: int, batch_size: int):
+        self.n, self.batch_size, self.seed = n, batch_size, 0
 
     def set_epoch(self, seed: int) -> None:
         self.seed = seed
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return batches_per_epoch(self.n, self.batch_size)
 
     def __iter__(self) -> Iterator[SeededBatch]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
@@ -74,7 +80,7 @@ class HostBatches:
     def __init__(self, dataset: ImageDataset, cfg: TrainConfig, device: torch.device):
         workers = loader_workers(cfg, device)
         transform = train_transform(cfg, seed=cfg.seed, size=tuple(dataset.images.shape[-2:]))
-        self.sampler = EpochBatchSampler(len(dataset), cfg.batch_size, drop_last=len(dataset) > cfg.batch_size)
+        self.sampler = EpochBatchSampler(len(dataset), cfg.batch_size)
         self.loader = DataLoader(dataset.with_augmentation(transform, cfg.aug_group), batch_sampler=self.sampler,
                                  collate_fn=keep_batch, num_workers=workers, pin_memory=device.type == "cuda",
                                  persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
@@ -97,15 +103,13 @@ class DeviceBatches:
         self.images = torch.from_numpy(np.ascontiguousarray(dataset.images)).to(device)
         self.labels = dataset.labels.to(device)
         self.data_config, self.ranges, self.batch_size = dataset.data_config, aug_ranges(cfg), cfg.batch_size
-        self.drop_last = len(dataset) > cfg.batch_size
         self.gen = torch.Generator(device=device)
 
     def set_epoch(self, seed: int) -> None:
         self.gen.manual_seed(seed)
 
     def __len__(self) -> int:
-        n = len(self.images)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches_per_epoch(len(self.images), self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(len(self.images), generator=self.gen, device=self.images.device)

@@ -56,11 +56,6 @@ class CompetitionSpec:
         """Names of the pixel columns in file order (channel-last, row-major, as Kaggle flattens)."""
         return [self.pixel_column.format(i=i + self.pixel_start) for i in range(self.n_pixels)]
 
-    @property
-    def prediction_column(self) -> str:
-        """The submission column holding the predicted label."""
-        return self.submission_columns[1]
-
     def submission_header(self) -> list[str]:
         """The submission's columns: id and label or probability, or id and one column per class."""
         if self.submission_form == "class_probabilities":

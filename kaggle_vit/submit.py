@@ -122,8 +122,8 @@ def _check_ids(ids: np.ndarray, expected_ids: list[str], id_col: str, source: st
         raise KaggleVitError(f"{source}: row {r + 1}, column '{id_col}': id {ids[r]}, expected {expected[r]}")
 
 
-def _labels(frame: pd.DataFrame, column: str, names: tuple[str, ...], source: str) -> np.ndarray:
-    """A label column as (N, classes) certain probabilities; every label must be a class name."""
+def _class_indices(frame: pd.DataFrame, column: str, names: tuple[str, ...], source: str) -> np.ndarray:
+    """A label column's class indices; every label must be a class name (compared as text)."""
     labels = frame[column].astype(str).to_numpy()
     index = {name: i for i, name in enumerate(names)}
     unknown = [r for r, label in enumerate(labels) if label not in index]
@@ -132,7 +132,7 @@ def _labels(frame: pd.DataFrame, column: str, names: tuple[str, ...], source: st
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise KaggleVitError(f"{source}: row {r + 1}, column '{column}': label '{labels[r]}' is not one of the "
                              f"{len(names)} classes ({shown})")
-    return one_hot(np.asarray([index[label] for label in labels], dtype=np.int64), len(names))
+    return np.asarray([index[label] for label in labels], dtype=np.int64)
 
 
 def _probabilities(frame: pd.DataFrame, columns: list[str], source: str) -> np.ndarray:
@@ -155,7 +155,7 @@ def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids
         raise KaggleVitError(f"{source}: row 0: columns {list(frame.columns)}, expected {header}")
     _check_ids(frame[header[0]].astype(str).to_numpy(), expected_ids, header[0], source)
     if spec.submission_form == "label":
-        return _labels(frame, header[1], spec.class_names, source)
+        return one_hot(_class_indices(frame, header[1], spec.class_names, source), len(spec.class_names))
     probs = _probabilities(frame, header[1:], source)
     return np.concatenate([1 - probs, probs], axis=1) if spec.submission_form == "probability" else probs
 
@@ -207,19 +207,13 @@ def read_submission(path: Path, spec: CompetitionSpec, ids: list[str]) -> np.nda
     return validate_submission(read_csv(Path(path), text=True), spec, ids, str(path))
 
 
-def _class_indices(labels: np.ndarray, spec: CompetitionSpec, source: str) -> np.ndarray:
-    """A solution's labels (class names, as text) → class indices."""
-    column = spec.solution_columns[1]
-    return _labels(pd.DataFrame({column: labels}), column, spec.class_names, source).argmax(1)
-
-
 def _solution(solution: Path, spec: CompetitionSpec) -> tuple[list[str], np.ndarray]:
     """A solution file's ids and true class indices (its columns: `spec.solution_columns`)."""
     truth = read_csv(Path(solution), text=True)
     id_col, label_col = spec.solution_columns
     if list(truth.columns[:2]) != [id_col, label_col]:
         raise KaggleVitError(f"{solution}: row 0: columns {list(truth.columns)}, expected {[id_col, label_col]}")
-    return truth[id_col].tolist(), _class_indices(truth[label_col].to_numpy(), spec, str(solution))
+    return truth[id_col].tolist(), _class_indices(truth, label_col, spec.class_names, str(solution))
 
 
 def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) -> float:

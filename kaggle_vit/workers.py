@@ -45,11 +45,11 @@ def visible_devices(cfg: TrainConfig, gpu_count: int | None = None) -> list[str]
     """The devices folds are spread over: ["cpu"] on a CPU; the one GPU that `--device cuda:N`
     names; else `--devices` (all visible GPUs, or indices such as "0,1"). `gpu_count` overrides
     asking CUDA (for tests)."""
-    if cfg.device == "cpu" or (cfg.device == "auto" and not (gpu_count if gpu_count is not None else torch.cuda.is_available())):
+    count = torch.cuda.device_count() if gpu_count is None else gpu_count
+    if cfg.device == "cpu" or (cfg.device == "auto" and count == 0):
         return ["cpu"]
     if cfg.device.startswith("cuda:"):
         return [cfg.device]
-    count = torch.cuda.device_count() if gpu_count is None else gpu_count
     if cfg.devices == "all":
         return [f"cuda:{i}" for i in range(count)] or ["cpu"]
     wanted = [int(part) for part in cfg.devices.split(",")]  # checked by config.validate_config

@@ -19,18 +19,26 @@ def test_committed_notebook_is_in_sync():
     assert committed.read_text() == fresh, "regenerate it: kaggle-vit notebook"
 
 
+TINY_OVERRIDES = "'epochs': 1, 'folds': 2, 'embed_dim': 32, 'depth': 1, 'num_heads': 2, 'num_workers': 0"
+
+
+def run_like_kaggle(nb, kaggle: Path, overrides: str, cwd: Path) -> None:
+    """Execute the notebook in a real Jupyter kernel with `kaggle` as /kaggle (its input/ already
+    filled, working/ made here), the CPU preset and a tiny model (`overrides`: dict items as text)."""
+    (kaggle / "working").mkdir()
+    config = nb.cells[2]
+    config.source = (config.source.replace("Path('/kaggle')", f"Path({str(kaggle)!r})")
+                     .replace("OVERRIDES = {}", f"OVERRIDES = {{{overrides}}}")
+                     .replace("PRESET = 'gpu' if torch.cuda.is_available() else 'cpu'", "PRESET = 'cpu'"))
+    nb.cells[1].source = nb.cells[1].source.replace("pathlib.Path('/kaggle/working')", f"pathlib.Path({str(kaggle / 'working')!r})")
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+
+
 def test_generated_notebook_runs_like_on_kaggle(tmp_path, small_comp):
     kaggle = tmp_path / "kaggle"
     shutil.copytree(small_comp, kaggle / "input" / "digit-recognizer")
-    (kaggle / "working").mkdir()
     nb = nbformat.reads(json.dumps(build_notebook(load_spec("digit-recognizer"))), as_version=4)
-    config = nb.cells[2]
-    config.source = (config.source.replace("Path('/kaggle')", f"Path({str(kaggle)!r})")
-                     .replace("OVERRIDES = {}", "OVERRIDES = {'epochs': 1, 'folds': 2, 'embed_dim': 32, 'depth': 1, "
-                              "'num_heads': 2, 'num_workers': 0}")
-                     .replace("PRESET = 'gpu' if torch.cuda.is_available() else 'cpu'", "PRESET = 'cpu'"))
-    nb.cells[1].source = nb.cells[1].source.replace("pathlib.Path('/kaggle/working')", f"pathlib.Path({str(kaggle / 'working')!r})")
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    run_like_kaggle(nb, kaggle, TINY_OVERRIDES, tmp_path)
     sub = pd.read_csv(kaggle / "working" / "submission.csv")
     assert list(sub.columns) == ["ImageId", "Label"] and len(sub) == 200 and sub["Label"].between(0, 9).all()
     images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
@@ -67,16 +75,9 @@ def test_notebook_for_an_image_file_competition_runs(tmp_path, mnist, bundled):
         spec = load_spec(own)
     kaggle = tmp_path / "kaggle"
     test_ids, _ = build_fixture(spec, kaggle / "input" / spec.slug, mnist)
-    (kaggle / "working").mkdir()
     nb = nbformat.reads(json.dumps(build_notebook(spec)), as_version=4)
-    config = nb.cells[2]
-    assert ("SPEC_TOML" in config.source) != bundled
-    config.source = (config.source.replace("Path('/kaggle')", f"Path({str(kaggle)!r})")
-                     .replace("OVERRIDES = {}", "OVERRIDES = {'epochs': 1, 'folds': 2, 'embed_dim': 32, 'depth': 1, "
-                              "'num_heads': 2, 'num_workers': 0, 'patch_size': 8, 'tta': 2}")
-                     .replace("PRESET = 'gpu' if torch.cuda.is_available() else 'cpu'", "PRESET = 'cpu'"))
-    nb.cells[1].source = nb.cells[1].source.replace("pathlib.Path('/kaggle/working')", f"pathlib.Path({str(kaggle / 'working')!r})")
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert ("SPEC_TOML" in nb.cells[2].source) != bundled
+    run_like_kaggle(nb, kaggle, TINY_OVERRIDES + ", 'patch_size': 8, 'tta': 2", tmp_path)
     sub = pd.read_csv(kaggle / "working" / "submission.csv", dtype=str)
     assert list(sub.columns) == ["id", "label"] and sub["id"].tolist() == test_ids
     assert set(sub["label"]) <= set(spec.class_names)
