@@ -48,11 +48,14 @@ def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: 
     model.load_state_dict(result.best_state)
     device = select_device(cfg.device)
     valid = ImageDataset(data.train.images[va], data_config=data_config)
-    probs = predict_probs(model, valid, device, inference_amp(cfg.amp, device), cfg.eval_batch_size, cfg.tta, mode=cfg.tta_mode)
-    tta_acc = (probs.argmax(1) == data.train.labels[va]).mean() * 100
+    views = {}
+    for n in sorted({3, cfg.tta} - {1}):
+        probs = predict_probs(model, valid, device, inference_amp(cfg.amp, device), cfg.eval_batch_size, n, mode=cfg.tta_mode)
+        views[n] = (probs.argmax(1) == data.train.labels[va]).mean() * 100
     accs = " ".join(f"{h['valid_acc'] * 100:.2f}" for h in result.history)
     rate = np.median([h["images_per_s"] for h in result.history])
-    print(f"{cfg.model} {json.dumps(overrides)}: valid % per epoch [{accs}], {tta_acc:.2f}% with {cfg.tta} views; "
+    with_views = ", ".join(f"{acc:.2f}% with {n} views" for n, acc in views.items())
+    print(f"{cfg.model} {json.dumps(overrides)}: valid % per epoch [{accs}], {with_views}; "
           f"{train_s:.1f} s training, {rate:.0f} train images/s")
 
 

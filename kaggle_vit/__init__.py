@@ -26,6 +26,7 @@ _EXPORTS = {
     "errors": ("KaggleVitError",),
     "fetch": ("ensure_data",),
     "models": ("KaggleViT", "create_model"),
+    "models.pretrained": ("find_weights",),
     "report": ("make_report", "plot_curves"),
     "submit": ("Submission", "latest_run", "make_submission", "score_submission"),
     "versions": ("check_versions",),

@@ -115,7 +115,7 @@ class DeviceBatches:
         order = torch.randperm(len(self.images), generator=self.gen, device=self.images.device)
         for i in range(len(self)):
             rows = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.data_config.normalize(augment_on_device(self.images[rows], self.ranges, self.gen)), self.labels[rows]
+            yield self.data_config.prepare(augment_on_device(self.images[rows], self.ranges, self.gen)), self.labels[rows]
 
 
 def fits_on_device(images: np.ndarray, device: torch.device) -> bool:

@@ -49,6 +49,8 @@ class _NoticeLines(logging.Handler):
 CompetitionOpt = Annotated[
     Optional[str], typer.Option("--competition", "-c", help="Bundled name or spec .toml path (default: digit-recognizer).")
 ]
+PretrainedOpt = Annotated[Optional[Path], typer.Option(
+    "--pretrained", help="Start from local weights: a timm .safetensors/.pth/.bin, or a kaggle-vit fold's model.pt.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Competition files (default: data/NAME).")]
 
 SOURCES = {
@@ -180,6 +182,7 @@ def cv(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     patch_size: Annotated[Optional[int], typer.Option("--patch-size", help="Must divide the image size.")] = None,
+    pretrained: PretrainedOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     aug: Annotated[Optional[str], typer.Option("--aug", help="rotate, affine (digits); flip, crop (photos); none.")] = None,
     aug_group: Annotated[Optional[int], typer.Option("--aug-group", help="Images per augmentation draw (1: each its own).")] = None,
@@ -204,7 +207,7 @@ def cv(
 
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
-                         seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers,
+                         pretrained=pretrained, seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers,
                          jobs=jobs, devices=devices, data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile,
                          compile_mode=compile_mode)
     from .models import create_model
@@ -336,6 +339,7 @@ def tune(
     space: Annotated[Optional[Path], typer.Option("--space", help="TOML search space overriding the default.")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu: the base config.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Base config TOML.")] = None,
+    pretrained: PretrainedOpt = None,
     device: Annotated[Optional[str], typer.Option("--device")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Default: runs/COMPETITION/tune-STUDY.")] = None,
     data_dir: DataDirOpt = None,
@@ -347,7 +351,8 @@ def tune(
     from .metrics import get_metric
     from .tune import check_budget, load_space, make_pruner, run_tune
 
-    base = resolve_config(preset, config, competition=competition, epochs=epochs, folds=folds, device=device)
+    base = resolve_config(preset, config, competition=competition, epochs=epochs, folds=folds, device=device,
+                          pretrained=pretrained)
     check_budget(trials, timeout, n_jobs)
     make_pruner(pruner)
     search = load_space(space) if space else None

@@ -15,6 +15,9 @@ from .errors import KaggleVitError
 from .io import read_toml, write_text
 
 
+ARCHITECTURE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem_channels", "stem_pool")
+
+
 @dataclass
 class TrainConfig:
     """Model, optimisation, augmentation and CV settings of one run."""
@@ -32,6 +35,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    pretrained: str | None = None  # local weights to start from: a timm .safetensors/.pth/.bin or a fold's model.pt
     # optimisation
     epochs: int = 7
     batch_size: int = 64
@@ -40,6 +44,7 @@ class TrainConfig:
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
+    ema: float = 0.0  # decay of a moving average of the weights, validated and kept instead of them; 0: off
     # augmentation (albumentations, applied to uint8 training images only)
     aug: str = "rotate"  # rotate | affine (+ scale, shift) | flip, crop (photos) | none
     rotate: float = 10.0
@@ -63,8 +68,7 @@ class TrainConfig:
 
     def model_overrides(self) -> dict[str, Any]:
         """Architecture keywords given explicitly (not None), for timm.create_model."""
-        names = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem_channels", "stem_pool")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {n: getattr(self, n) for n in ARCHITECTURE if getattr(self, n) is not None}
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change results: all but where and how fast the run goes (device,
@@ -96,7 +100,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise KaggleVitError(f"{source}: unknown setting '{name}' (known: {', '.join(sorted(_FIELDS))})")
     default = getattr(TrainConfig(), name)
     annotation = str(_FIELDS[name].type)
-    kind = type(default) if default is not None else (bool if "bool" in annotation else float if "float" in annotation else int)
+    kind = type(default) if default is not None else (
+        bool if "bool" in annotation else float if "float" in annotation else str if "str" in annotation else int)
     if value is None:
         return None
     try:
@@ -138,7 +143,21 @@ def resolve_config(preset: str | None = None, config_file: Path | None = None, *
     cfg = apply_overrides(cfg, from_file, str(config_file))
     cfg = apply_overrides(cfg, cli, "command line")
     validate_config(cfg)
-    return cfg
+    return with_weights_architecture(cfg)
+
+
+def with_weights_architecture(cfg: TrainConfig) -> TrainConfig:
+    """With `pretrained` weights that name their model (a kaggle-vit fold checkpoint, or timm's
+    config.json beside the file), that model and shape: the weights decide what they fit."""
+    if not cfg.pretrained:
+        return cfg
+    from .models.pretrained import weights_architecture  # torch only when weights are asked for
+
+    named = weights_architecture(Path(cfg.pretrained))
+    if named is None:
+        return cfg
+    model, shape = named
+    return dataclasses.replace(cfg, model=model, **{**dict.fromkeys(ARCHITECTURE, None), **shape})
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -163,6 +182,8 @@ def validate_config(cfg: TrainConfig) -> None:
             raise KaggleVitError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if not 1 <= cfg.tta <= 9:
         raise KaggleVitError(f"tta must be 1 (off) to 9 views, got {cfg.tta}")
+    if not 0 <= cfg.ema < 1:
+        raise KaggleVitError(f"ema is a decay in [0, 1) (0: off), got {cfg.ema}")
     if not cfg.lr > 0:
         raise KaggleVitError(f"lr must be positive, got {cfg.lr}")
 

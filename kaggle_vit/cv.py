@@ -24,7 +24,7 @@ from .engine import NoProgress, Progress
 from .errors import Interrupted, KaggleVitError
 from .io import atomic_path, read_json, write_json
 from .metrics import get_metric
-from .models import build, model_kwargs
+from .models import create_model
 from .fold import train_fold
 from .notices import notice
 from .rundir import RunDir, fold_problem, shared_folds
@@ -162,7 +162,7 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     tuning trial) skips the test predictions and test-time views."""
     progress = _Tracked(progress or NoProgress())
     spec = data.spec
-    build(cfg.model, model_kwargs(cfg, spec))  # an impossible model fails here, before any folder or worker
+    create_model(cfg, spec)  # an impossible model or unfitting weights fail here, before any folder or worker
     wanted = only_folds or list(range(1, cfg.folds + 1))
     bad = [k for k in wanted if not 1 <= k <= cfg.folds]
     if bad:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -32,23 +33,44 @@ class DataConfig:
     std: tuple[float, ...] = (0.5,)
     interpolation: str = "bilinear"
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, C, H, W) → float32 (x / 255 - mean) / std, in one multiply and one subtract."""
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) → the model's input: float32 (x / 255 - mean) / std, in one multiply
+        and one subtract, resized to `input_size` when the images have another size (pretrained
+        weights keep the size they were trained at; augmentation ran before, at the images' size)."""
         channels = images.shape[1]
         mean, std = _per_channel(self.mean, channels), _per_channel(self.std, channels)
         if len(set(mean)) == 1 and len(set(std)) == 1:
-            return images.float().mul_(1.0 / (255.0 * std[0])).sub_(mean[0] / std[0])
-        scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, channels, 1, 1)
-        shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(1, channels, 1, 1)
-        return images.float().mul_(scale).sub_(shift)
+            x = images.float().mul_(1.0 / (255.0 * std[0])).sub_(mean[0] / std[0])
+        else:
+            scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(1, channels, 1, 1)
+            shift = torch.tensor([m / s for m, s in zip(mean, std)], device=images.device).view(1, channels, 1, 1)
+            x = images.float().mul_(scale).sub_(shift)
+        size = tuple(self.input_size[-2:])
+        if tuple(x.shape[-2:]) == size:
+            return x
+        mode = self.interpolation if self.interpolation in ("bilinear", "bicubic") else "bilinear"
+        return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+
+
+def _built_input(model: nn.Module, cfg_size: tuple[int, ...]) -> tuple[int, int, int]:
+    """The (C, H, W) the model was built for (kvit: `in_chans`, `img_size`; timm ViTs: their patch
+    embedding's), where the pretrained config may still say what the weights were trained on."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(model, "img_size", None) or getattr(embed, "img_size", None)
+    proj = getattr(embed, "proj", embed)
+    chans = getattr(model, "in_chans", None) or getattr(proj, "in_channels", None) or cfg_size[0]
+    if not (isinstance(size, (tuple, list)) and len(size) == 2):
+        size = cfg_size[-2:]
+    return int(chans), int(size[0]), int(size[1])
 
 
 def resolve_data_config(model: nn.Module) -> DataConfig:
-    """The data config of a model (its pretrained config's size, mean, std and interpolation)."""
+    """The data config of a model: mean, std and interpolation of its (pretrained) config, as timm's
+    `resolve_data_config` gives them, and the image size it was built for."""
     from timm.data import resolve_data_config as timm_resolve
 
     found = timm_resolve({}, model=model)
-    return DataConfig(tuple(found["input_size"]), tuple(found["mean"]), tuple(found["std"]),
+    return DataConfig(_built_input(model, tuple(found["input_size"])), tuple(found["mean"]), tuple(found["std"]),
                       str(found.get("interpolation", "bilinear")))
 
 
@@ -97,7 +119,7 @@ class ImageDataset(Dataset):
         return out.transpose(2, 0, 1).reshape(g, c, h, w)
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
-        x = self.data_config.normalize(self._batch_uint8(indices))
+        x = self.data_config.prepare(self._batch_uint8(indices))
         if self.labels is None:
             return (x,)
         return x, self.labels[torch.as_tensor(indices)]

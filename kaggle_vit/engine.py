@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from .augment import tta_views
@@ -94,7 +95,7 @@ def _batches(dataset: ImageDataset, batch_size: int, device: torch.device, pad: 
         n = len(chunk)
         if pad and n < batch_size:
             chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n,) + tuple(chunk.shape[1:]))])
-        yield dataset.data_config.normalize(chunk.to(device, non_blocking=True)), n
+        yield dataset.data_config.prepare(chunk.to(device, non_blocking=True)), n
 
 
 @torch.no_grad()
@@ -149,9 +150,10 @@ class _State:
     seconds: float = 0.0
 
 
-def _save_state(path: Path, model, opt, sched, scaler, st: _State) -> None:
-    payload = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-               "scaler": scaler.state_dict(), "state": st.__dict__,
+def _save_state(path: Path, t: Trainer, st: _State) -> None:
+    payload = {"model": t.model.state_dict(), "opt": t.opt.state_dict(), "sched": t.sched.state_dict(),
+               "scaler": t.scaler.state_dict(), "state": st.__dict__,
+               "ema": None if t.ema is None else t.ema.module.state_dict(),
                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     with atomic_path(path) as tmp:
@@ -170,11 +172,15 @@ def read_state(path: Path) -> dict:
     return payload
 
 
-def _restore(payload: dict, model, opt, sched, scaler) -> _State:
-    model.load_state_dict(payload["model"])
-    opt.load_state_dict(payload["opt"])
-    sched.load_state_dict(payload["sched"])
-    scaler.load_state_dict(payload["scaler"])
+def _restore(payload: dict, t: Trainer) -> _State:
+    t.model.load_state_dict(payload["model"])
+    t.opt.load_state_dict(payload["opt"])
+    t.sched.load_state_dict(payload["sched"])
+    t.scaler.load_state_dict(payload["scaler"])
+    if t.ema is not None:
+        if payload.get("ema") is None:
+            raise KaggleVitError("the saved training state has no weight average; delete it to retrain the fold with --ema")
+        t.ema.module.load_state_dict(payload["ema"])
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
@@ -202,6 +208,20 @@ class Trainer:
     amp: Amp
     device: torch.device
     cfg: TrainConfig
+    ema: ModelEmaV3 | None = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights validated and kept: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def make_ema(model: nn.Module, decay: float) -> ModelEmaV3 | None:
+    """timm's ModelEmaV3 of the weights (decay 0: none). Its warm-up makes the average at step k a plain
+    mean of the first k steps' weights until `decay` caps it, so the random initial weights fade at once."""
+    if not decay:
+        return None
+    return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=1.0)
 
 
 def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> Trainer:
@@ -212,7 +232,7 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> Tr
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
-    return Trainer(model, maybe_compile(model, cfg), opt, sched, scaler, amp, device, cfg)
+    return Trainer(model, maybe_compile(model, cfg), opt, sched, scaler, amp, device, cfg, make_ema(model, cfg.ema))
 
 
 def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int,
@@ -236,6 +256,8 @@ def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tens
         t.scaler.step(t.opt)
         t.scaler.update()
         t.sched.step()
+        if t.ema is not None:
+            t.ema.update(t.model, step=t.sched.last_epoch)
         n = len(y)
         loss_sum += loss.detach().float() * n
         correct += (logits.argmax(1) == y).sum()
@@ -291,7 +313,8 @@ def fit(
     batches = train_batches(train, cfg, device)
     valid = _on_device(valid, batches, device)
     t = make_trainer(model, cfg, max(1, len(batches)))
-    st = _State() if resume is None else _restore(resume, model, t.opt, t.sched, t.scaler)
+    st = _State() if resume is None else _restore(resume, t)
+    eval_forward = t.forward if t.ema is None else maybe_compile(t.ema.module, cfg)
     while st.epoch < cfg.epochs:
         epoch = st.epoch + 1
         t0 = time.perf_counter()
@@ -299,7 +322,7 @@ def fit(
         batches.set_epoch(seed * 1000 + epoch)
         trained = train_one_epoch(t, batches, epoch, progress)
         train_time = time.perf_counter() - t0
-        scores, logits = evaluate(t.forward, valid, device, eval_amp, cfg.eval_batch_size, cfg.compile, epoch)
+        scores, logits = evaluate(eval_forward, valid, device, eval_amp, cfg.eval_batch_size, cfg.compile, epoch)
         probs = logits.softmax(1).numpy()
         scores["valid_score"] = metric(valid.labels.numpy(), probs)
         record = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"], **scores,
@@ -310,11 +333,11 @@ def fit(
         st.epoch = epoch
         if metric.better(record["valid_score"], st.best_score):
             st.best_score, st.best_epoch = record["valid_score"], epoch
-            st.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            st.best_state = {k: v.detach().cpu().clone() for k, v in t.eval_model.state_dict().items()}
             st.best_probs = probs
         progress.end_epoch(record)
         if state_path is not None:
-            _save_state(state_path, model, t.opt, t.sched, t.scaler, st)
+            _save_state(state_path, t, st)
         if on_epoch is not None:
             on_epoch(record)
     return FitResult(st.history, st.best_epoch, st.best_state, st.best_probs, st.seconds, t.amp.name)

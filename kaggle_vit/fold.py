@@ -18,7 +18,7 @@ from .engine import Progress, fit, maybe_compile, predict_probs, read_state, see
 from .errors import KaggleVitError
 from .io import atomic_path, write_json
 from .metrics import get_metric
-from .models import build, model_kwargs
+from .models import create_model, model_kwargs
 from .notices import notice
 from .rundir import RunDir
 
@@ -63,7 +63,7 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     images, labels = data.train.images, data.train.labels
     kwargs = model_kwargs(cfg, spec)
     seed_everything(cfg.seed + fold)  # the fold's initial weights do not depend on what ran before
-    model = build(cfg.model, kwargs)
+    model = create_model(cfg, spec)  # with cfg.pretrained's weights when given
     data_config = resolve_data_config(model)  # size, mean and std the model wants (kvit: [-1, 1])
     progress.start_fold(fold, cfg.folds)
     try:

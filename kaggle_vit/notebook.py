@@ -80,6 +80,11 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
                  "KAGGLE_ROOT = Path('/kaggle')\n"
                  + _spec_lines(spec) +
                  "PRESET = 'gpu' if torch.cuda.is_available() else 'cpu'\n"
+                 "# Weights attached as a Kaggle dataset (timm .safetensors/.pth/.bin, or a kaggle-vit fold's\n"
+                 "# model.pt): the run fine-tunes from the first found; set PRETRAINED = None to train from scratch.\n"
+                 "from kaggle_vit import find_weights, load_spec\n"
+                 "PRETRAINED = find_weights(KAGGLE_ROOT / 'input', skip=(load_spec(COMPETITION).slug,))\n"
+                 "print('fine-tuning from', PRETRAINED) if PRETRAINED else print('training from scratch')\n"
                  "OVERRIDES = {}  # e.g. {'epochs': 10, 'folds': 5}\n"
                  "MAX_TRAIN_ROWS = None  # e.g. 5000 for a quick look"),
         ("code", "# Data: Kaggle's input folder when the competition is attached, else `ensure_data` (offline build)\n"
@@ -96,7 +101,7 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
                  "    data = dataclasses.replace(data, train=dataclasses.replace(\n"
                  "        data.train, images=data.train.images[:MAX_TRAIN_ROWS], labels=data.train.labels[:MAX_TRAIN_ROWS],\n"
                  "        ids=data.train.ids[:MAX_TRAIN_ROWS]))\n"
-                 "cfg = resolve_config(PRESET, competition=COMPETITION, **OVERRIDES)\n"
+                 "cfg = resolve_config(PRESET, competition=COMPETITION, pretrained=PRETRAINED, **OVERRIDES)\n"
                  "print(len(data.train), 'training rows,', len(data.test), 'test rows;', cfg)"),
         ("code", "# Cross-validation: one model per stratified fold\n"
                  "from kaggle_vit import run_cv\n"

@@ -94,7 +94,7 @@ def plot_attention(model, images: np.ndarray, labels: list[str], path: Path) -> 
     from .dataset import resolve_data_config
 
     model.eval()
-    x = resolve_data_config(model).normalize(torch.from_numpy(images)).to(next(model.parameters()).device)
+    x = resolve_data_config(model).prepare(torch.from_numpy(images)).to(next(model.parameters()).device)
     rollout = attention_rollout(model.attention_maps(x)).float().cpu()
     gh, gw = model.grid_size
     heat = rollout.reshape(-1, 1, gh, gw)

@@ -29,12 +29,15 @@ from .metrics import Metric, get_metric
 HEADS = (2, 3, 4, 6, 8)
 
 
-def default_space(data: CompetitionData, device: str = "cpu") -> dict[str, dict[str, Any]]:
+def default_space(data: CompetitionData, device: str = "cpu", pretrained: bool = False) -> dict[str, dict[str, Any]]:
     """Patch sizes that divide the image (4 up to a quarter of its side), depth, dropout, learning
-    rate and width; narrower on a CPU, where a wide patch-4 trial would take most of an hour."""
+    rate and width; narrower on a CPU, where a wide patch-4 trial would take most of an hour.
+    Pretrained weights fix the architecture: then dropout and learning rate only."""
     spec = data.spec
     patches = [p for p in spec.patch_sizes(limit=min(spec.height, spec.width) // 4) if p >= 4] or spec.patch_sizes()
     gpu = device.startswith("cuda")
+    if pretrained:
+        return {"drop_rate": {"low": 0.0, "high": 0.3}, "lr": {"low": 1e-4, "high": 3e-3, "log": True}}
     return {
         "patch_size": {"choices": patches},
         "depth": {"low": 4, "high": 10} if gpu else {"low": 2, "high": 6},
@@ -238,7 +241,7 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
     from .device import select_device
 
     device = str(select_device(base.device))
-    obj = objective(data, base, space or default_space(data, device), list(range(1, tune_folds + 1)), out_dir / "trials",
+    obj = objective(data, base, space or default_space(data, device, bool(base.pretrained)), list(range(1, tune_folds + 1)), out_dir / "trials",
                     out_dir.parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(obj, n_trials=trials, timeout=timeout, n_jobs=n_jobs, catch=(KaggleVitError,))

@@ -40,7 +40,7 @@ def test_an_epoch_is_a_shuffle_of_every_row_and_repeats_from_its_seed(digits, wh
 
 def test_device_batches_without_augmentation_are_the_normalised_rows(digits):
     source = train_batches(digits, dataclasses.replace(CFG, data_on_device="on", aug="none"), torch.device("cpu"))
-    table = digits.data_config.normalize(torch.from_numpy(digits.images)).flatten(1)
+    table = digits.data_config.prepare(torch.from_numpy(digits.images)).flatten(1)
     for x, y in _epoch(source, 3):
         distance = (x.flatten(1)[:, None, :] - table[None]).abs().amax(-1)
         assert (distance.min(1).values == 0).all() and torch.equal(digits.labels[distance.argmin(1)], y)

@@ -144,13 +144,13 @@ def test_normalisation_comes_from_the_model():
 
     kvit = resolve_data_config(timm.create_model("kvit_pico_patch4_28", num_classes=10, in_chans=1))
     assert (kvit.mean, kvit.std, kvit.input_size) == ((0.5,), (0.5,), (1, 28, 28))
-    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    assert torch.equal(kvit.normalize(x), x.float().mul_(1.0 / 127.5).sub_(1.0))  # [-1, 1], bit for bit as before
-    imagenet = DataConfig((3, 16, 16), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    rgb = x.expand(1, 3, 16, 16).contiguous()
+    x = (torch.arange(784) % 256).to(torch.uint8).reshape(1, 1, 28, 28)
+    assert torch.equal(kvit.prepare(x), x.float().mul_(1.0 / 127.5).sub_(1.0))  # [-1, 1], bit for bit as before
+    imagenet = DataConfig((3, 28, 28), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    rgb = x.expand(1, 3, 28, 28).contiguous()
     expected = (rgb.float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
         [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    torch.testing.assert_close(imagenet.normalize(rgb), expected)
+    torch.testing.assert_close(imagenet.prepare(rgb), expected)
     timm_vit = resolve_data_config(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28,
                                                      patch_size=4, in_chans=1, num_classes=10))
-    assert timm_vit.normalize(x).shape == (1, 1, 16, 16)  # its RGB numbers serve a grey image
+    assert timm_vit.prepare(x).shape == (1, 1, 28, 28)  # its RGB numbers serve a grey image

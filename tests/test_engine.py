@@ -25,7 +25,7 @@ def _model(cfg=TINY):
 
 def test_one_step_lowers_the_loss(small_comp, small_spec):
     d = load_competition(small_spec, small_comp)
-    x, y = DataConfig((1, 28, 28)).normalize(torch.from_numpy(d.train.images[:64])), torch.as_tensor(d.train.labels[:64])
+    x, y = DataConfig((1, 28, 28)).prepare(torch.from_numpy(d.train.images[:64])), torch.as_tensor(d.train.labels[:64])
     model = _model()
     opt = make_optimizer(model, TINY)
     model.train()
@@ -77,6 +77,34 @@ def test_fit_is_repeatable_and_resumes_exactly(small_comp, small_spec, tmp_path)
     assert straight.valid_probs.shape == (120, 10) and np.allclose(straight.valid_probs.sum(1), 1, atol=1e-5)
 
 
+def test_ema_weights_are_the_ones_validated_kept_and_resumed(small_comp, small_spec, tmp_path):
+    """With `ema`, the kept weights are the moving average (not the last step's), a resumed fold
+    continues the same average, and its validation scores are those of the average."""
+    d = load_competition(small_spec, small_comp)
+    train, valid = ImageDataset(d.train.images[:480], d.train.labels[:480]), ImageDataset(d.train.images[480:], d.train.labels[480:])
+    cfg = dataclasses.replace(TINY, ema=0.9)
+    model = _model(cfg)
+    averaged = fit(model, train, valid, cfg, seed=1)
+    raw = {k: v.detach() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(averaged.best_state[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    scored = _model(cfg)
+    scored.load_state_dict(averaged.best_state)
+    logits = predict_logits(scored.eval(), valid, torch.device("cpu"), amp_for("off", torch.device("cpu")))
+    assert (logits.argmax(1) == valid.labels).float().mean().item() == averaged.history[averaged.best_epoch - 1]["valid_acc"]
+    state = tmp_path / "state.pt"
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    try:
+        fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, on_epoch=stop)
+    except KeyboardInterrupt:
+        pass
+    assert read_state(state)["ema"] is not None
+    resumed = fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, resume=read_state(state))
+    assert resumed.history[-1]["valid_loss"] == averaged.history[-1]["valid_loss"]
+
+
 def test_shift_moves_the_image_and_repeats_the_border():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     right = shift(x, 1, 0)[0, 0]
@@ -92,7 +120,7 @@ def test_predict_probs_averages_the_shifted_views(small_comp, small_spec):
     model, cpu, off = _model().eval(), torch.device("cpu"), amp_for("off", torch.device("cpu"))
     plain = predict_probs(model, dataset, cpu, off, batch_size=32)
     assert np.allclose(plain, predict_logits(model, dataset, cpu, off, 32).softmax(1).numpy(), atol=1e-6)
-    x = DataConfig((1, 28, 28)).normalize(torch.from_numpy(images))
+    x = DataConfig((1, 28, 28)).prepare(torch.from_numpy(images))
     with torch.no_grad():
         by_hand = sum(model(shift(x, dx, dy)).softmax(1) for dx, dy in tta_shifts(3)) / 3
     three = predict_probs(model, dataset, cpu, off, batch_size=32, views=3)

@@ -75,6 +75,11 @@ def test_notebook_for_an_image_file_competition_runs(tmp_path, mnist, bundled):
         spec = load_spec(own)
     kaggle = tmp_path / "kaggle"
     test_ids, _ = build_fixture(spec, kaggle / "input" / spec.slug, mnist)
+    if bundled:  # a kvit trained on 28x28 grey digits, attached as a dataset: the notebook fine-tunes from it
+        from test_pretrained import _fold_checkpoint
+
+        (kaggle / "input" / "kvit-mnist").mkdir()
+        _fold_checkpoint(kaggle / "input" / "kvit-mnist" / "model.pt")
     nb = nbformat.reads(json.dumps(build_notebook(spec)), as_version=4)
     assert ("SPEC_TOML" in nb.cells[2].source) != bundled
     run_like_kaggle(nb, kaggle, TINY_OVERRIDES + ", 'patch_size': 8, 'tta': 2", tmp_path)
@@ -82,3 +87,7 @@ def test_notebook_for_an_image_file_competition_runs(tmp_path, mnist, bundled):
     assert list(sub.columns) == ["id", "label"] and sub["id"].tolist() == test_ids
     assert set(sub["label"]) <= set(spec.class_names)
     assert "OOF accuracy " in "".join(o.get("text", "") for o in nb.cells[4].outputs)
+    said = "".join(o.get("text", "") for o in nb.cells[2].outputs)
+    assert (f"fine-tuning from {kaggle / 'input' / 'kvit-mnist' / 'model.pt'}" in said) == bundled, said
+    config = next((kaggle / "working" / "runs").rglob("config.toml")).read_text()
+    assert ("pretrained = " in config and "patch_size" not in config) == bundled  # the weights' shape, not patch 8

@@ -1,6 +1,7 @@
 """Model factory: our registered ViTs and timm's reference ViTs, shaped to the competition."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -10,6 +11,7 @@ from ..competition import CompetitionSpec
 from ..config import TrainConfig
 from ..errors import KaggleVitError
 from . import vit  # noqa: F401  (registers the kvit_* family with timm)
+from .pretrained import create_pretrained
 from .vit import KaggleViT
 
 __all__ = ["KaggleViT", "create_model", "fitting_patch_size", "model_kwargs"]
@@ -36,6 +38,12 @@ def model_kwargs(cfg: TrainConfig, spec: CompetitionSpec) -> dict[str, Any]:
         for name in ("stem_channels", "stem_pool"):
             if name in kwargs:
                 raise KaggleVitError(f"{name} applies to kvit models only, not '{cfg.model}'")
+        if cfg.pretrained:  # the weights fix the patch size and the image size (images are resized to it)
+            if "patch_size" in kwargs:
+                raise KaggleVitError(f"--pretrained: {cfg.model} keeps the patch size of its weights; "
+                                     f"drop patch_size {kwargs['patch_size']}")
+            del kwargs["img_size"]
+            return kwargs
         kwargs.setdefault("patch_size", fitting_patch_size(spec))
     patch = kwargs.get("patch_size")
     if patch is not None and (spec.height % patch or spec.width % patch):
@@ -44,8 +52,12 @@ def model_kwargs(cfg: TrainConfig, spec: CompetitionSpec) -> dict[str, Any]:
 
 
 def create_model(cfg: TrainConfig, spec: CompetitionSpec) -> nn.Module:
-    """Build the config's model for the competition (no pretrained weights: nothing is downloaded)."""
-    return build(cfg.model, model_kwargs(cfg, spec))
+    """Build the config's model for the competition, with the local weights of `cfg.pretrained` when
+    given (nothing is ever downloaded)."""
+    kwargs = model_kwargs(cfg, spec)
+    if cfg.pretrained:
+        return create_pretrained(cfg.model, kwargs, Path(cfg.pretrained))
+    return build(cfg.model, kwargs)
 
 
 def build(name: str, kwargs: dict[str, Any]) -> nn.Module:

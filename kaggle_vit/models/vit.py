@@ -7,12 +7,13 @@ and an MLP, dropout and stochastic depth, and a linear head on the class token. 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, resample_abs_pos_embed, trunc_normal_
+from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 
@@ -239,11 +240,37 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+def _first_conv(model: KaggleViT) -> str:
+    """The name of the convolution that sees the image: the stem's first, or the patch embedding."""
+    return "stem.0" if isinstance(model.stem, nn.Sequential) else "patch_embed"
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: KaggleViT) -> dict[str, torch.Tensor]:
+    """Fit a kvit state dict from another competition to `model`, as timm's ViT filter does: the
+    position embedding resampled to the model's patch grid (bicubic, class token kept), and the first
+    convolution adapted to the model's channel count (timm's `adapt_input_conv`). Anything else that
+    differs is left for `load_state_dict` to refuse."""
+    out = dict(state_dict)
+    pos = out.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        side = math.isqrt(pos.shape[1] - 1)
+        if side * side != pos.shape[1] - 1:
+            raise ValueError(f"pos_embed of {pos.shape[1] - 1} patches is not a square grid; cannot resample it")
+        out["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.grid_size), old_size=[side, side],
+                                                  num_prefix_tokens=1)
+    key = _first_conv(model) + ".weight"
+    conv = out.get(key)
+    if conv is not None and conv.ndim == 4 and conv.shape[1] != model.in_chans:
+        out[key] = adapt_input_conv(model.in_chans, conv, base_chans=conv.shape[1])
+    return out
+
+
 def _create(variant: str, pretrained: bool, arch: dict, kwargs: dict) -> KaggleViT:
-    """Build a registered variant: its architecture numbers, overridden by the caller's keywords."""
-    if pretrained:
-        raise ValueError(f"{variant}: no pretrained weights exist; train it with kaggle-vit cv")
-    return build_model_with_cfg(KaggleViT, variant, pretrained=False, **{**arch, **kwargs})
+    """Build a registered variant: its architecture numbers, overridden by the caller's keywords.
+    Weights exist only where the caller gives them (`pretrained_cfg_overlay` with a file or state
+    dict, as kaggle-vit's `--pretrained` does): kvit models are trained here, not downloaded."""
+    return build_model_with_cfg(KaggleViT, variant, pretrained=pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **{**arch, **kwargs})
 
 
 @register_model
