@@ -183,6 +183,7 @@ def cv(
     lr: Annotated[Optional[float], typer.Option("--lr")] = None,
     patch_size: Annotated[Optional[int], typer.Option("--patch-size", help="Must divide the image size.")] = None,
     pretrained: PretrainedOpt = None,
+    ema: Annotated[Optional[float], typer.Option("--ema", help="Decay of a moving average of the weights, e.g. 0.999 (0: off).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     aug: Annotated[Optional[str], typer.Option("--aug", help="rotate, affine (digits); flip, crop (photos); none.")] = None,
     aug_group: Annotated[Optional[int], typer.Option("--aug-group", help="Images per augmentation draw (1: each its own).")] = None,
@@ -207,7 +208,7 @@ def cv(
 
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
-                         pretrained=pretrained, seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers,
+                         pretrained=pretrained, ema=ema, seed=seed, aug=aug, aug_group=aug_group, amp=amp, device=device, num_workers=workers,
                          jobs=jobs, devices=devices, data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile,
                          compile_mode=compile_mode)
     from .models import create_model
