@@ -162,6 +162,15 @@ def _tiny_toml(tmp_path: Path) -> Path:
     return path
 
 
+def test_weights_named_after_a_tagged_timm_model_pick_it(tmp_path, timm_vit):
+    path = tmp_path / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+    save_file(timm_vit.state_dict(), str(path))
+    cfg = resolve_config(competition="digit-recognizer", pretrained=str(path))
+    assert cfg.model == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    model = create_model(cfg, load_spec("digit-recognizer"))
+    assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], timm_vit.state_dict()["blocks.0.attn.qkv.weight"])
+
+
 def test_find_weights_skips_the_competition_folder(tmp_path):
     (tmp_path / "digit-recognizer").mkdir()
     (tmp_path / "digit-recognizer" / "a.pt").write_bytes(b"")

@@ -27,7 +27,7 @@ def fitting_patch_size(spec: CompetitionSpec) -> int:
 
 def model_kwargs(cfg: TrainConfig, spec: CompetitionSpec) -> dict[str, Any]:
     """Keyword arguments for timm.create_model: the competition's shape plus the config's choices."""
-    if cfg.model not in timm.list_models():
+    if not timm.is_model(cfg.model):  # a name, or name.tag (a pretrained config of it)
         raise KaggleVitError(f"unknown model '{cfg.model}' (ours: {', '.join(timm.list_models('kvit*'))}; or a timm ViT)")
     kwargs: dict[str, Any] = dict(
         num_classes=spec.num_classes, in_chans=spec.channels, img_size=(spec.height, spec.width),

@@ -95,7 +95,10 @@ def create_pretrained(name: str, kwargs: dict[str, Any], path: Path) -> nn.Modul
     """`name` built with `kwargs` and the weights in `path` loaded into it by timm (position
     embedding resized, input convolution adapted, head re-initialised when the classes differ)."""
     state = read_weights(path)
-    model = timm.create_model(name, pretrained=False, **kwargs)  # its fresh head, if the classes differ
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)  # its fresh head, if the classes differ
+    except (ValueError, TypeError, AssertionError) as error:
+        raise KaggleVitError(f"cannot build {name} with {kwargs}: {error}") from None
     state = _fresh_head(state, model)
     channels = kwargs.get("in_chans", 3) if name.startswith("kvit") else _source_channels(state, model)
     size = tuple(model.pretrained_cfg.get("input_size") or (channels, 224, 224))
