@@ -94,11 +94,10 @@ def _source_channels(state: dict[str, torch.Tensor], model: nn.Module) -> int:
 def create_pretrained(name: str, kwargs: dict[str, Any], path: Path) -> nn.Module:
     """`name` built with `kwargs` and the weights in `path` loaded into it by timm (position
     embedding resized, input convolution adapted, head re-initialised when the classes differ)."""
+    from . import build  # the package's builder and its one-line error (imported here: it imports this module)
+
     state = read_weights(path)
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)  # its fresh head, if the classes differ
-    except (ValueError, TypeError, AssertionError) as error:
-        raise KaggleVitError(f"cannot build {name} with {kwargs}: {error}") from None
+    model = build(name, kwargs)  # its fresh head, if the classes differ
     state = _fresh_head(state, model)
     channels = kwargs.get("in_chans", 3) if name.startswith("kvit") else _source_channels(state, model)
     size = tuple(model.pretrained_cfg.get("input_size") or (channels, 224, 224))
