@@ -299,11 +299,13 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     resume: dict | None = None,
     metric: Metric | None = None,
+    stop_after: int | None = None,
 ) -> FitResult:
     """Train on `train` for cfg.epochs, validating on `valid` each epoch and keeping the epoch best
     by the competition's `metric` (default accuracy; the datasets carry the images, labels and the
     model's normalisation). Each epoch's state is saved to `state_path`; `resume` (a state from
-    `read_state`) continues after its last epoch."""
+    `read_state`) continues after its last epoch. `stop_after` ends the run after that epoch (the
+    schedule still spans cfg.epochs), so another process can resume it from `state_path`."""
     progress = progress or NoProgress()
     metric = metric or get_metric("accuracy")
     device = select_device(cfg.device)
@@ -315,7 +317,8 @@ def fit(
     t = make_trainer(model, cfg, max(1, len(batches)))
     st = _State() if resume is None else _restore(resume, t)
     eval_forward = t.forward if t.ema is None else maybe_compile(t.ema.module, cfg)
-    while st.epoch < cfg.epochs:
+    last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+    while st.epoch < last:
         epoch = st.epoch + 1
         t0 = time.perf_counter()
         progress.start_epoch(epoch, cfg.epochs, len(batches))

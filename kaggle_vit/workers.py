@@ -2,8 +2,9 @@
 
 On a small CPU, two single-threaded processes train more images per second between them than one
 process with two threads (small matrices leave the second thread idle much of the time). Each
-worker runs `fold.train_fold` for one fold, exactly as the sequential loop does, and reports to the
-parent through its own pipe.
+worker runs `fold.train_fold` for one fold, exactly as the sequential loop does, or for a segment
+of its epochs (`plan_segments` cuts a fold between two workers so that five folds keep two cores
+busy to the end), and reports to the parent through its own pipe.
 
 What a user must never see from a worker, and how: a worker is a plain `python -m
 kaggle_vit.workers JOB FD` process that reads its job from a file written before it starts and
@@ -24,8 +25,10 @@ import signal
 import subprocess
 import sys
 import traceback
+from collections import deque
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -69,11 +72,57 @@ def auto_jobs(cfg: TrainConfig, devices: list[str], folds_to_run: int) -> int:
     return 2 if cores >= 2 and folds_to_run > 1 else 1
 
 
-def fold_batches(todo: list[int], jobs: int, devices: list[str]) -> list[list[tuple[int, str]]]:
-    """The folds in batches of `jobs` trained at once, the i-th fold of a batch on devices[i % n]:
-    two GPUs train two folds at once; `jobs` above the GPU count shares each GPU between folds."""
-    batches = [todo[i : i + jobs] for i in range(0, len(todo), jobs)]
-    return [[(fold, devices[i % len(devices)]) for i, fold in enumerate(batch)] for batch in batches]
+class Segment(NamedTuple):
+    """Epochs `first`..`last` of one fold, trained by one worker; the segment that reaches the
+    fold's last epoch also predicts with the best model."""
+
+    fold: int
+    first: int
+    last: int
+
+
+def plan_segments(todo: list[int], epochs: int, jobs: int, epoch_cost: float = 1.0,
+                  predict_cost: float = 1.0) -> list[list[Segment]]:
+    """Spread the folds over `jobs` workers so that each gets an equal share of the work, cutting at
+    most one fold per worker at an epoch boundary (McNaughton's wrap-around rule): folds are laid
+    end to end, each with its last epochs and prediction first, and cut at every multiple of the
+    share, moved to the nearest epoch boundary. A cut fold's tail closes one worker's list and its
+    head opens the next one's, so the head runs first. Costs are relative: an epoch's and a fold's
+    final prediction's. Cuts are placed from absolute positions, so rounding never piles up on the
+    last worker."""
+    fold_cost = epochs * epoch_cost + predict_cost
+    share = len(todo) * fold_cost / jobs
+    # offsets inside a fold where a worker may stop: before it, after a tail of t = 1..epochs-1
+    # epochs and the prediction, or after all of it
+    stops = [0.0] + [predict_cost + t * epoch_cost for t in range(1, epochs)] + [fold_cost]
+    cuts: dict[int, int] = {}  # fold index -> epochs of its tail left to the worker before the cut
+    for w in range(1, jobs):
+        index = min(int(w * share // fold_cost), len(todo) - 1)
+        offset = w * share - index * fold_cost
+        tail = min(range(len(stops)), key=lambda t: abs(stops[t] - offset))
+        if tail == epochs:  # after the whole fold: the next fold opens the next worker
+            index, tail = index + 1, 0
+        cuts[index] = tail
+    plans: list[list[Segment]] = [[]]
+    for index, fold in enumerate(todo):
+        tail = cuts.get(index)
+        if tail:
+            plans[-1].append(Segment(fold, epochs - tail + 1, epochs))
+            plans.append([Segment(fold, 1, epochs - tail)])
+            continue
+        if tail == 0:
+            plans.append([])
+        plans[-1].append(Segment(fold, 1, epochs))
+    return plans
+
+
+def plan_costs(data: CompetitionData, folds: np.ndarray, cfg: TrainConfig) -> tuple[float, float]:
+    """An epoch's and a final prediction's cost in image passes: a training image costs about three
+    forward passes (forward and backward), validation one, prediction one per view of every
+    validation and test image."""
+    n_valid = len(folds) / cfg.folds
+    epoch = 3 * (len(folds) - n_valid) + n_valid
+    return epoch, cfg.tta * (n_valid + len(data.test.images))
 
 
 def worker_env(device: str, environ: dict[str, str]) -> tuple[dict[str, str], str]:
@@ -179,17 +228,19 @@ def _load_arrays(staging: Path, data: CompetitionData) -> tuple[CompetitionData,
 
 
 def _worker(job: Path, fd: int) -> None:
-    """Process entry point: train the fold described in `job` (written by `_start`), reporting
-    through the pipe `fd`. The data in the job comes without its arrays, read from the job's folder."""
+    """Process entry point: train the fold segment described in `job` (written by `_start`),
+    reporting through the pipe `fd`. The data in the job comes without its arrays, read from the job's folder."""
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    cfg, bare, fold, run_dir, threads, parent = pickle.loads(job.read_bytes())
+    cfg, bare, segment, run_dir, threads, parent = pickle.loads(job.read_bytes())
+    fold = segment.fold
     torch.set_num_threads(threads)
     progress = PipeProgress(Connection(fd), fold, parent)
     log.addHandler(_ForwardNotices(progress))
     log.propagate = False
     try:
         data, folds = _load_arrays(job.parent, bare)
-        train_fold(cfg, data, folds, fold, run_dir, progress)
+        train_fold(cfg, data, folds, fold, run_dir, progress, until_epoch=segment.last,
+                   handover=segment.first > 1)
     except KaggleVitError as exc:
         progress.send("error", str(exc))
         sys.exit(1)
@@ -233,17 +284,22 @@ class FoldRelay:
         elif fold == self.shown and kind == "end_epoch":
             self.progress.end_epoch(payload)
 
+    def pause(self, fold: int) -> None:
+        """A fold's first segment ended: it leaves the display until another worker takes it on."""
+        self.running.pop(fold, None)
+        self.shown = None if fold == self.shown else self.shown
 
-def _start(cfg: TrainConfig, data: CompetitionData, staging: Path, fold: int, run_dir: Path,
+
+def _start(cfg: TrainConfig, data: CompetitionData, staging: Path, segment: Segment, run_dir: Path,
            threads: int, device: str) -> tuple[subprocess.Popen, Connection]:
-    """Start one fold's worker on `device` in its own session (Ctrl-C goes to the parent alone),
+    """Start one fold segment's worker on `device` in its own session (Ctrl-C goes to the parent alone),
     with the package importable as this process imports it (a notebook may have put it on sys.path)."""
     bare = CompetitionData(data.spec, data.data_dir,
                            *(ImageTable(t.images[:0], None, t.ids[:0]) for t in (data.train, data.test)))
     env, device = worker_env(device, dict(os.environ))
-    job = staging / f"fold{fold}.pkl"
+    job = staging / f"fold{segment.fold}-{segment.first}.pkl"
     with atomic_path(job) as tmp:
-        tmp.write_bytes(pickle.dumps((dataclasses.replace(cfg, device=device), bare, fold, run_dir, threads, os.getpid())))
+        tmp.write_bytes(pickle.dumps((dataclasses.replace(cfg, device=device), bare, segment, run_dir, threads, os.getpid())))
     read_fd, write_fd = os.pipe()
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
@@ -269,15 +325,16 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, todo: list[int], run_dir: Path,
                          jobs: int, progress, devices: list[str] | None = None) -> None:
-    """Train the `todo` folds in batches of `jobs` (`fold_batches` spreads them over `devices`), each
-    fold in its own process with an equal share of the cores (a last, smaller batch gets more
-    threads each). Batches rather than a queue keep each fold's thread count, and so its numbers,
-    independent of timing: folds take equal time, so little is lost waiting. Raises
-    KaggleVitError naming the fold if a worker fails, and Interrupted (after stopping the
-    workers) on Ctrl-C."""
-    cores, pending = os.cpu_count() or 1, fold_batches(list(todo), jobs, devices or ["cpu"])
-    running: dict[int, tuple[subprocess.Popen, Connection]] = {}
-    relay, errors, stopped = FoldRelay(progress), {}, {}
+    """Train the `todo` folds on `jobs` workers at once, as `plan_segments` shares them out (a fold
+    cut between two workers moves through its state file; its second segment waits for its
+    first), worker i on devices[i % n] with an equal share of the cores. The plan and the thread
+    counts, and so every fold's numbers, do not depend on timing. Raises KaggleVitError naming the
+    fold if a worker fails, and Interrupted (after stopping the workers) on Ctrl-C."""
+    devices, jobs = devices or ["cpu"], max(1, min(jobs, len(todo)))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    queues = [deque(plan) for plan in plan_segments(todo, cfg.epochs, jobs, *plan_costs(data, folds, cfg))]
+    running: dict[int, tuple[Segment, subprocess.Popen, Connection]] = {}
+    relay, errors, stopped, handed = FoldRelay(progress), {}, {}, set()
     staging = _stage_arrays(data, folds, run_dir)
 
     def receive(conn: Connection) -> bool:
@@ -294,27 +351,31 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
         return True
 
     try:
-        while pending or running:
-            if not running and pending and not stopped:  # the next batch of up to `jobs` folds
-                batch, pending = pending[0], pending[1:]
-                threads = max(1, cores // len(batch))
-                for fold, device in batch:
-                    running[fold] = _start(cfg, data, staging, fold, run_dir, threads, device)
-            wait([conn for _, conn in running.values()], timeout=0.5)
-            for fold, (proc, conn) in list(running.items()):
+        while not stopped and any(queues) or running:
+            for slot, queue in enumerate(queues):
+                ready = queue and (queue[0].first == 1 or queue[0].fold in handed)
+                if slot not in running and ready and not stopped:
+                    segment = queue.popleft()
+                    running[slot] = (segment, *_start(cfg, data, staging, segment, run_dir, threads,
+                                                      devices[slot % len(devices)]))
+            wait([conn for _, _, conn in running.values()], timeout=0.5)
+            for slot, (segment, proc, conn) in list(running.items()):
                 if not receive(conn) or proc.poll() is not None:
                     proc.wait()
                     receive(conn)
                     conn.close()
-                    del running[fold]
+                    del running[slot]
                     if proc.returncode != 0:
-                        stopped[fold], pending = proc.returncode, []
+                        stopped[segment.fold] = proc.returncode
+                    elif segment.last < cfg.epochs:
+                        handed.add(segment.fold)
+                        relay.pause(segment.fold)
     except KeyboardInterrupt:
-        for _, conn in running.values():  # messages not yet read say where each fold is
+        for _, _, conn in running.values():  # messages not yet read say where each fold is
             receive(conn)
         raise Interrupted.during(relay.running) from None  # the workers are stopped below
     finally:
-        _stop([proc for proc, _ in running.values()])
+        _stop([proc for _, proc, _ in running.values()])
         shutil.rmtree(staging, ignore_errors=True)
     for fold, code in sorted(stopped.items()):
         raise KaggleVitError(errors.get(fold, f"fold {fold}: its worker process stopped (exit code {code})"))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from kaggle_vit.cv import run_cv
 from kaggle_vit.data import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import plot_run_curves
+from kaggle_vit.workers import Segment, plan_costs, plan_segments
 
 runner = CliRunner()
 TINY = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=1, batch_size=64,
@@ -84,20 +86,30 @@ def test_a_fold_trains_the_same_alone_or_after_others(small_comp, small_spec, tm
     np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
 
 
-def test_parallel_folds_train_as_in_one_process(small_comp, small_spec, tmp_path):
+def test_parallel_folds_train_as_in_one_process(small_comp, small_spec, tmp_path, caplog):
     # Two worker processes (one thread each, as --jobs 2 gives on two cores) train each fold exactly
-    # as this process does with one thread: same probabilities, every artifact, OOF scored.
+    # as this process does with one thread: same probabilities, every artifact, OOF scored. Three
+    # folds on two workers: fold 2 is cut between them, its second epoch taken over from its state
+    # file by the other worker, silently (a planned hand-over is no resume to report).
     data = load_competition(small_spec, small_comp)
-    parallel = run_cv(TrainConfig(**TINY, jobs=2), data, tmp_path / "parallel")
-    assert parallel.complete and parallel.trained == [1, 2]
+    cfg = TrainConfig(**{**TINY, "folds": 3, "epochs": 2})
+    folds = np.arange(len(data.train.labels)) % 3 + 1
+    plan = plan_segments([1, 2, 3], 2, 2, *plan_costs(data, folds, cfg))
+    assert plan == [[Segment(1, 1, 2), Segment(2, 2, 2)], [Segment(2, 1, 1), Segment(3, 1, 2)]]
+    with caplog.at_level("WARNING", logger="kaggle_vit"):
+        parallel = run_cv(dataclasses.replace(cfg, jobs=2), data, tmp_path / "parallel")
+    assert parallel.complete and parallel.trained == [1, 2, 3]
+    assert not [r for r in caplog.records if "resuming" in r.getMessage()]
+    history = pd.read_csv(tmp_path / "parallel" / "fold2" / "history.csv")
+    assert list(history["epoch"]) == [1, 2]  # both segments' epochs, in one history
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_cv(TrainConfig(**TINY, jobs=1), data, tmp_path / "one")
+        run_cv(dataclasses.replace(cfg, jobs=1), data, tmp_path / "one")
     finally:
         torch.set_num_threads(threads)
     for name in ("test_probs.npy",):
-        for k in (1, 2):
+        for k in (1, 2, 3):
             a, b = (np.load(tmp_path / d / f"fold{k}" / name) for d in ("parallel", "one"))
             np.testing.assert_allclose(a, b, atol=1e-6)
     assert parallel.oof_acc == json.loads((tmp_path / "one" / "metrics.json").read_text())["oof_acc"]

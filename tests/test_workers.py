@@ -1,25 +1,54 @@
-"""Folds over devices: the schedule that puts folds on GPUs (with fake device lists) and the
-environment that makes every GPU worker see its GPU as `cuda`."""
+"""Folds over workers and devices: the plan that shares the folds' epochs out between workers,
+the devices (with fake device lists) and the environment that makes every GPU worker see its GPU
+as `cuda`."""
+import itertools
+
 import pytest
 
 from kaggle_vit.config import TrainConfig, validate_config
 from kaggle_vit.errors import KaggleVitError
-from kaggle_vit.workers import auto_jobs, fold_batches, visible_devices, worker_env
+from kaggle_vit.workers import Segment, auto_jobs, plan_segments, visible_devices, worker_env
 
 
-def test_two_gpus_train_two_folds_at_once():
+def test_five_folds_on_two_workers_cut_one_fold_between_them():
+    # Equal costs: 5 folds x (6 epochs + a prediction) = 35 units, 17.5 a worker; fold 3 is cut,
+    # its first four epochs opening worker 2 and its last two and its prediction closing worker 1.
+    assert plan_segments([1, 2, 3, 4, 5], 6, 2) == [
+        [Segment(1, 1, 6), Segment(2, 1, 6), Segment(3, 5, 6)],
+        [Segment(3, 1, 4), Segment(4, 1, 6), Segment(5, 1, 6)],
+    ]
+    assert plan_segments([1, 2, 3, 4], 6, 2) == [[Segment(1, 1, 6), Segment(2, 1, 6)],
+                                                 [Segment(3, 1, 6), Segment(4, 1, 6)]]  # nothing to cut
+
+
+@pytest.mark.parametrize("costs", [(1.0, 1.0), (1.0, 0.3), (1.0, 2.5)])
+def test_every_plan_covers_each_fold_once_in_order_and_balances(costs):
+    epoch, predict = costs
+    for n_folds, epochs in itertools.product(range(1, 9), range(1, 9)):
+        for jobs in range(1, n_folds + 1):
+            plan = plan_segments(list(range(1, n_folds + 1)), epochs, jobs, epoch, predict)
+            assert len(plan) == jobs and all(plan)
+            segments = sorted((s for worker in plan for s in worker), key=lambda s: (s.fold, s.first))
+            for fold in range(1, n_folds + 1):  # each fold's epochs exactly once, 1..epochs
+                mine = [s for s in segments if s.fold == fold]
+                assert mine[0].first == 1 and mine[-1].last == epochs and len(mine) <= 2
+                assert all(a.last + 1 == b.first for a, b in zip(mine, mine[1:]))
+            loads = [sum((s.last - s.first + 1) * epoch + predict * (s.last == epochs) for s in w) for w in plan]
+            share = n_folds * (epochs * epoch + predict) / jobs
+            assert max(loads) <= share + epoch + predict
+            for w, worker in enumerate(plan):  # a cut fold's tail closes a worker, its head opens the next
+                for i, s in enumerate(worker):
+                    if s.first > 1:
+                        head = plan[w + 1][0]
+                        assert i == len(worker) - 1 and head.fold == s.fold and head.last == s.first - 1
+
+
+def test_gpus_and_jobs():
     devices = visible_devices(TrainConfig(), gpu_count=2)
     assert devices == ["cuda:0", "cuda:1"] and auto_jobs(TrainConfig(), devices, 5) == 2
-    assert fold_batches([1, 2, 3, 4, 5], 2, devices) == [[(1, "cuda:0"), (2, "cuda:1")], [(3, "cuda:0"), (4, "cuda:1")],
-                                                         [(5, "cuda:0")]]
-
-
-def test_several_folds_share_one_large_gpu():
     devices = visible_devices(TrainConfig(), gpu_count=1)
     assert auto_jobs(TrainConfig(), devices, 5) == 1
-    assert auto_jobs(TrainConfig(jobs=4), devices, 5) == 4
-    assert fold_batches([1, 2, 3, 4, 5], 4, devices) == [[(k, "cuda:0") for k in (1, 2, 3, 4)], [(5, "cuda:0")]]
-    assert fold_batches([2, 5], 4, ["cuda:0", "cuda:1", "cuda:2"]) == [[(2, "cuda:0"), (5, "cuda:1")]]
+    assert auto_jobs(TrainConfig(jobs=4), devices, 5) == 4 and auto_jobs(TrainConfig(jobs=4), devices, 2) == 2
 
 
 def test_devices_option_picks_and_checks_gpus():
