@@ -116,12 +116,16 @@ def plan_segments(todo: list[int], epochs: int, jobs: int, epoch_cost: float = 1
     return plans
 
 
+# A training image costs about this many inference passes (forward, backward, optimiser), as
+# measured in cv on the 2-core CPU (README, "Folds in parallel").
+TRAIN_PASSES = 3.5
+
+
 def plan_costs(data: CompetitionData, folds: np.ndarray, cfg: TrainConfig) -> tuple[float, float]:
-    """An epoch's and a final prediction's cost in image passes: a training image costs about three
-    forward passes (forward and backward), validation one, prediction one per view of every
-    validation and test image."""
+    """An epoch's and a final prediction's cost in inference passes: a training image costs
+    TRAIN_PASSES, a validation image one, and prediction one per view of every validation and test image."""
     n_valid = len(folds) / cfg.folds
-    epoch = 3 * (len(folds) - n_valid) + n_valid
+    epoch = TRAIN_PASSES * (len(folds) - n_valid) + n_valid
     return epoch, cfg.tta * (n_valid + len(data.test.images))
 
 
