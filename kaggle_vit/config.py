@@ -36,6 +36,8 @@ class TrainConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     pretrained: str | None = None  # local weights to start from: a timm .safetensors/.pth/.bin or a fold's model.pt
+    pseudo: str | None = None  # a finished cv run whose confident test predictions join the training rows
+    pseudo_threshold: float = 0.99  # the top probability a test row needs to be pseudo-labelled
     # optimisation
     epochs: int = 6
     batch_size: int = 64
@@ -186,6 +188,8 @@ def validate_config(cfg: TrainConfig) -> None:
         raise KaggleVitError(f"ema is a decay in [0, 1) (0: off), got {cfg.ema}")
     if not cfg.lr > 0:
         raise KaggleVitError(f"lr must be positive, got {cfg.lr}")
+    if not 0 < cfg.pseudo_threshold <= 1:
+        raise KaggleVitError(f"pseudo_threshold is a probability in (0, 1], got {cfg.pseudo_threshold}")
 
 
 def _toml_value(value: Any) -> str:

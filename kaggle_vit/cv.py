@@ -19,7 +19,7 @@ import pandas as pd
 from . import __version__
 from .competition import CompetitionSpec
 from .config import TrainConfig, load_toml, save_config, to_toml
-from .data import CompetitionData, load_or_make_folds, save_folds
+from .data import CompetitionData, load_or_make_folds, make_folds, save_folds
 from .engine import NoProgress, Progress
 from .errors import Interrupted, KaggleVitError
 from .io import atomic_path, read_json, write_json
@@ -27,6 +27,7 @@ from .metrics import get_metric
 from .models import create_model
 from .fold import train_fold
 from .notices import notice
+from .pseudo import check_source
 from .rundir import RunDir, fold_problem, shared_folds
 from .workers import auto_jobs, train_folds_parallel, visible_devices
 
@@ -167,10 +168,14 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     bad = [k for k in wanted if not 1 <= k <= cfg.folds]
     if bad:
         raise KaggleVitError(f"--fold {bad[0]}: folds are numbered 1..{cfg.folds}")
+    shared = shared_folds(runs_root or run_dir.parent, cfg.folds, cfg.seed)
+    if cfg.pseudo:  # before anything is written, against the split load_or_make_folds gives below
+        split = (load_or_make_folds(shared, data.train.labels, cfg.folds, cfg.seed) if shared.exists()
+                 else make_folds(data.train.labels, cfg.folds, cfg.seed))
+        check_source(Path(cfg.pseudo), split, len(data.test.images))
     _check_writable(run_dir)
     _prepare_run_dir(run_dir, cfg, spec)
     run = RunDir(run_dir)
-    shared = shared_folds(runs_root or run_dir.parent, cfg.folds, cfg.seed)
     folds = load_or_make_folds(shared, data.train.labels, cfg.folds, cfg.seed)
     if not run.folds.exists():
         save_folds(run.folds, folds, data.train.labels)

@@ -20,6 +20,7 @@ from .io import atomic_path, write_json
 from .metrics import get_metric
 from .models import create_model, model_kwargs
 from .notices import notice
+from .pseudo import pseudo_labels
 from .rundir import RunDir
 
 
@@ -66,13 +67,18 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     state_path = out.state
     tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     images, labels = data.train.images, data.train.labels
+    train_images, train_labels, pseudo = images[tr], labels[tr], np.zeros(0, dtype=np.int64)
+    if cfg.pseudo:  # the source run's fold `fold` labels confident test rows; validation rows stay out
+        pseudo, pseudo_y = pseudo_labels(Path(cfg.pseudo), fold, cfg.pseudo_threshold)
+        train_images = np.concatenate([train_images, data.test.images[pseudo]])
+        train_labels = np.concatenate([train_labels, pseudo_y.astype(labels.dtype)])
     kwargs = model_kwargs(cfg, spec)
     seed_everything(cfg.seed + fold)  # the fold's initial weights do not depend on what ran before
     model = create_model(cfg, spec)  # with cfg.pretrained's weights when given
     data_config = resolve_data_config(model)  # size, mean and std the model wants (kvit: [-1, 1])
     progress.start_fold(fold, cfg.folds)
     try:
-        result = fit(model, ImageDataset(images[tr], labels[tr], data_config=data_config),
+        result = fit(model, ImageDataset(train_images, train_labels, data_config=data_config),
                      ImageDataset(images[va], labels[va], data_config=data_config), cfg, seed=cfg.seed + fold,
                      state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs, not handover),
                      progress=progress, on_epoch=on_epoch, metric=metric, stop_after=until_epoch)
@@ -103,7 +109,8 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
                "valid_score": metric(labels[va], valid_probs), "valid_score_plain": best["valid_score"],
                "train_seconds": result.train_seconds, "predict_seconds": time.perf_counter() - t0,
                "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
-               "amp": result.amp, "device": str(select_device(cfg.device)), "epochs": len(result.history)}
+               "amp": result.amp, "device": str(select_device(cfg.device)), "epochs": len(result.history),
+               "pseudo_rows": len(pseudo)}
     write_json(out.result, summary)
     state_path.unlink(missing_ok=True)
     progress.end_fold(summary)

@@ -39,6 +39,7 @@ from .errors import Interrupted, KaggleVitError
 from .fold import train_fold
 from .io import atomic_path
 from .notices import log, notice
+from .pseudo import pseudo_labels
 from .rundir import RunDir
 
 STEP_EVERY = 25  # steps between progress messages from a worker
@@ -122,10 +123,13 @@ TRAIN_PASSES = 3.5
 
 
 def plan_costs(data: CompetitionData, folds: np.ndarray, cfg: TrainConfig) -> tuple[float, float]:
-    """An epoch's and a final prediction's cost in inference passes: a training image costs
-    TRAIN_PASSES, a validation image one, and prediction one per view of every validation and test image."""
+    """An epoch's and a final prediction's cost in inference passes: a training image (pseudo-labelled
+    test rows included) costs TRAIN_PASSES, a validation image one, and prediction one per view of
+    every validation and test image."""
     n_valid = len(folds) / cfg.folds
-    epoch = TRAIN_PASSES * (len(folds) - n_valid) + n_valid
+    n_pseudo = (np.mean([len(pseudo_labels(Path(cfg.pseudo), k, cfg.pseudo_threshold)[0]) for k in range(1, cfg.folds + 1)])
+                if cfg.pseudo else 0.0)
+    epoch = TRAIN_PASSES * (len(folds) - n_valid + n_pseudo) + n_valid
     return epoch, cfg.tta * (n_valid + len(data.test.images))
 
 
