@@ -211,8 +211,8 @@ def cv(
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
                          pretrained=pretrained, ema=ema, pseudo=pseudo, pseudo_threshold=pseudo_threshold, seed=seed, aug=aug,
-                         aug_group=aug_group, amp=amp, device=device, num_workers=workers, jobs=jobs, devices=devices, data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile,
-                         compile_mode=compile_mode)
+                         aug_group=aug_group, amp=amp, device=device, num_workers=workers, jobs=jobs, devices=devices,
+                         data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile, compile_mode=compile_mode)
     from .models import create_model
 
     spec = load_spec(cfg.competition)
