@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,10 @@ from .notices import log
 
 if TYPE_CHECKING:
     from rich.table import Table
+
+    from .config import TrainConfig
+    from .cv import CVResult
+    from .data import CompetitionData
 
 app = typer.Typer(
     help="Vision Transformers for Kaggle image-classification competitions.",
@@ -187,6 +191,7 @@ def cv(
     pseudo: Annotated[Optional[Path], typer.Option("--pseudo", help="A finished cv run folder (same folds): its confident test predictions join the training rows.")] = None,
     pseudo_threshold: Annotated[Optional[float], typer.Option("--pseudo-threshold", help="Top probability a test row needs to be pseudo-labelled (default 0.99).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="CV once per seed (--seed, --seed + 1, ...), each its own run; submit then averages them all.")] = 1,
     aug: Annotated[Optional[str], typer.Option("--aug", help="rotate, affine (digits); flip, crop (photos); none.")] = None,
     aug_group: Annotated[Optional[int], typer.Option("--aug-group", help="Images per augmentation draw (1: each its own).")] = None,
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
@@ -217,10 +222,19 @@ def cv(
 
     spec = load_spec(cfg.competition)
     create_model(cfg, spec)  # an unknown model or impossible shape fails now, before data or folders
+    if seeds != 1 and run_dir is not None:
+        raise KaggleVitError("--run-dir names one run, and --seeds makes one per seed; leave --run-dir out")
     data = load_data(spec, data_dir)
-    target = run_dir or default_run_dir(cfg, spec)
     progress = LineProgress(err) if quiet else RichProgress(err)
-    result = run_cv(cfg, data, target, _parse_folds(fold), progress)
+    if seeds != 1:
+        _cv_seeds(cfg, data, seeds, _parse_folds(fold), progress)
+        return
+    result = run_cv(cfg, data, run_dir or default_run_dir(cfg, spec), _parse_folds(fold), progress)
+    _show_cv(result, len(data.train), cfg.tta)
+
+
+def _show_cv(result: "CVResult", n_rows: int, tta: int) -> None:
+    """A finished cv call's curves, fold table and OOF line."""
     if result.folds:
         from .report import plot_run_curves
 
@@ -229,11 +243,24 @@ def cv(
     if result.complete:
         if result.metric != "accuracy":
             out.print(f"OOF {result.metric} {result.oof_score:.4f} ({result.oof_score_plain:.4f} without test-time views)")
-        out.print(f"OOF accuracy {100 * result.oof_acc:.2f}% over {len(data.train):,} rows with {cfg.tta} test-time "
+        out.print(f"OOF accuracy {100 * result.oof_acc:.2f}% over {n_rows:,} rows with {tta} test-time "
                   f"view(s) ({100 * result.oof_acc_plain:.2f}% without); run in [cyan]{result.run_dir}[/]")
     else:
         done = [f["fold"] for f in result.folds]
         out.print(f"folds done: {done or 'none'} of {result.n_folds}; OOF scores appear when all are done")
+
+
+def _cv_seeds(cfg: "TrainConfig", data: "CompetitionData", seeds: int, folds: list[int] | None, progress) -> None:
+    """`cv --seeds N`: each seed's run as `cv` shows it, then the seed ensemble's OOF line."""
+    from .cv import run_cv_seeds
+
+    result = run_cv_seeds(cfg, data, seeds, folds, progress)
+    for run in result.runs:
+        _show_cv(run, len(data.train), cfg.tta)
+    if result.oof_acc is not None:
+        score = "" if result.metric == "accuracy" else f"OOF {result.metric} {result.oof_score:.4f}, "
+        out.print(f"seed ensemble ({seeds} runs): {score}OOF accuracy {100 * result.oof_acc:.2f}%; "
+                  f"`kaggle-vit submit` averages all {sum(r.n_folds for r in result.runs)} fold models")
 
 
 def _run_dir(spec: CompetitionSpec, run_dir: Optional[Path]) -> Path:
@@ -245,7 +272,7 @@ def _run_dir(spec: CompetitionSpec, run_dir: Optional[Path]) -> Path:
 @app.command()
 @user_errors
 def submit(
-    run_dir: Annotated[Optional[Path], typer.Argument(help="A cv run folder (default: the competition's latest).")] = None,
+    run_dirs: Annotated[Optional[List[Path]], typer.Argument(help="cv run folders to average (default: the competition's latest, with the other seeds of its cv --seeds).")] = None,
     competition: CompetitionOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the submission.")] = Path("submission.csv"),
     folds: Annotated[Optional[str], typer.Option("--folds", help="Folds to ensemble, e.g. 1,3 (default: all).")] = None,
@@ -256,14 +283,15 @@ def submit(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Average the fold models' probabilities on test.csv and write a validated submission.csv."""
-    from .submit import make_submission
+    from .submit import make_submission, submission_runs
 
     spec = load_spec(competition or "digit-recognizer")
     data = load_data(spec, data_dir)
-    run = _run_dir(spec, run_dir)
-    result = make_submission(run, data, output, _parse_folds(folds), weighting, tta, allow_missing, device)
-    weights = ", ".join(f"{k}: {w:.3f}" for k, w in zip(result.folds, result.weights))
-    out.print(f"wrote [cyan]{result.path}[/] ({len(data.test):,} rows) from {run}")
+    runs = submission_runs(spec, run_dirs)
+    result = make_submission(runs, data, output, _parse_folds(folds), weighting, tta, allow_missing, device)
+    name = (lambda run, k: str(k)) if len(runs) == 1 else (lambda run, k: f"{run.name}/fold{k}")
+    weights = ", ".join(f"{name(run, k)}: {w:.3f}" for (run, k), w in zip(result.members, result.weights))
+    out.print(f"wrote [cyan]{result.path}[/] ({len(data.test):,} rows) from {', '.join(map(str, runs))}")
     out.print(f"  folds {result.folds} ({weighting} weights {weights}), test-time views {tta or 'as saved by cv'}")
     names = data.spec.class_names
     out.print("  predicted class counts: " + ", ".join(f"{names[c]}: {n}" for c, n in result.class_counts.items()))

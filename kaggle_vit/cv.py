@@ -132,17 +132,24 @@ class _Tracked:
         self.progress.end_fold(summary)
 
 
-def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds: int) -> dict[str, float]:
-    """Gather every fold's validation probabilities into oof.csv; return OOF accuracy, loss and the
-    competition's metric (of the run's predictor, with its test-time views), and accuracy and metric
-    without test-time views."""
-    labels, n_classes, metric = data.train.labels, data.spec.num_classes, get_metric(data.spec.metric)
-    probs = np.zeros((len(labels), n_classes), dtype=np.float32)
+def oof_probs(run_dir: Path, n_rows: int, n_classes: int, n_folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every fold's validation probabilities put back in row order: with the run's test-time views,
+    and without them."""
+    probs = np.zeros((n_rows, n_classes), dtype=np.float32)
     plain_probs = np.zeros_like(probs)
     for fold in range(1, n_folds + 1):
         with np.load(RunDir(run_dir).fold(fold).valid_probs) as z:
             probs[z["rows"]] = z["probs"]
             plain_probs[z["rows"]] = z["probs_plain"] if "probs_plain" in z else z["probs"]
+    return probs, plain_probs
+
+
+def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds: int) -> dict[str, float]:
+    """Gather every fold's validation probabilities into oof.csv; return OOF accuracy, loss and the
+    competition's metric (of the run's predictor, with its test-time views), and accuracy and metric
+    without test-time views."""
+    labels, n_classes, metric = data.train.labels, data.spec.num_classes, get_metric(data.spec.metric)
+    probs, plain_probs = oof_probs(run_dir, len(labels), n_classes, n_folds)
     plain = plain_probs.argmax(1)
     pred = probs.argmax(1)
     frame = pd.DataFrame({"row": np.arange(len(labels)), "label": labels, "fold": folds, "pred": pred})
@@ -204,3 +211,40 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     write_json(run.metrics, metrics)
     return CVResult(run_dir, summaries, cfg.folds, oof["oof_acc"], oof["oof_loss"], trained, oof["oof_acc_plain"],
                     spec.metric, oof["oof_score"], oof["oof_score_plain"])
+
+
+@dataclass(frozen=True)
+class SeedsResult:
+    """The runs of `cv --seeds` and, when all are complete, their ensemble's OOF scores."""
+
+    runs: list[CVResult]
+    oof_acc: float | None
+    oof_score: float | None
+    metric: str
+
+
+def run_cv_seeds(cfg: TrainConfig, data: CompetitionData, seeds: int, only_folds: list[int] | None = None,
+                 progress: Progress | None = None, runs_root: Path = Path("runs")) -> SeedsResult:
+    """CV once per seed (cfg.seed, cfg.seed + 1, ...), each run in the folder `--seed S` gives it,
+    then the seed ensemble's OOF scores: the mean of the runs' OOF probabilities, each row still
+    predicted only by models that never trained on it. Each run's metrics.json then lists the
+    group (`seed_runs`), so `submit` without a run folder averages every fold model of every seed."""
+    if seeds < 1:
+        raise KaggleVitError(f"--seeds must be at least 1, got {seeds}")
+    if cfg.pseudo and seeds > 1:
+        raise KaggleVitError("--pseudo with --seeds: pseudo-labels need the source run's folds, and each seed "
+                             "draws other folds; run one seed per source run")
+    results = []
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        one = dataclasses.replace(cfg, seed=seed)
+        results.append(run_cv(one, data, default_run_dir(one, data.spec, runs_root), only_folds, progress))
+    if not all(r.complete for r in results):
+        return SeedsResult(results, None, None, data.spec.metric)
+    labels, metric = data.train.labels, get_metric(data.spec.metric)
+    probs = np.mean([oof_probs(r.run_dir, len(labels), data.spec.num_classes, r.n_folds)[0] for r in results], axis=0)
+    scores = {"oof_acc": float((probs.argmax(1) == labels).mean()), "oof_score": metric(labels, probs)}
+    group = [str(r.run_dir) for r in results]
+    for r in results:  # the last seed's file is written last, so it is the competition's latest run
+        metrics = read_json(RunDir(r.run_dir).metrics)
+        write_json(RunDir(r.run_dir).metrics, {**metrics, "seed_runs": group, "seed_ensemble": scores})
+    return SeedsResult(results, scores["oof_acc"], scores["oof_score"], data.spec.metric)

@@ -24,14 +24,23 @@ from .rundir import RunDir, runs_of
 
 @dataclass(frozen=True)
 class Submission:
-    """What `make_submission` wrote and from which folds."""
+    """What `make_submission` wrote and from which fold models: (run folder, fold) pairs, each
+    with its weight."""
 
     path: Path
-    folds: list[int]
+    members: list[tuple[Path, int]]
     weights: list[float]
     class_counts: dict[int, int]
-    fold_test_probs: dict[int, np.ndarray]
     probs: np.ndarray
+
+    @property
+    def folds(self) -> list[int]:
+        """The fold numbers taken (from every run, when several were averaged)."""
+        return sorted({k for _, k in self.members})
+
+    @property
+    def runs(self) -> list[Path]:
+        return list(dict.fromkeys(run for run, _ in self.members))
 
 
 def latest_run(spec: CompetitionSpec, runs_root: Path = Path("runs")) -> Path:
@@ -40,6 +49,19 @@ def latest_run(spec: CompetitionSpec, runs_root: Path = Path("runs")) -> Path:
     if not runs:
         raise KaggleVitError(f"{runs_root / spec.name}: no runs yet; run kaggle-vit cv first")
     return max(runs, key=lambda p: RunDir(p).metrics.stat().st_mtime)
+
+
+def submission_runs(spec: CompetitionSpec, given: list[Path] | None, runs_root: Path = Path("runs")) -> list[Path]:
+    """The runs to average: those given, or else the latest run, with the other seeds of its
+    `cv --seeds` call when it was one (its metrics.json lists them)."""
+    if given:
+        return list(given)
+    latest = latest_run(spec, runs_root)
+    try:
+        group = read_json(RunDir(latest).metrics).get("seed_runs") or []
+    except (OSError, ValueError):
+        group = []
+    return [Path(p) for p in group] if group and all(Path(p).is_dir() for p in group) else [latest]
 
 
 def run_folds(run_dir: Path) -> tuple[int, dict[int, dict]]:
@@ -180,26 +202,28 @@ def expected_ids(data: CompetitionData) -> list[str]:
     return [str(i) for i in data.test.ids]  # read from the sample submission when the data was loaded
 
 
-def make_submission(run_dir: Path, data: CompetitionData, output: Path, folds: list[int] | None = None,
-                    weighting: str = "mean", tta: int | None = None, allow_missing: bool = False, device: str = "auto") -> Submission:
-    """Average the chosen folds' test probabilities (plain or OOF-accuracy-weighted) and write the submission."""
+def make_submission(run_dirs: Path | list[Path], data: CompetitionData, output: Path, folds: list[int] | None = None,
+                    weighting: str = "mean", tta: int | None = None, allow_missing: bool = False,
+                    device: str = "auto") -> Submission:
+    """Average the chosen folds' test probabilities, of one run or of several (seeds, models), each
+    fold model weighted equally or by its validation accuracy (`oof`), and write the submission."""
     spec = data.spec
     if weighting not in ("mean", "oof"):
         raise KaggleVitError(f"--weighting must be mean or oof, got '{weighting}'")
-    chosen = choose_folds(run_dir, folds, allow_missing)
-    for k in chosen:
-        read_checkpoint(run_dir, k, spec)  # refuses mismatched image sizes or class counts before any work
-    per_fold = {k: fold_test_probs(run_dir, k, data, tta, device) for k in chosen}
-    raw = np.array([chosen[k]["valid_acc"] if weighting == "oof" else 1.0 for k in chosen], dtype=np.float64)
+    runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    chosen = {(Path(run), k): summary for run in runs for k, summary in choose_folds(Path(run), folds, allow_missing).items()}
+    for run, k in chosen:
+        read_checkpoint(run, k, spec)  # refuses mismatched image sizes or class counts before any work
+    raw = np.array([chosen[m]["valid_acc"] if weighting == "oof" else 1.0 for m in chosen], dtype=np.float64)
     weights = raw / raw.sum()
-    probs = sum(w * per_fold[k] for w, k in zip(weights, chosen))
+    probs = sum(w * fold_test_probs(run, k, data, tta, device) for w, (run, k) in zip(weights, chosen))
     labels = probs.argmax(1)
     frame = submission_frame(data.test.ids, probs, spec)
     validate_submission(frame, spec, expected_ids(data), str(output))
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
     counts = dict(sorted(Counter(labels.tolist()).items()))
-    return Submission(output, list(chosen), weights.tolist(), counts, per_fold, probs)
+    return Submission(output, list(chosen), weights.tolist(), counts, probs)
 
 
 def read_submission(path: Path, spec: CompetitionSpec, ids: list[str]) -> np.ndarray:

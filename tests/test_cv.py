@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
 from kaggle_vit.config import TrainConfig, resolve_config, to_toml
-from kaggle_vit.cv import run_cv
+from kaggle_vit.cv import default_run_dir, run_cv
 from kaggle_vit.data import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import plot_run_curves
@@ -136,3 +136,26 @@ def test_cli_cv_quiet(small_comp, tiny_toml, tmp_path, monkeypatch):
     assert ckpt["kwargs"]["patch_size"] == 4 and ckpt["state_dict"]["pos_embed"].shape == (1, 50, 192)
     bad = runner.invoke(app, ["cv", "--config", str(tiny_toml), "--data-dir", str(small_comp), "--fold", "7"])
     assert bad.exit_code == 2 and "folds are numbered 1..2" in bad.output
+
+
+def test_cv_seeds_then_submit_averages_every_seed(small_comp, small_spec, tiny_toml, tmp_path, monkeypatch):
+    """`cv --seeds 2` makes the runs `--seed 42` and `--seed 43` make, scores their OOF ensemble,
+    and a bare `submit` then averages all four fold models."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(tiny_toml), "--data-dir", str(small_comp)]
+    result = runner.invoke(app, ["cv", *args, "--seeds", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    runs = [default_run_dir(TrainConfig(**{**TINY, "seed": s}), small_spec) for s in (42, 43)]
+    assert sorted((tmp_path / "runs" / "digit-recognizer").glob("kvit_*")) == sorted(tmp_path / r for r in runs)
+    oofs = [pd.read_csv(r / "oof.csv") for r in runs]
+    probs = sum(o.filter(like="prob_").to_numpy() for o in oofs) / 2
+    ensemble = (probs.argmax(1) == oofs[0]["label"].to_numpy()).mean()
+    assert f"seed ensemble (2 runs): OOF accuracy {100 * ensemble:.2f}%" in result.output
+    sub = runner.invoke(app, ["submit", "--data-dir", str(small_comp)])
+    assert sub.exit_code == 0, sub.output
+    expected = sum(np.load(r / f"fold{k}" / "test_probs.npy") for r in runs for k in (1, 2)) / 4
+    assert np.array_equal(pd.read_csv("submission.csv")["Label"].to_numpy(), expected.argmax(1))
+    assert all(f"{r.name}/fold2: 0.250" in " ".join(sub.output.split()) for r in runs)
+    for bad, message in ((["--run-dir", "x"], "--run-dir names one run"), (["--pseudo", str(runs[0])], "--pseudo with --seeds")):
+        refused = runner.invoke(app, ["cv", *args, "--seeds", "2", *bad])
+        assert refused.exit_code == 2 and message in refused.output
