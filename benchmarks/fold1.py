@@ -4,11 +4,11 @@
 
 Trains the given settings (TrainConfig fields, over the defaults) on fold 1 of the saved 5-fold
 split of digit-recognizer through the same `fit` as `kaggle-vit cv`, and prints each epoch's
-validation accuracy, the best epoch's accuracy with the run's test-time views, the
-training wall time, and, when the data folder has the offline build's `solution.csv`, the fold
-model's accuracy on the 28,000 held-out rows with 3 views (less noisy than 8,400 validation rows). Fold 1 is seeded as `kaggle-vit cv` seeds it, so the same
-settings train the same model as `kaggle-vit cv --fold 1`. `"subset": N` trains on the first N
-training rows only.
+validation accuracy, the best epoch's accuracy with the run's test-time views, the training wall
+time and, when the data folder has the offline build's `solution.csv`, the fold model's accuracy
+on the 28,000 held-out rows with 3 views (less noisy than 8,400 validation rows). Fold 1 is seeded
+as `kaggle-vit cv` seeds it, so the same settings train the same model as `kaggle-vit cv --fold 1`.
+`"subset": N` trains on the first N training rows only.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from kaggle_vit.dataset import ImageDataset, resolve_data_config
 from kaggle_vit.device import inference_amp, select_device
 from kaggle_vit.engine import fit, predict_probs, seed_everything
 from kaggle_vit.models import create_model
-from kaggle_vit.submit import _solution
+from kaggle_vit.submit import read_solution
 
 
 def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: Path = Path("runs/digit-recognizer")) -> None:
@@ -56,7 +56,7 @@ def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: 
         views[n] = (probs.argmax(1) == data.train.labels[va]).mean() * 100
     solution = data_dir / spec.solution_file
     if solution.exists():
-        _, truth = _solution(solution, data.spec)
+        _, truth = read_solution(solution, data.spec)
         probs = predict_probs(model, ImageDataset(data.test.images, data_config=data_config), device,
                               inference_amp(cfg.amp, device), cfg.eval_batch_size, 3, mode=cfg.tta_mode)
         views["held-out"] = (probs.argmax(1) == truth).mean() * 100

@@ -224,7 +224,7 @@ class SeedsResult:
 
 
 def run_cv_seeds(cfg: TrainConfig, data: CompetitionData, seeds: int, only_folds: list[int] | None = None,
-                 progress: Progress | None = None, runs_root: Path = Path("runs")) -> SeedsResult:
+                 progress: Progress | None = None) -> SeedsResult:
     """CV once per seed (cfg.seed, cfg.seed + 1, ...), each run in the folder `--seed S` gives it,
     then the seed ensemble's OOF scores: the mean of the runs' OOF probabilities, each row still
     predicted only by models that never trained on it. Each run's metrics.json then lists the
@@ -237,7 +237,7 @@ def run_cv_seeds(cfg: TrainConfig, data: CompetitionData, seeds: int, only_folds
     results = []
     for seed in range(cfg.seed, cfg.seed + seeds):
         one = dataclasses.replace(cfg, seed=seed)
-        results.append(run_cv(one, data, default_run_dir(one, data.spec, runs_root), only_folds, progress))
+        results.append(run_cv(one, data, default_run_dir(one, data.spec), only_folds, progress))
     if not all(r.complete for r in results):
         return SeedsResult(results, None, None, data.spec.metric)
     labels, metric = data.train.labels, get_metric(data.spec.metric)

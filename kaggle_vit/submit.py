@@ -38,10 +38,6 @@ class Submission:
         """The fold numbers taken (from every run, when several were averaged)."""
         return sorted({k for _, k in self.members})
 
-    @property
-    def runs(self) -> list[Path]:
-        return list(dict.fromkeys(run for run, _ in self.members))
-
 
 def latest_run(spec: CompetitionSpec, runs_root: Path = Path("runs")) -> Path:
     """The most recently updated run of a competition that has at least one finished fold."""
@@ -231,7 +227,7 @@ def read_submission(path: Path, spec: CompetitionSpec, ids: list[str]) -> np.nda
     return validate_submission(read_csv(Path(path), text=True), spec, ids, str(path))
 
 
-def _solution(solution: Path, spec: CompetitionSpec) -> tuple[list[str], np.ndarray]:
+def read_solution(solution: Path, spec: CompetitionSpec) -> tuple[list[str], np.ndarray]:
     """A solution file's ids and true class indices (its columns: `spec.solution_columns`)."""
     truth = read_csv(Path(solution), text=True)
     id_col, label_col = spec.solution_columns
@@ -243,13 +239,13 @@ def _solution(solution: Path, spec: CompetitionSpec) -> tuple[list[str], np.ndar
 def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) -> float:
     """The competition's metric of a submission against a solution file (a metric of probabilities
     scores submitted labels as certain)."""
-    ids, truth = _solution(solution, spec)
+    ids, truth = read_solution(solution, spec)
     return get_metric(spec.metric)(truth, read_submission(submission, spec, ids))
 
 
 def fold_scores(run_dir: Path, data: CompetitionData, solution: Path, folds: list[int]) -> dict[int, float]:
     """The competition's metric of each single fold model on the held-out rows (from its saved test probabilities)."""
-    _, truth = _solution(solution, data.spec)
+    _, truth = read_solution(solution, data.spec)
     if len(truth) != len(data.test):
         raise KaggleVitError(f"{solution}: {len(truth):,} rows, but {data.data_dir / data.spec.test_file} has "
                              f"{len(data.test):,}; give the --data-dir whose test file this solution scores")
