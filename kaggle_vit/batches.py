@@ -1,6 +1,6 @@
 """Where a fold's training batches come from, one epoch after another, built once per fold.
 
-Two sources with one interface (`set_epoch(seed)`, iteration, `len`):
+Two sources with one interface (`set_epoch(seed, rows)`, iteration over `(x, y, rows)`, `len`):
 - `DeviceBatches`: the uint8 training images live on the device (a GPU), and each batch is
   gathered, warped (`augment.augment_on_device`) and normalised there, so the host only launches
   work and never waits for data;
@@ -8,7 +8,9 @@ Two sources with one interface (`set_epoch(seed)`, iteration, `len`):
   worker processes persist across epochs), for CPUs and for image sets too large for the device.
 
 Either way a batch's images and augmentation depend only on the epoch's seed and the batch's
-place in the epoch, never on how many loader workers drew them.
+place in the epoch, never on how many loader workers drew them. An epoch may train on some rows
+only (`skip_easy_rows`: InfoBatch's pruning of rows the model already fits); each batch carries
+its row numbers, so the loop can record every row's loss.
 """
 from __future__ import annotations
 
@@ -44,6 +46,17 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size if n > batch_size else min(n, 1)
 
 
+def skip_easy_rows(row_loss: torch.Tensor, ratio: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoBatch (Qin et al., ICLR 2024): each row whose last training loss is below the mean is left
+    out of the epoch with probability `ratio`, and the easy rows kept weigh 1 / (1 - ratio), so the
+    epoch's expected gradient is the full epoch's at a fraction of its steps. Returns the kept rows
+    (ascending) and every row's loss weight."""
+    easy = row_loss < row_loss.mean()
+    skip = easy & (torch.rand(row_loss.shape, generator=gen, device=row_loss.device) < ratio)
+    weights = torch.where(easy, 1.0 / (1.0 - ratio), 1.0).to(row_loss.dtype)
+    return torch.nonzero(~skip).squeeze(1), weights
+
+
 class SeededBatch(list):
     """A batch's row indices, with the seed its augmentation draws from (it travels to loader workers)."""
 
@@ -53,19 +66,22 @@ class SeededBatch(list):
 
 
 class EpochBatchSampler(Sampler[SeededBatch]):
-    """Shuffled batches of row indices; the order and every batch's seed follow from `set_epoch`."""
+    """Shuffled batches of row indices (of every row, or of the epoch's `rows`); the order and every
+    batch's seed follow from `set_epoch`."""
 
     def __init__(self, n: int, batch_size: int):
-        self.n, self.batch_size, self.seed = n, batch_size, 0
+        self.n, self.batch_size, self.seed, self.rows = n, batch_size, 0, None
 
-    def set_epoch(self, seed: int) -> None:
-        self.seed = seed
+    def set_epoch(self, seed: int, rows: torch.Tensor | None = None) -> None:
+        self.seed, self.rows = seed, rows
 
     def __len__(self) -> int:
-        return batches_per_epoch(self.n, self.batch_size)
+        return batches_per_epoch(self.n if self.rows is None else len(self.rows), self.batch_size)
 
     def __iter__(self) -> Iterator[SeededBatch]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n = self.n if self.rows is None else len(self.rows)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        order = (order if self.rows is None else self.rows.cpu()[order]).tolist()
         for i in range(len(self)):
             yield SeededBatch(order[i * self.batch_size : (i + 1) * self.batch_size], (self.seed * 100_003 + i) % 2**31)
 
@@ -86,14 +102,16 @@ class HostBatches:
                                  persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                                  worker_init_fn=_loader_worker_init if workers else None)
 
-    def set_epoch(self, seed: int) -> None:
-        self.sampler.set_epoch(seed)
+    def set_epoch(self, seed: int, rows: torch.Tensor | None = None) -> None:
+        self.sampler.set_epoch(seed, rows)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.loader)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # The sampler repeats its order from the seed, so a second pass names each batch's rows.
+        for (x, y), rows in zip(self.loader, self.sampler):
+            yield x, y, torch.as_tensor(rows)
 
 
 class DeviceBatches:
@@ -103,19 +121,24 @@ class DeviceBatches:
         self.images = torch.from_numpy(np.ascontiguousarray(dataset.images)).to(device)
         self.labels = dataset.labels.to(device)
         self.data_config, self.ranges, self.batch_size = dataset.data_config, aug_ranges(cfg), cfg.batch_size
-        self.gen = torch.Generator(device=device)
+        self.gen, self.rows = torch.Generator(device=device), None
 
-    def set_epoch(self, seed: int) -> None:
+    def set_epoch(self, seed: int, rows: torch.Tensor | None = None) -> None:
         self.gen.manual_seed(seed)
+        self.rows = rows
 
     def __len__(self) -> int:
-        return batches_per_epoch(len(self.images), self.batch_size)
+        return batches_per_epoch(len(self.images) if self.rows is None else len(self.rows), self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.images), generator=self.gen, device=self.images.device)
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        n = len(self.images) if self.rows is None else len(self.rows)
+        order = torch.randperm(n, generator=self.gen, device=self.images.device)
+        if self.rows is not None:
+            order = self.rows.to(order.device)[order]
         for i in range(len(self)):
             rows = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.data_config.prepare(augment_on_device(self.images[rows], self.ranges, self.gen)), self.labels[rows]
+            images = augment_on_device(self.images[rows], self.ranges, self.gen)
+            yield self.data_config.prepare(images), self.labels[rows], rows
 
 
 def fits_on_device(images: np.ndarray, device: torch.device) -> bool:

@@ -94,7 +94,7 @@ def bench_data(images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, batches
     for r in range(rounds + 1):  # round 0 starts loader workers / warms up
         source.set_epoch(r)
         seen, t0 = 0, time.perf_counter()
-        for x, _ in itertools.islice(source, batches):
+        for x, _, _ in itertools.islice(source, batches):
             seen += len(x)
         _sync(device)
         if r:
@@ -170,7 +170,7 @@ def bench_loop(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: Tr
     sampler = GpuSampler(device)
     for r in range(rounds + 1):
         source.set_epoch(r)
-        for name, batches in (("bare", [(x, y)] * steps), ("loop", itertools.islice(source, steps))):
+        for name, batches in (("bare", [(x, y, None)] * steps), ("loop", itertools.islice(source, steps))):
             with sampler if (r and name == "loop") else contextlib.nullcontext():
                 t0 = time.perf_counter()
                 seen = train_one_epoch(t, batches, epoch=r, progress=NoProgress())["seen"]

@@ -188,6 +188,7 @@ def cv(
     patch_size: Annotated[Optional[int], typer.Option("--patch-size", help="Must divide the image size.")] = None,
     pretrained: PretrainedOpt = None,
     ema: Annotated[Optional[float], typer.Option("--ema", help="Decay of a moving average of the weights, e.g. 0.999 (0: off).")] = None,
+    skip_easy: Annotated[Optional[float], typer.Option("--skip-easy", help="Share of the rows already fitted that each middle epoch leaves out (InfoBatch; 0: off).")] = None,
     pseudo: Annotated[Optional[Path], typer.Option("--pseudo", help="A finished cv run folder (same folds): its confident test predictions join the training rows.")] = None,
     pseudo_threshold: Annotated[Optional[float], typer.Option("--pseudo-threshold", help="Top probability a test row needs to be pseudo-labelled (default 0.99).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
@@ -215,8 +216,9 @@ def cv(
 
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
-                         pretrained=pretrained, ema=ema, pseudo=pseudo, pseudo_threshold=pseudo_threshold, seed=seed, aug=aug,
-                         aug_group=aug_group, amp=amp, device=device, num_workers=workers, jobs=jobs, devices=devices,
+                         pretrained=pretrained, ema=ema, skip_easy=skip_easy, pseudo=pseudo,
+                         pseudo_threshold=pseudo_threshold, seed=seed, aug=aug, aug_group=aug_group, amp=amp,
+                         device=device, num_workers=workers, jobs=jobs, devices=devices,
                          data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile, compile_mode=compile_mode)
     from .models import create_model
 

@@ -47,6 +47,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of a moving average of the weights, validated and kept instead of them; 0: off
+    skip_easy: float = 0.0  # share of the rows already fitted (loss below the mean) each middle epoch leaves out; 0: off
     # augmentation (albumentations, applied to uint8 training images only)
     aug: str = "affine"  # affine (rotate, scale, shift) | rotate | flip, crop (photos) | none
     rotate: float = 10.0
@@ -184,6 +185,8 @@ def validate_config(cfg: TrainConfig) -> None:
             raise KaggleVitError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if not 1 <= cfg.tta <= 9:
         raise KaggleVitError(f"tta must be 1 (off) to 9 views, got {cfg.tta}")
+    if not 0 <= cfg.skip_easy < 1:
+        raise KaggleVitError(f"skip_easy is a share of rows in [0, 1) (0: off), got {cfg.skip_easy}")
     if not 0 <= cfg.ema < 1:
         raise KaggleVitError(f"ema is a decay in [0, 1) (0: off), got {cfg.ema}")
     if not cfg.lr > 0:

@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from .augment import tta_views
-from .batches import DeviceBatches, HostBatches, train_batches
+from .batches import DeviceBatches, HostBatches, skip_easy_rows, train_batches
 from .config import TrainConfig
 from .dataset import ImageDataset
 from .device import Amp, amp_for, autocast, inference_amp, select_device
@@ -40,17 +40,32 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
 
 
+class WarmupCosine:
+    """The learning-rate factor at an optimiser step: linear warm-up, then cosine decay to zero over
+    cfg.epochs, read from how far through the epochs the step is. An epoch that trains on fewer rows
+    (`skip_easy`) so keeps its place in the schedule; with equal epochs the position is the step
+    itself. A callable object, so LambdaLR's state saves and restores where the epochs stand."""
+
+    def __init__(self, epochs: int, warmup_epochs: float, steps_per_epoch: int):
+        self.unit = steps_per_epoch  # a full epoch's steps: the schedule's unit
+        self.total = max(1, epochs * steps_per_epoch)
+        self.warm = min(self.total - 1, int(warmup_epochs * steps_per_epoch))
+        self.epoch_index, self.epoch_start, self.epoch_steps = 0, 0, steps_per_epoch
+
+    def begin_epoch(self, epoch: int, start_step: int, steps: int) -> None:
+        """Epoch `epoch` (from 1) starts at optimiser step `start_step` and takes `steps` steps."""
+        self.epoch_index, self.epoch_start, self.epoch_steps = epoch - 1, start_step, max(1, steps)
+
+    def __call__(self, step: int) -> float:
+        position = self.epoch_index * self.unit + (step - self.epoch_start) * self.unit / self.epoch_steps
+        if position < self.warm:
+            return (position + 1) / self.warm
+        return 0.5 * (1 + math.cos(math.pi * (position - self.warm) / max(1, self.total - self.warm)))
+
+
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to zero, stepped every batch."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = min(total - 1, int(cfg.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    """Linear warm-up, then cosine decay to zero, stepped every batch (`WarmupCosine`)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(cfg.epochs, cfg.warmup_epochs, steps_per_epoch))
 
 
 class Progress(Protocol):
@@ -154,6 +169,7 @@ def _save_state(path: Path, t: Trainer, st: _State) -> None:
     payload = {"model": t.model.state_dict(), "opt": t.opt.state_dict(), "sched": t.sched.state_dict(),
                "scaler": t.scaler.state_dict(), "state": st.__dict__,
                "ema": None if t.ema is None else t.ema.module.state_dict(),
+               "row_loss": None if t.row_loss is None else t.row_loss.cpu(),
                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     with atomic_path(path) as tmp:
@@ -181,6 +197,10 @@ def _restore(payload: dict, t: Trainer) -> _State:
         if payload.get("ema") is None:
             raise KaggleVitError("the saved training state has no weight average; delete it to retrain the fold with --ema")
         t.ema.module.load_state_dict(payload["ema"])
+    if t.row_loss is not None:
+        if payload.get("row_loss") is None:
+            raise KaggleVitError("the saved training state has no row losses; delete it to retrain the fold with --skip-easy")
+        t.row_loss.copy_(payload["row_loss"])
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
@@ -198,7 +218,8 @@ def _check_finite(value: float, what: str, epoch: int) -> None:
 @dataclass
 class Trainer:
     """What a training step needs besides the batch: the model (and its compiled forward), the
-    optimiser, the schedule, the gradient scaler, autocast and the config."""
+    optimiser, the schedule, the gradient scaler, autocast and the config; with `skip_easy`, every
+    training row's last loss and the loss weights of the epoch's rows."""
 
     model: nn.Module
     forward: nn.Module
@@ -209,6 +230,8 @@ class Trainer:
     device: torch.device
     cfg: TrainConfig
     ema: ModelEmaV3 | None = None
+    row_loss: torch.Tensor | None = None
+    row_weight: torch.Tensor | None = None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -224,31 +247,46 @@ def make_ema(model: nn.Module, decay: float) -> ModelEmaV3 | None:
     return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=1.0)
 
 
-def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> Trainer:
-    """The model moved to cfg's device, with its optimiser, schedule, scaler, AMP and (compiled) forward."""
+def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, rows: int = 0) -> Trainer:
+    """The model moved to cfg's device, with its optimiser, schedule, scaler, AMP and (compiled)
+    forward; with cfg.skip_easy, a loss per training row (`rows` of them) to choose epochs' rows by."""
     device = select_device(cfg.device)
     amp = amp_for(cfg.amp, device)
     model.to(device)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
-    return Trainer(model, maybe_compile(model, cfg), opt, sched, scaler, amp, device, cfg, make_ema(model, cfg.ema))
+    row_loss = torch.zeros(rows, device=device) if cfg.skip_easy and rows else None
+    return Trainer(model, maybe_compile(model, cfg), opt, sched, scaler, amp, device, cfg, make_ema(model, cfg.ema),
+                   row_loss)
 
 
-def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], epoch: int,
+def _loss(t: Trainer, logits: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The batch's mean cross-entropy; with row losses kept (`skip_easy`), each row's loss is
+    recorded (on the device: no wait) and weighted as the epoch's rows say."""
+    if t.row_loss is None or rows is None:
+        return F.cross_entropy(logits, y, label_smoothing=t.cfg.label_smoothing)
+    losses = F.cross_entropy(logits, y, label_smoothing=t.cfg.label_smoothing, reduction="none")
+    t.row_loss[rows] = losses.detach().float()
+    return losses.mean() if t.row_weight is None else (losses * t.row_weight[rows]).mean()
+
+
+def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], epoch: int,
                     progress: Progress) -> dict:
-    """One pass over the training batches; returns the epoch's mean loss and accuracy. The sums stay
-    on the device and are read once, at the end: a read per step would make the host wait for the
-    GPU at every step. On a CPU, where a read costs nothing, the display also gets each step's loss."""
+    """One pass over the training batches (images, labels, and their row numbers or None); returns
+    the epoch's mean loss and accuracy. The sums stay on the device and are read once, at the end: a
+    read per step would make the host wait for the GPU at every step. On a CPU, where a read costs
+    nothing, the display also gets each step's loss."""
     t.model.train()
     loss_sum = torch.zeros((), device=t.device)
     correct = torch.zeros((), dtype=torch.long, device=t.device)
     seen, show_loss = 0, t.device.type == "cpu"
-    for x, y in batches:
+    for x, y, rows in batches:
         x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
+        rows = None if rows is None else rows.to(t.device, non_blocking=True)
         with autocast(t.device, t.amp):
             logits = t.forward(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=t.cfg.label_smoothing)
+            loss = _loss(t, logits, y, rows)
         t.opt.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         t.scaler.unscale_(t.opt)
@@ -288,6 +326,18 @@ def _on_device(dataset: ImageDataset, batches: DeviceBatches | HostBatches, devi
                         data_config=dataset.data_config)
 
 
+def _epoch_rows(t: Trainer, seed: int, epoch: int) -> torch.Tensor | None:
+    """The rows epoch `epoch` trains on: every row (None) unless `skip_easy` is on, and then every row
+    in the first epoch (no losses yet) and the last (InfoBatch's annealing: the model ends on the
+    full data, unweighted); in between, `batches.skip_easy_rows` of the rows' last losses."""
+    t.row_weight = None
+    if t.row_loss is None or epoch == 1 or epoch == t.cfg.epochs:
+        return None
+    gen = torch.Generator(device=t.row_loss.device).manual_seed(seed)
+    rows, t.row_weight = skip_easy_rows(t.row_loss, t.cfg.skip_easy, gen)
+    return rows
+
+
 def fit(
     model: nn.Module,
     train: ImageDataset,
@@ -314,15 +364,16 @@ def fit(
     seed_everything(seed)
     batches = train_batches(train, cfg, device)
     valid = _on_device(valid, batches, device)
-    t = make_trainer(model, cfg, max(1, len(batches)))
+    t = make_trainer(model, cfg, max(1, len(batches)), rows=len(train))
     st = _State() if resume is None else _restore(resume, t)
     eval_forward = t.forward if t.ema is None else maybe_compile(t.ema.module, cfg)
     last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     while st.epoch < last:
         epoch = st.epoch + 1
         t0 = time.perf_counter()
+        batches.set_epoch(seed * 1000 + epoch, _epoch_rows(t, seed * 1000 + epoch, epoch))
+        t.sched.lr_lambdas[0].begin_epoch(epoch, t.sched.last_epoch, len(batches))
         progress.start_epoch(epoch, cfg.epochs, len(batches))
-        batches.set_epoch(seed * 1000 + epoch)
         trained = train_one_epoch(t, batches, epoch, progress)
         train_time = time.perf_counter() - t0
         scores, logits = evaluate(eval_forward, valid, device, eval_amp, cfg.eval_batch_size, cfg.compile, epoch)
@@ -330,7 +381,7 @@ def fit(
         scores["valid_score"] = metric(valid.labels.numpy(), probs)
         record = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"], **scores,
                   "lr": t.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-                  "images_per_s": trained["seen"] / train_time}
+                  "images": trained["seen"], "images_per_s": trained["seen"] / train_time}
         st.history.append(record)
         st.seconds += record["seconds"]
         st.epoch = epoch

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kaggle_vit.batches import DeviceBatches, HostBatches, train_batches
+from kaggle_vit.batches import DeviceBatches, HostBatches, skip_easy_rows, train_batches
 from kaggle_vit.config import TrainConfig
 from kaggle_vit.dataset import ImageDataset
 from kaggle_vit.engine import fit
@@ -20,9 +20,9 @@ def digits(mnist) -> ImageDataset:
     return ImageDataset(mnist[0][:300, None], mnist[1][:300])
 
 
-def _epoch(source, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    source.set_epoch(seed)
-    return [(x.clone(), y.clone()) for x, y in source]
+def _epoch(source, seed: int, rows: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    source.set_epoch(seed, rows)
+    return [(x.clone(), y.clone()) for x, y, _ in source]
 
 
 @pytest.mark.parametrize("where", ["on", "off"])
@@ -36,6 +36,32 @@ def test_an_epoch_is_a_shuffle_of_every_row_and_repeats_from_its_seed(digits, wh
     assert not torch.equal(first[0][1], other[0][1])
     x = first[0][0]
     assert x.shape == (50, 1, 28, 28) and x.dtype == torch.float32 and -1.0001 <= x.min() and x.max() <= 1.0001
+
+
+def test_skip_easy_leaves_out_only_rows_below_the_mean_loss_and_reweights_the_easy_ones_kept():
+    losses = torch.cat([torch.full((900,), 0.01), torch.full((100,), 2.0)])  # mean 0.209: 900 easy rows
+    rows, weights = skip_easy_rows(losses, 0.5, torch.Generator().manual_seed(0))
+    assert set(range(900, 1000)) <= set(rows.tolist())  # every hard row is kept
+    assert 400 < 1000 - len(rows) < 500  # about half of the easy rows left out
+    assert torch.equal(weights, torch.where(losses < losses.mean(), 2.0, 1.0))
+    again, _ = skip_easy_rows(losses, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(rows, again)  # the generator's seed decides
+    assert len(skip_easy_rows(torch.ones(50), 0.9, torch.Generator())[0]) == 50  # equal losses: nothing is easy
+
+
+@pytest.mark.parametrize("where", ["on", "off"])
+def test_an_epoch_of_some_rows_yields_those_rows_and_names_them(digits, where):
+    source = train_batches(digits, dataclasses.replace(CFG, data_on_device=where, aug="none"), torch.device("cpu"))
+    rows = torch.arange(0, 300, 3)
+    source.set_epoch(4, rows)
+    assert len(source) == 2
+    batches = list(source)
+    named = torch.cat([r for _, _, r in batches])
+    assert len(set(named.tolist())) == 100 and set(named.tolist()) <= set(rows.tolist())
+    for x, y, r in batches:  # each batch's row numbers are its images' and labels' rows
+        assert torch.equal(y, digits.labels[r]) and torch.equal(x, digits.data_config.prepare(torch.from_numpy(digits.images[r.numpy()])))
+    source.set_epoch(4)
+    assert len(source) == 6
 
 
 def test_device_batches_without_augmentation_are_the_normalised_rows(digits):

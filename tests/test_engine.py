@@ -51,6 +51,39 @@ def test_schedule_warms_up_then_decays():
     assert amp_for("auto", torch.device("cpu")).name == "off"
 
 
+def test_a_shorter_epoch_keeps_its_place_in_the_schedule():
+    """An epoch trained on fewer rows (skip_easy) ends where a full epoch ends in the schedule, and with
+    equal epochs the schedule's position is the step itself."""
+    from kaggle_vit.engine import WarmupCosine
+
+    cfg = dataclasses.replace(TINY, epochs=3, warmup_epochs=0.5)
+    full, short = WarmupCosine(3, 0.5, 10), WarmupCosine(3, 0.5, 10)
+    short.begin_epoch(2, start_step=10, steps=4)
+    assert [short(10 + k) for k in range(5)] == [full(10 + k * 2.5) for k in range(5)]
+    short.begin_epoch(3, start_step=14, steps=10)
+    assert short(24) == full(30) < 1e-9 and full(4) == 1.0
+    sched = make_scheduler(make_optimizer(torch.nn.Linear(2, 2), cfg), cfg, steps_per_epoch=10)
+    sched.lr_lambdas[0].begin_epoch(2, start_step=0, steps=4)
+    restored = make_scheduler(make_optimizer(torch.nn.Linear(2, 2), cfg), cfg, steps_per_epoch=10)
+    restored.load_state_dict(sched.state_dict())
+    assert restored.lr_lambdas[0].__dict__ == sched.lr_lambdas[0].__dict__
+
+
+def test_skip_easy_trains_middle_epochs_on_fewer_rows_and_resumes_exactly(small_comp, small_spec, tmp_path):
+    d = load_competition(small_spec, small_comp)
+    train, valid = ImageDataset(d.train.images[:480], d.train.labels[:480]), ImageDataset(d.train.images[480:], d.train.labels[480:])
+    cfg = dataclasses.replace(TINY, epochs=4, skip_easy=0.7)
+    straight = fit(_model(cfg), train, valid, cfg, seed=1)
+    images = [r["images"] for r in straight.history]
+    assert images[0] == images[-1] == 480 and all(n < 480 for n in images[1:-1])  # first and last epochs see every row
+    state = tmp_path / "state.pt"
+    fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, stop_after=2)
+    assert read_state(state)["row_loss"].shape == (480,)
+    resumed = fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, resume=read_state(state))
+    assert [r["images"] for r in resumed.history] == images
+    assert resumed.history[-1]["valid_loss"] == straight.history[-1]["valid_loss"]
+
+
 def test_fit_is_repeatable_and_resumes_exactly(small_comp, small_spec, tmp_path):
     d = load_competition(small_spec, small_comp)
     train, valid = ImageDataset(d.train.images[:480], d.train.labels[:480]), ImageDataset(d.train.images[480:], d.train.labels[480:])

@@ -21,6 +21,18 @@ def test_five_folds_on_two_workers_cut_one_fold_between_them():
                                                  [Segment(3, 1, 6), Segment(4, 1, 6)]]  # nothing to cut
 
 
+def test_epochs_of_different_costs_are_cut_where_their_costs_balance():
+    # skip_easy: full first and last epochs, cheap middle ones; 5 folds x (2.8 + 1) = 19 units, 9.5 a
+    # worker. Fold 3's last epoch and prediction (2.0) close worker 1 at 9.6 against 9.4; by a mean
+    # epoch cost the cut would fall after its fourth epoch instead: 9.8 against 9.2.
+    costs = [1.0, 0.2, 0.2, 0.2, 0.2, 1.0]
+    assert plan_segments([1, 2, 3, 4, 5], 6, 2, costs, 1.0) == [
+        [Segment(1, 1, 6), Segment(2, 1, 6), Segment(3, 6, 6)],
+        [Segment(3, 1, 5), Segment(4, 1, 6), Segment(5, 1, 6)],
+    ]
+    assert plan_segments([1, 2, 3, 4, 5], 6, 2, sum(costs) / 6, 1.0)[0][-1] == Segment(3, 5, 6)
+
+
 @pytest.mark.parametrize("costs", [(1.0, 1.0), (1.0, 0.3), (1.0, 2.5)])
 def test_every_plan_covers_each_fold_once_in_order_and_balances(costs):
     epoch, predict = costs
