@@ -75,8 +75,11 @@ class TrainConfig:
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change results: all but where and how fast the run goes (device,
-        GPUs, DataLoader workers, evaluation batch size, folds trained at once, compile mode)."""
+        GPUs, DataLoader workers, evaluation batch size, folds trained at once, compile mode), and
+        settings added since runs were first named while they are off (so a run folder keeps its
+        name, and resumes, across versions)."""
         skip = {"device", "devices", "num_workers", "eval_batch_size", "jobs", "compile_mode"}
+        skip |= {k for k in ADDED_LATER if getattr(self, k) == _DEFAULTS[k]}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def fingerprint(self) -> str:
@@ -95,6 +98,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+# Settings added after run folders were first named from the settings' hash.
+ADDED_LATER = ("skip_easy",)
 AUGMENTATIONS = ("rotate", "affine", "flip", "crop", "none")
 
 

@@ -159,3 +159,10 @@ def test_cv_seeds_then_submit_averages_every_seed(small_comp, small_spec, tiny_t
     for bad, message in ((["--run-dir", "x"], "--run-dir names one run"), (["--pseudo", str(runs[0])], "--pseudo with --seeds")):
         refused = runner.invoke(app, ["cv", *args, "--seeds", "2", *bad])
         assert refused.exit_code == 2 and message in refused.output
+
+
+def test_a_setting_added_later_keeps_run_folders_named_as_before_while_it_is_off():
+    """Runs of the default settings were named ...-3f32d7b6 before `skip_easy` existed (commit 3095d34):
+    the same command still finds, and resumes, that folder; turning the setting on names a new one."""
+    assert TrainConfig().fingerprint() == "3f32d7b6"
+    assert TrainConfig(skip_easy=0.5).fingerprint() != "3f32d7b6"

@@ -186,3 +186,14 @@ def test_attention_weights_stay_finite_where_fp16_scores_overflow():
         out, weights = attn(x, return_attention=True)
     assert weights.dtype == torch.float32 and torch.isfinite(weights).all()
     assert torch.allclose(weights.sum(-1), torch.ones(1)) and out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_skip_easy_outside_zero_to_one_is_refused_in_one_line(small_comp, tmp_path):
+    from typer.testing import CliRunner
+
+    from kaggle_vit.cli import app
+
+    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--skip-easy", "1"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: skip_easy is a share of rows in [0, 1) (0: off), got 1.0"], result.output
+    assert not (tmp_path / "r").exists()
