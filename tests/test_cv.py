@@ -162,7 +162,8 @@ def test_cv_seeds_then_submit_averages_every_seed(small_comp, small_spec, tiny_t
 
 
 def test_a_setting_added_later_keeps_run_folders_named_as_before_while_it_is_off():
-    """Runs of the default settings were named ...-3f32d7b6 before `skip_easy` existed (commit 3095d34):
-    the same command still finds, and resumes, that folder; turning the setting on names a new one."""
+    """Runs of these settings (the cpu preset of commit 3095d34) were named ...-3f32d7b6 before
+    `skip_easy` existed: `--epochs 6 --skip-easy 0` still finds, and resumes, that folder; turning
+    the setting on names a new one."""
     assert TrainConfig().fingerprint() == "3f32d7b6"
     assert TrainConfig(skip_easy=0.5).fingerprint() != "3f32d7b6"
