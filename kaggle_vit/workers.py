@@ -123,8 +123,8 @@ def plan_segments(todo: list[int], epochs: int, jobs: int, epoch_cost: float | S
 TRAIN_PASSES = 3.5
 
 
-# With `skip_easy`, the share of a fold's training rows whose loss is below the mean after an epoch
-# (so that the middle epochs may leave them out), as measured on digit-recognizer: 0.86-0.87.
+# With `skip_easy`, the share of a fold's training rows whose loss is below the mean (those the middle
+# epochs may leave out), averaged over the middle epochs of digit-recognizer runs (README, Training).
 EASY_SHARE = 0.86
 
 
