@@ -46,6 +46,12 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size if n > batch_size else min(n, 1)
 
 
+def skips_rows(epoch: int, cfg: TrainConfig) -> bool:
+    """Whether epoch `epoch` (from 1) may leave easy rows out: with `skip_easy` on, every epoch but
+    the first (no losses yet) and the last (InfoBatch's annealing: the model ends on every row)."""
+    return cfg.skip_easy > 0 and 1 < epoch < cfg.epochs
+
+
 def skip_easy_rows(row_loss: torch.Tensor, ratio: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoBatch (Qin et al., ICLR 2024): each row whose last training loss is below the mean is left
     out of the epoch with probability `ratio`, and the easy rows kept weigh 1 / (1 - ratio), so the

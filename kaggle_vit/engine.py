@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from .augment import tta_views
-from .batches import DeviceBatches, HostBatches, skip_easy_rows, train_batches
+from .batches import DeviceBatches, HostBatches, skip_easy_rows, skips_rows, train_batches
 from .config import TrainConfig
 from .dataset import ImageDataset
 from .device import Amp, amp_for, autocast, inference_amp, select_device
@@ -327,11 +327,10 @@ def _on_device(dataset: ImageDataset, batches: DeviceBatches | HostBatches, devi
 
 
 def _epoch_rows(t: Trainer, seed: int, epoch: int) -> torch.Tensor | None:
-    """The rows epoch `epoch` trains on: every row (None) unless `skip_easy` is on, and then every row
-    in the first epoch (no losses yet) and the last (InfoBatch's annealing: the model ends on the
-    full data, unweighted); in between, `batches.skip_easy_rows` of the rows' last losses."""
+    """The rows epoch `epoch` trains on: every row (None, unweighted) unless it is one that skips rows
+    (`batches.skips_rows`), and then `batches.skip_easy_rows` of the rows' last losses."""
     t.row_weight = None
-    if t.row_loss is None or epoch == 1 or epoch == t.cfg.epochs:
+    if t.row_loss is None or not skips_rows(epoch, t.cfg):
         return None
     gen = torch.Generator(device=t.row_loss.device).manual_seed(seed)
     rows, t.row_weight = skip_easy_rows(t.row_loss, t.cfg.skip_easy, gen)
@@ -371,7 +370,8 @@ def fit(
     while st.epoch < last:
         epoch = st.epoch + 1
         t0 = time.perf_counter()
-        batches.set_epoch(seed * 1000 + epoch, _epoch_rows(t, seed * 1000 + epoch, epoch))
+        epoch_seed = seed * 1000 + epoch
+        batches.set_epoch(epoch_seed, _epoch_rows(t, epoch_seed, epoch))
         t.sched.lr_lambdas[0].begin_epoch(epoch, t.sched.last_epoch, len(batches))
         progress.start_epoch(epoch, cfg.epochs, len(batches))
         trained = train_one_epoch(t, batches, epoch, progress)

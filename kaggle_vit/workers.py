@@ -33,6 +33,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
+from .batches import skips_rows
 from .config import TrainConfig
 from .data import CompetitionData, ImageTable
 from .errors import Interrupted, KaggleVitError
@@ -136,7 +137,7 @@ def plan_costs(data: CompetitionData, folds: np.ndarray, cfg: TrainConfig) -> tu
     n_pseudo = (np.mean([len(pseudo_labels(Path(cfg.pseudo), k, cfg.pseudo_threshold)[0]) for k in range(1, cfg.folds + 1)])
                 if cfg.pseudo else 0.0)
     n_train = len(folds) - n_valid + n_pseudo
-    kept = [1.0 if epoch in (1, cfg.epochs) else 1.0 - cfg.skip_easy * EASY_SHARE for epoch in range(1, cfg.epochs + 1)]
+    kept = [1.0 - cfg.skip_easy * EASY_SHARE if skips_rows(epoch, cfg) else 1.0 for epoch in range(1, cfg.epochs + 1)]
     return [TRAIN_PASSES * n_train * k + n_valid for k in kept], cfg.tta * (n_valid + len(data.test.images))
 
 
