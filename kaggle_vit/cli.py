@@ -189,6 +189,7 @@ def cv(
     pretrained: PretrainedOpt = None,
     ema: Annotated[Optional[float], typer.Option("--ema", help="Decay of a moving average of the weights, e.g. 0.999 (0: off).")] = None,
     skip_easy: Annotated[Optional[float], typer.Option("--skip-easy", help="Share of the rows already fitted that each middle epoch leaves out (InfoBatch; 0: off).")] = None,
+    valid_every: Annotated[Optional[int], typer.Option("--valid-every", help="Validate every N epochs and after the last (0: after the last only; default 1).")] = None,
     pseudo: Annotated[Optional[Path], typer.Option("--pseudo", help="A finished cv run folder (same folds): its confident test predictions join the training rows.")] = None,
     pseudo_threshold: Annotated[Optional[float], typer.Option("--pseudo-threshold", help="Top probability a test row needs to be pseudo-labelled (default 0.99).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
@@ -216,7 +217,7 @@ def cv(
 
     cfg = resolve_config(preset, config, competition=competition,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
-                         pretrained=pretrained, ema=ema, skip_easy=skip_easy, pseudo=pseudo,
+                         pretrained=pretrained, ema=ema, skip_easy=skip_easy, valid_every=valid_every, pseudo=pseudo,
                          pseudo_threshold=pseudo_threshold, seed=seed, aug=aug, aug_group=aug_group, amp=amp,
                          device=device, num_workers=workers, jobs=jobs, devices=devices,
                          data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile, compile_mode=compile_mode)

@@ -318,6 +318,12 @@ def evaluate(forward: nn.Module, dataset: ImageDataset, device: torch.device, am
     return scores, logits
 
 
+def validates(epoch: int, cfg: TrainConfig) -> bool:
+    """Whether epoch `epoch` (from 1) is validated: every `valid_every`-th (none when 0) and always the
+    last, so a fold always has a best epoch; fewer validations leave more of a CPU's time for training."""
+    return epoch == cfg.epochs or (cfg.valid_every > 0 and epoch % cfg.valid_every == 0)
+
+
 def _on_device(dataset: ImageDataset, batches: DeviceBatches | HostBatches, device: torch.device) -> ImageDataset:
     """The validation images on the device too when the training images are (one copy, not one per epoch)."""
     if not isinstance(batches, DeviceBatches):
@@ -350,8 +356,8 @@ def fit(
     metric: Metric | None = None,
     stop_after: int | None = None,
 ) -> FitResult:
-    """Train on `train` for cfg.epochs, validating on `valid` each epoch and keeping the epoch best
-    by the competition's `metric` (default accuracy; the datasets carry the images, labels and the
+    """Train on `train` for cfg.epochs, validating on `valid` as `validates` says and keeping the
+    validated epoch best by the competition's `metric` (default accuracy; the datasets carry the images, labels and the
     model's normalisation). Each epoch's state is saved to `state_path`; `resume` (a state from
     `read_state`) continues after its last epoch. `stop_after` ends the run after that epoch (the
     schedule still spans cfg.epochs), so another process can resume it from `state_path`."""
@@ -376,16 +382,18 @@ def fit(
         progress.start_epoch(epoch, cfg.epochs, len(batches))
         trained = train_one_epoch(t, batches, epoch, progress)
         train_time = time.perf_counter() - t0
-        scores, logits = evaluate(eval_forward, valid, device, eval_amp, cfg.eval_batch_size, cfg.compile, epoch)
-        probs = logits.softmax(1).numpy()
-        scores["valid_score"] = metric(valid.labels.numpy(), probs)
+        probs, scores = None, dict.fromkeys(("valid_loss", "valid_acc", "valid_score"), math.nan)
+        if validates(epoch, cfg):
+            scores, logits = evaluate(eval_forward, valid, device, eval_amp, cfg.eval_batch_size, cfg.compile, epoch)
+            probs = logits.softmax(1).numpy()
+            scores["valid_score"] = metric(valid.labels.numpy(), probs)
         record = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"], **scores,
                   "lr": t.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
                   "images": trained["seen"], "images_per_s": trained["seen"] / train_time}
         st.history.append(record)
         st.seconds += record["seconds"]
         st.epoch = epoch
-        if metric.better(record["valid_score"], st.best_score):
+        if probs is not None and metric.better(record["valid_score"], st.best_score):
             st.best_score, st.best_epoch = record["valid_score"], epoch
             st.best_state = {k: v.detach().cpu().clone() for k, v in t.eval_model.state_dict().items()}
             st.best_probs = probs

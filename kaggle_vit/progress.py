@@ -2,6 +2,7 @@
 and a bar for long loops such as decoding image files."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterator, Sequence, TypeVar
 
@@ -62,11 +63,14 @@ class RichProgress:
         self.bar.update(self.task, advance=1, ips=ips, **({} if loss is None else {"loss": loss}))
 
     def end_epoch(self, record: dict) -> None:
-        self.last_acc, self.last_loss = f"{100 * record['valid_acc']:.2f}%", record["train_loss"]
+        self.last_loss = record["train_loss"]
+        valid = "not validated"  # an epoch `--valid-every` leaves out
+        if not math.isnan(record["valid_acc"]):
+            self.last_acc = f"{100 * record['valid_acc']:.2f}%"
+            valid = f"valid loss {record['valid_loss']:.4f} acc {self.last_acc}"
         self.console.print(
             f"fold {self.fold} epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
-            f"acc {100 * record['train_acc']:.2f}% | valid loss {record['valid_loss']:.4f} "
-            f"acc {self.last_acc} | {record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s",
+            f"acc {100 * record['train_acc']:.2f}% | {valid} | {record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s",
             highlight=False,
         )
 

@@ -1,6 +1,7 @@
 """Plots a competitor looks at: curves, confusion matrix, prediction grids, attention rollout."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -27,10 +28,13 @@ def plot_curves(histories: dict[int, list[dict]], path: Path) -> Path:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for fold, history in sorted(histories.items()):
         epochs = [r["epoch"] for r in history]
+        validated = [r for r in history if not math.isnan(r["valid_acc"])]  # `--valid-every` skips some
         line = ax_loss.plot(epochs, [r["train_loss"] for r in history], "--", alpha=0.6)[0]
-        ax_loss.plot(epochs, [r["valid_loss"] for r in history], color=line.get_color(), label=f"fold {fold}")
+        ax_loss.plot([r["epoch"] for r in validated], [r["valid_loss"] for r in validated], "o-", markersize=3,
+                     color=line.get_color(), label=f"fold {fold}")
         ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "--", color=line.get_color(), alpha=0.6)
-        ax_acc.plot(epochs, [100 * r["valid_acc"] for r in history], color=line.get_color(), label=f"fold {fold}")
+        ax_acc.plot([r["epoch"] for r in validated], [100 * r["valid_acc"] for r in validated], "o-", markersize=3,
+                    color=line.get_color(), label=f"fold {fold}")
     ax_loss.set(title="loss (dashed: train, solid: validation)", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="accuracy (dashed: train, solid: validation)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):

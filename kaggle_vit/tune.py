@@ -10,6 +10,7 @@ marks the trials of killed workers failed so the others go on.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 import warnings
@@ -141,12 +142,15 @@ class FoldMeanReporter:
         self.trial, self.metric = trial, metric
         self.finished: list[float] = []
         self.current: float | None = None
-        self.step = 0
+        self.step, self.epoch = 0, 0
 
     def __call__(self, record: dict) -> None:
-        if record["epoch"] == 1 and self.current is not None:  # a new fold began
+        if record["epoch"] <= self.epoch and self.current is not None:  # a new fold began
             self.finished.append(self.current)
             self.current = None
+        self.epoch = record["epoch"]
+        if math.isnan(record["valid_score"]):  # an epoch `valid_every` leaves unvalidated: nothing to report
+            return
         if self.metric.better(record["valid_score"], self.current):
             self.current = record["valid_score"]
         self.trial.report(sum(self.finished + [self.current]) / (len(self.finished) + 1), self.step)

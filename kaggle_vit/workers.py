@@ -36,6 +36,7 @@ import torch
 from .batches import skips_rows
 from .config import TrainConfig
 from .data import CompetitionData, ImageTable
+from .engine import validates
 from .errors import Interrupted, KaggleVitError
 from .fold import train_fold
 from .io import atomic_path
@@ -132,13 +133,16 @@ EASY_SHARE = 0.86
 def plan_costs(data: CompetitionData, folds: np.ndarray, cfg: TrainConfig) -> tuple[list[float], float]:
     """Each epoch's and a final prediction's cost in inference passes: a training image (pseudo-labelled
     test rows included) costs TRAIN_PASSES, a validation image one, and prediction one per view of
-    every validation and test image. With `skip_easy`, the middle epochs train on the rows they keep."""
+    every validation and test image. With `skip_easy`, the middle epochs train on the rows they keep;
+    with `valid_every`, only the epochs `engine.validates` names pay for validation."""
     n_valid = len(folds) / cfg.folds
     n_pseudo = (np.mean([len(pseudo_labels(Path(cfg.pseudo), k, cfg.pseudo_threshold)[0]) for k in range(1, cfg.folds + 1)])
                 if cfg.pseudo else 0.0)
     n_train = len(folds) - n_valid + n_pseudo
     kept = [1.0 - cfg.skip_easy * EASY_SHARE if skips_rows(epoch, cfg) else 1.0 for epoch in range(1, cfg.epochs + 1)]
-    return [TRAIN_PASSES * n_train * k + n_valid for k in kept], cfg.tta * (n_valid + len(data.test.images))
+    checked = [n_valid if validates(epoch, cfg) else 0.0 for epoch in range(1, cfg.epochs + 1)]
+    return ([TRAIN_PASSES * n_train * k + v for k, v in zip(kept, checked)],
+            cfg.tta * (n_valid + len(data.test.images)))
 
 
 def worker_env(device: str, environ: dict[str, str]) -> tuple[dict[str, str], str]:

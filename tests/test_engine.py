@@ -9,7 +9,7 @@ from kaggle_vit.data import load_competition
 from kaggle_vit.dataset import DataConfig, ImageDataset
 from kaggle_vit.augment import shift, tta_shifts
 from kaggle_vit.device import amp_for
-from kaggle_vit.engine import fit, make_optimizer, make_scheduler, predict_logits, predict_probs, read_state
+from kaggle_vit.engine import fit, make_optimizer, make_scheduler, predict_logits, predict_probs, read_state, validates
 
 TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=32,
                    lr=2e-3, aug="rotate", num_workers=0, device="cpu")
@@ -82,6 +82,27 @@ def test_skip_easy_trains_middle_epochs_on_fewer_rows_and_resumes_exactly(small_
     resumed = fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, resume=read_state(state))
     assert [r["images"] for r in resumed.history] == images
     assert resumed.history[-1]["valid_loss"] == straight.history[-1]["valid_loss"]
+
+
+def test_valid_every_validates_only_its_epochs_and_the_last_and_keeps_a_validated_best(small_comp, small_spec, tmp_path):
+    d = load_competition(small_spec, small_comp)
+    train, valid = ImageDataset(d.train.images[:480], d.train.labels[:480]), ImageDataset(d.train.images[480:], d.train.labels[480:])
+    every = fit(_model(), train, valid, dataclasses.replace(TINY, epochs=5), seed=1)
+    cfg = dataclasses.replace(TINY, epochs=5, valid_every=2)
+    sparse = fit(_model(cfg), train, valid, cfg, seed=1)
+    validated = [r["epoch"] for r in sparse.history if not np.isnan(r["valid_acc"])]
+    assert validated == [2, 4, 5] and sparse.best_epoch in validated
+    # the same training: the validated epochs score as when every epoch is validated
+    assert [r["valid_loss"] for r in sparse.history if r["epoch"] in validated] == [
+        r["valid_loss"] for r in every.history if r["epoch"] in validated]
+    scores = {e: every.history[e - 1]["valid_score"] for e in validated}
+    assert sparse.best_epoch == max(validated, key=lambda e: (scores[e], -e))  # the first of the best
+    last = dataclasses.replace(cfg, valid_every=0)
+    assert [e for e in range(1, 6) if validates(e, last)] == [5]
+    state = tmp_path / "state.pt"  # a fold handed over after an unvalidated epoch still finds its best
+    fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, stop_after=3)
+    resumed = fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, resume=read_state(state))
+    assert resumed.best_epoch == sparse.best_epoch and np.array_equal(resumed.valid_probs, sparse.valid_probs)
 
 
 def test_fit_is_repeatable_and_resumes_exactly(small_comp, small_spec, tmp_path):
@@ -196,4 +217,15 @@ def test_skip_easy_outside_zero_to_one_is_refused_in_one_line(small_comp, tmp_pa
     result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--skip-easy", "1"])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
         "error: skip_easy is a share of rows in [0, 1) (0: off), got 1.0"], result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_valid_every_below_zero_is_refused_in_one_line(small_comp, tmp_path):
+    from typer.testing import CliRunner
+
+    from kaggle_vit.cli import app
+
+    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--valid-every", "-1"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: valid_every is a number of epochs (0: validate after the last only), got -1"], result.output
     assert not (tmp_path / "r").exists()

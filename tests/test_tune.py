@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import shutil
 import signal
@@ -100,6 +101,19 @@ def test_reports_a_running_fold_mean_at_growing_steps(metric, scores, expected):
         reporter({"epoch": i % 3 + 1, "valid_score": score})
     assert [s for s, _ in trial.reports] == list(range(6))
     assert [v for _, v in trial.reports] == pytest.approx(expected)
+
+
+def test_unvalidated_epochs_report_nothing_and_folds_still_count_apart():
+    """With `valid_every`, an epoch without validation (NaN) reports nothing; a new fold is still
+    recognised when its epochs start again, even when its first epoch is not validated."""
+    from kaggle_vit.metrics import get_metric
+    from kaggle_vit.tune import FoldMeanReporter
+
+    trial = _Trial()
+    reporter = FoldMeanReporter(trial, get_metric("accuracy"))
+    for epoch, score in [(1, math.nan), (2, 0.6), (3, 0.8), (1, math.nan), (2, 0.7), (3, 0.9)]:
+        reporter({"epoch": epoch, "valid_score": score})
+    assert trial.reports == [(0, 0.6), (1, 0.8), (2, pytest.approx(0.75)), (3, pytest.approx(0.85))]
 
 
 def test_heads_fit_width():

@@ -1,13 +1,15 @@
 """Folds over workers and devices: the plan that shares the folds' epochs out between workers,
 the devices (with fake device lists) and the environment that makes every GPU worker see its GPU
 as `cuda`."""
+import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 
 from kaggle_vit.config import TrainConfig, validate_config
 from kaggle_vit.errors import KaggleVitError
-from kaggle_vit.workers import Segment, auto_jobs, plan_segments, visible_devices, worker_env
+from kaggle_vit.workers import Segment, auto_jobs, plan_costs, plan_segments, visible_devices, worker_env
 
 
 def test_five_folds_on_two_workers_cut_one_fold_between_them():
@@ -31,6 +33,17 @@ def test_epochs_of_different_costs_are_cut_where_their_costs_balance():
         [Segment(3, 1, 5), Segment(4, 1, 6), Segment(5, 1, 6)],
     ]
     assert plan_segments([1, 2, 3, 4, 5], 6, 2, sum(costs) / 6, 1.0)[0][-1] == Segment(3, 5, 6)
+
+
+def test_plan_costs_count_validation_only_in_validated_epochs(small_comp, small_spec):
+    from kaggle_vit.data import load_competition
+
+    data, folds = load_competition(small_spec, small_comp), np.arange(100) % 5 + 1
+    cfg = TrainConfig(epochs=5, folds=5, tta=3, skip_easy=0.0, valid_every=2)
+    sparse, predict = plan_costs(data, folds, cfg)
+    every, _ = plan_costs(data, folds, dataclasses.replace(cfg, valid_every=1))
+    assert [e - s for e, s in zip(every, sparse)] == [20.0, 0.0, 20.0, 0.0, 0.0]  # 20 validation rows a fold
+    assert predict == 3 * (20 + len(data.test.images))
 
 
 @pytest.mark.parametrize("costs", [(1.0, 1.0), (1.0, 0.3), (1.0, 2.5)])
