@@ -127,18 +127,24 @@ def predict_logits(model: nn.Module, dataset: ImageDataset, device: torch.device
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, dataset: ImageDataset, device: torch.device, amp: Amp, batch_size: int = 256,
-                  views: int = 1, pad: bool = False, mode: str = "shift") -> np.ndarray:
+                  views: int = 1, pad: bool = False, mode: str = "shift", plain: np.ndarray | None = None) -> np.ndarray:
     """Class probabilities averaged over `views` test-time views (`augment.tta_views`: one-pixel
     shifts, or mirror images for photos), float32 (N, classes). cv uses it for both the OOF and the
-    test predictions, so the OOF score measures the predictor the submission uses."""
+    test predictions, so the OOF score measures the predictor the submission uses. `plain`: the
+    first (plain) view's probabilities when already known, as a fold's validation gives them, so
+    that view is not computed twice."""
     model.eval()
-    transforms, outs = tta_views(mode, views), []
+    transforms, outs, start = tta_views(mode, views), [], 0
     for x, n in _batches(dataset, batch_size, device, pad):
         total = 0
-        for view in transforms:
+        for i, view in enumerate(transforms):
+            if i == 0 and plain is not None:
+                total = total + torch.from_numpy(plain[start : start + n]).to(device)
+                continue
             with autocast(device, amp):
                 total = total + model(view(x))[:n].float().softmax(1)
         outs.append(total / len(transforms))
+        start += n
     return torch.cat(outs).cpu().numpy()
 
 

@@ -14,7 +14,7 @@ from .config import TrainConfig
 from .data import CompetitionData
 from .dataset import ImageDataset, resolve_data_config
 from .device import inference_amp, select_device
-from .engine import Progress, fit, maybe_compile, predict_probs, read_state, seed_everything
+from .engine import FitResult, Progress, fit, maybe_compile, predict_probs, read_state, seed_everything
 from .errors import KaggleVitError
 from .io import atomic_path, write_json
 from .metrics import get_metric
@@ -39,15 +39,17 @@ def _resume_state(path: Path, fold: int, epochs: int, announce: bool = True) -> 
     return state
 
 
-def _predict(model, best_state: dict, cfg: TrainConfig, data_config, valid_images: np.ndarray,
+def _predict(model, result: FitResult, cfg: TrainConfig, data_config, valid_images: np.ndarray,
              test_images: np.ndarray, out) -> tuple[np.ndarray, int]:
-    """The best model's validation and test probabilities under cfg's test-time views; the test
+    """The best model's validation and test probabilities under cfg's test-time views (the plain
+    view of the validation rows is the best epoch's validation, not computed again); the test
     probabilities are written to the fold's folder. Returns the validation probabilities and the view count."""
     device = select_device(cfg.device)
-    model.load_state_dict(best_state)
+    model.load_state_dict(result.best_state)
     predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
     valid_probs = predict_probs(predictor, ImageDataset(valid_images, data_config=data_config), device, amp,
-                                cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
+                                cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode,
+                                plain=result.valid_probs)
     test_probs = predict_probs(predictor, ImageDataset(test_images, data_config=data_config), device, amp,
                                cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
     with atomic_path(out.test_probs) as tmp, open(tmp, "wb") as fh:
@@ -96,7 +98,7 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     if validate_only:  # a tuning trial: its score is the best epoch's plain validation; no test set, no views
         valid_probs, views = result.valid_probs.astype(np.float32), 1
     else:
-        valid_probs, views = _predict(model, result.best_state, cfg, data_config, images[va], data.test.images, out)
+        valid_probs, views = _predict(model, result, cfg, data_config, images[va], data.test.images, out)
     with atomic_path(out.valid_probs) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, rows=va, probs=valid_probs, probs_plain=result.valid_probs.astype(np.float32))
     history = pd.DataFrame(result.history)

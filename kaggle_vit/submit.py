@@ -13,9 +13,6 @@ from .competition import CompetitionSpec
 from . import rundir
 from .config import load_toml
 from .data import CompetitionData, read_csv, load_sample_ids
-from .dataset import ImageDataset, resolve_data_config
-from .device import inference_amp, select_device
-from .engine import predict_probs
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
 from .metrics import clip_probs, get_metric, one_hot
@@ -114,6 +111,12 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
             probs = None  # damaged: recomputed from the fold's checkpoint below
         if probs is not None and probs.shape == (len(data.test), data.spec.num_classes):
             return probs
+    # Only here are the model and the training code needed: a submission from saved probabilities
+    # imports neither (timm and albumentations take seconds to import).
+    from .dataset import ImageDataset, resolve_data_config
+    from .device import inference_amp, select_device
+    from .engine import predict_probs
+
     model, dev = load_fold_model(run_dir, fold, data.spec), select_device(device)
     model.to(dev)
     saved_cfg = load_toml(RunDir(run_dir).config)

@@ -162,12 +162,14 @@ class FoldMeanReporter:
 def objective(data: CompetitionData, base: TrainConfig, space: dict, tune_folds: list[int], trials_dir: Path,
               runs_root: Path):
     """The Optuna objective: sample, train and validate the tune folds with run_cv (no test
-    predictions, no test-time views), report the running fold mean each epoch, maybe prune."""
+    predictions, no test-time views), report the running fold mean each epoch, maybe prune. Trials
+    validate every epoch; best.toml keeps the base's `valid_every` for cv."""
     patch_sizes = data.spec.patch_sizes(limit=min(data.spec.height, data.spec.width))
     metric = get_metric(data.spec.metric)
 
     def run(trial: optuna.Trial) -> float:
-        cfg = sample_config(trial, base, space, patch_sizes)
+        # every epoch validated, whatever the base says: the pruner judges a trial epoch by epoch
+        cfg = dataclasses.replace(sample_config(trial, base, space, patch_sizes), valid_every=1)
         result = run_cv(cfg, data, trials_dir / f"trial{trial.number}", only_folds=tune_folds,
                         on_epoch=FoldMeanReporter(trial, metric), runs_root=runs_root, validate_only=True)
         scores = [f["valid_score"] for f in result.folds if f["fold"] in tune_folds]

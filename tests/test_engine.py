@@ -181,6 +181,14 @@ def test_predict_probs_averages_the_shifted_views(small_comp, small_spec):
     assert np.allclose(three, by_hand.numpy(), atol=1e-5) and not np.allclose(three, plain, atol=1e-3)
     # A padded last batch (what a compiled model is given) changes no prediction.
     assert np.allclose(predict_probs(model, dataset, cpu, off, batch_size=32, views=3, pad=True), three, atol=1e-6)
+    # The plain view given (a fold's validation) is used as is, in its rows' places, and not computed again.
+    given = predict_probs(model, dataset, cpu, off, batch_size=32, views=3, plain=plain)
+    assert np.array_equal(given, three)
+    marked = plain.copy()
+    marked[40] = np.eye(10, dtype=np.float32)[3]  # a row the model does not put in class 3 with certainty
+    moved = predict_probs(model, dataset, cpu, off, batch_size=32, views=3, plain=marked)
+    assert np.allclose(moved[40], (three[40] * 3 - plain[40] + marked[40]) / 3, atol=1e-6)
+    assert np.array_equal(np.delete(moved, 40, 0), np.delete(three, 40, 0))
 
 
 def test_amp_policy_uses_fp16_with_a_scaler_where_there_is_no_bf16(monkeypatch):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -19,7 +20,7 @@ from kaggle_vit.tune import heads_for
 
 runner = CliRunner()
 BASE = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=1, num_heads=2, epochs=3, batch_size=64, folds=2,
-            device="cpu", num_workers=0)
+            device="cpu", num_workers=0, valid_every=0)  # as the cpu preset: cv validates the last epoch only
 SPACE = """
 [patch_size]
 choices = [7, 14]
@@ -71,6 +72,9 @@ def test_tune_prunes_writes_best_and_resumes(setup, monkeypatch):
     trial0 = out / "trials" / "trial0" / "fold1"
     assert (trial0 / "valid_probs.npz").exists() and not (trial0 / "test_probs.npy").exists()  # no test set in a trial
     assert json.loads((trial0 / "result.json").read_text())["tta"] == 1  # and no test-time views
+    history = pd.read_csv(trial0 / "history.csv")
+    assert len(history) == 2 and history["valid_acc"].notna().all()  # trials validate every epoch for the pruner
+    assert "valid_every = 0" in (out / "best.toml").read_text()  # while cv, from best.toml, keeps the base's
 
 
 class _Trial:
