@@ -43,7 +43,10 @@ def test_plan_costs_count_validation_only_in_validated_epochs(small_comp, small_
     sparse, predict = plan_costs(data, folds, cfg)
     every, _ = plan_costs(data, folds, dataclasses.replace(cfg, valid_every=1))
     assert [e - s for e, s in zip(every, sparse)] == [20.0, 0.0, 20.0, 0.0, 0.0]  # 20 validation rows a fold
-    assert predict == 3 * (20 + len(data.test.images))
+    assert predict == 3 * len(data.test.images) + 2 * 20  # the plain view of validation comes from fit
+    skipping = plan_costs(data, folds, dataclasses.replace(cfg, skip_easy=0.5, valid_every=0))[0]
+    assert skipping[0] == sparse[0] and skipping[-1] == sparse[-1]  # first and last epochs keep every row
+    assert sparse[0] > skipping[1] > skipping[2] > skipping[3]  # fewer rows are below the mean early on
 
 
 @pytest.mark.parametrize("costs", [(1.0, 1.0), (1.0, 0.3), (1.0, 2.5)])
