@@ -363,10 +363,11 @@ def fit(
     stop_after: int | None = None,
 ) -> FitResult:
     """Train on `train` for cfg.epochs, validating on `valid` as `validates` says and keeping the
-    validated epoch best by the competition's `metric` (default accuracy; the datasets carry the images, labels and the
-    model's normalisation). Each epoch's state is saved to `state_path`; `resume` (a state from
-    `read_state`) continues after its last epoch. `stop_after` ends the run after that epoch (the
-    schedule still spans cfg.epochs), so another process can resume it from `state_path`."""
+    validated epoch best by the competition's `metric` (default accuracy; the datasets carry the
+    images, labels and the model's normalisation). Each epoch's state is saved to `state_path`;
+    `resume` (a state from `read_state`) continues after its last epoch. `stop_after` ends the run
+    after that epoch (the schedule still spans cfg.epochs), so another process can resume it from
+    `state_path`."""
     progress = progress or NoProgress()
     metric = metric or get_metric("accuracy")
     device = select_device(cfg.device)
