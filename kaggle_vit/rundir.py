@@ -3,17 +3,22 @@ that decide whether a fold is usable, so `cv` (deciding what is finished) and `s
 (using it) read a damaged file the same way."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
 from .errors import KaggleVitError
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_KEYS = {"model", "kwargs", "state_dict", "input_size", "num_classes"}
 METRICS = "metrics.json"
@@ -123,11 +128,43 @@ def runs_of(competition_runs: Path) -> list[Path]:
     return [p.parent for p in competition_runs.glob(f"*/{METRICS}")]
 
 
-def _load_checkpoint(path: Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+def _checked(ckpt: Any) -> dict:
     if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt)):
         raise ValueError("not a kaggle-vit fold checkpoint")
     return ckpt
+
+
+class _WithoutTensors(pickle.Unpickler):
+    """Reads a torch.save pickle without torch: every torch object (tensors, sizes) comes back as
+    None, everything else (names, keywords, sizes, class names) as saved."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" or module.startswith("torch."):
+            return lambda *args, **kwargs: None
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> None:
+        return None  # a tensor's storage, kept in its own member of the archive
+
+
+def checkpoint_header(path: Path) -> dict:
+    """A fold checkpoint without its tensors, read without importing torch (seconds): what `submit`
+    needs to check a fold against the competition. Every member's checksum is verified first, so a
+    damaged file is refused here as loading it would refuse it."""
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"{damaged}: checksum mismatch")
+        pickled = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+        if pickled is None:
+            raise ValueError("not a torch.save archive")
+        return _checked(_WithoutTensors(io.BytesIO(archive.read(pickled))).load())
+
+
+def _load_checkpoint(path: Path) -> dict:
+    import torch
+
+    return _checked(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def _load_arrays(path: Path) -> None:
@@ -140,7 +177,7 @@ def _load_arrays(path: Path) -> None:
 
 READERS: dict[str, Callable[[Path], Any]] = {
     "result": lambda p: json.loads(p.read_text(encoding="utf-8")),
-    "model": _load_checkpoint,
+    "model": checkpoint_header,
     "valid_probs": _load_arrays,
     "test_probs": _load_arrays,
 }
@@ -157,16 +194,23 @@ def _read(fold: FoldDir, what: str) -> tuple[Any, str | None]:
         return None, "unreadable"
 
 
-def read_checkpoint(run_dir: Path, fold: int) -> dict:
-    """A fold's best-epoch checkpoint; a missing or damaged one is named with the way to retrain it."""
-    ckpt, problem = _read(RunDir(run_dir).fold(fold), "model")
+def read_checkpoint(run_dir: Path, fold: int, weights: bool = True) -> dict:
+    """A fold's best-epoch checkpoint (without its tensors unless `weights`, and then without
+    importing torch); a missing or damaged one is named with the way to retrain it."""
+    files = RunDir(run_dir).fold(fold)
+    ckpt, problem = _read(files, "model")
+    if not problem and weights:
+        try:
+            ckpt = _load_checkpoint(files.model)
+        except Exception:  # noqa: BLE001 - whatever torch raises, the file is unusable
+            problem = "unreadable"
     if problem:
         raise KaggleVitError(f"fold {fold}'s checkpoint {RunDir(run_dir).fold(fold).model} is {problem}: rerun "
                              f"`kaggle-vit cv` with the same settings to retrain it")
     return ckpt
 
 
-def model_from(ckpt: dict) -> torch.nn.Module:
+def model_from(ckpt: dict) -> "torch.nn.Module":
     """The model a fold checkpoint describes, with its best weights, in eval mode."""
     from .models import build
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .competition import CompetitionSpec
 from . import rundir
@@ -17,6 +17,9 @@ from .errors import KaggleVitError
 from .io import atomic_path, read_json
 from .metrics import clip_probs, get_metric, one_hot
 from .rundir import RunDir, runs_of
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,10 @@ def choose_folds(run_dir: Path, wanted: list[int] | None, allow_missing: bool) -
     return chosen
 
 
-def read_checkpoint(run_dir: Path, fold: int, spec: CompetitionSpec) -> dict:
-    """A fold's checkpoint, refusing a damaged one or one trained for another image size or class count."""
-    ckpt = rundir.read_checkpoint(run_dir, fold)
+def read_checkpoint(run_dir: Path, fold: int, spec: CompetitionSpec, weights: bool = True) -> dict:
+    """A fold's checkpoint (without tensors or torch unless `weights`), refusing a damaged one or one
+    trained for another image size or class count."""
+    ckpt = rundir.read_checkpoint(run_dir, fold, weights)
     want = ((spec.channels, spec.height, spec.width), spec.num_classes)
     if (tuple(ckpt["input_size"]), ckpt["num_classes"]) != want:
         raise KaggleVitError(f"{run_dir}/fold{fold}/model.pt: trained on {tuple(ckpt['input_size'])} images with "
@@ -94,7 +98,7 @@ def read_checkpoint(run_dir: Path, fold: int, spec: CompetitionSpec) -> dict:
     return ckpt
 
 
-def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> torch.nn.Module:
+def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> "torch.nn.Module":
     """A fold's best model, in eval mode (its checkpoint checked against the competition)."""
     return rundir.model_from(read_checkpoint(run_dir, fold, spec))
 
@@ -111,8 +115,8 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
             probs = None  # damaged: recomputed from the fold's checkpoint below
         if probs is not None and probs.shape == (len(data.test), data.spec.num_classes):
             return probs
-    # Only here are the model and the training code needed: a submission from saved probabilities
-    # imports neither (timm and albumentations take seconds to import).
+    # Only here are torch, the model and the training code needed: a submission from saved
+    # probabilities imports none of them (torch, timm and albumentations take seconds to import).
     from .dataset import ImageDataset, resolve_data_config
     from .device import inference_amp, select_device
     from .engine import predict_probs
@@ -212,7 +216,7 @@ def make_submission(run_dirs: Path | list[Path], data: CompetitionData, output: 
     runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     chosen = {(Path(run), k): summary for run in runs for k, summary in choose_folds(Path(run), folds, allow_missing).items()}
     for run, k in chosen:
-        read_checkpoint(run, k, spec)  # refuses mismatched image sizes or class counts before any work
+        read_checkpoint(run, k, spec, weights=False)  # refuses mismatched image sizes or class counts before any work
     raw = np.array([chosen[m]["valid_acc"] if weighting == "oof" else 1.0 for m in chosen], dtype=np.float64)
     weights = raw / raw.sum()
     probs = sum(w * fold_test_probs(run, k, data, tta, device) for w, (run, k) in zip(weights, chosen))

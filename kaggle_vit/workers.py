@@ -2,17 +2,20 @@
 
 On a small CPU, two single-threaded processes train more images per second between them than one
 process with two threads (small matrices leave the second thread idle much of the time). Each
-worker runs `fold.train_fold` for one fold, exactly as the sequential loop does, or for a segment
-of its epochs (`plan_segments` cuts a fold between two workers so that five folds keep two cores
-busy to the end), and reports to the parent through its own pipe.
+worker process lives for the whole run and trains the fold segments its slot is given, one after
+another: `fold.train_fold` for a whole fold, exactly as the sequential loop runs it, or for a
+segment of its epochs (`plan_segments` cuts a fold between two workers so that five folds keep
+two cores busy to the end). One process per slot, not per fold, pays the imports (seconds of
+torch and timm) once. It reports to the parent through its own pipe and gets segments through another.
 
 What a user must never see from a worker, and how: a worker is a plain `python -m
-kaggle_vit.workers JOB FD` process that reads its job from a file written before it starts and
-the images from memory-mapped files, so a parent killed while workers start leaves none reading
-half a pickle; it runs in its own session, so Ctrl-C reaches only the parent, which stops the
-workers with SIGTERM (temporary files are cleaned, nothing printed); no semaphores exist (pipes,
-not queues), so none can leak; and a worker whose parent dies stops at its next step, so a
-killed `cv` leaves no orphan writing into the run folder.
+kaggle_vit.workers JOB OUT IN` process that reads its setup from a file written before it starts,
+the images from memory-mapped files, and each segment as one small message, so a parent killed
+while workers start leaves none reading half a pickle; it runs in its own session, so Ctrl-C
+reaches only the parent, which stops the workers with SIGTERM (temporary files are cleaned,
+nothing printed); no semaphores exist (pipes, not queues), so none can leak; and a worker whose
+parent dies stops at its next step, or at once when idle (its segment pipe closes), so a killed
+`cv` leaves no orphan writing into the run folder.
 """
 from __future__ import annotations
 
@@ -169,8 +172,12 @@ class PipeProgress:
     """A worker's Progress: sends fold events to the parent; exits if the parent is gone."""
 
     def __init__(self, conn: Connection, fold: int, parent: int):
-        self.conn, self.fold, self.parent = conn, fold, parent
-        self.steps, self.images, self.loss = 0, 0, 0.0
+        self.conn, self.parent = conn, parent
+        self.begin(fold)
+
+    def begin(self, fold: int) -> None:
+        """Report a new segment, of `fold`, counting its steps from zero."""
+        self.fold, self.steps, self.images, self.loss = fold, 0, 0, 0.0
 
     def _alive(self) -> None:
         if os.getppid() != self.parent:
@@ -256,26 +263,44 @@ def _load_arrays(staging: Path, data: CompetitionData) -> tuple[CompetitionData,
     return CompetitionData(data.spec, data.data_dir, train, test), np.asarray(a["folds"])
 
 
-def _worker(job: Path, fd: int) -> None:
-    """Process entry point: train the fold segment described in `job` (written by `_start`),
-    reporting through the pipe `fd`. The data in the job comes without its arrays, read from the job's folder."""
+def _worker(job: Path, fd_out: int, fd_in: int) -> None:
+    """Process entry point: train the fold segments the parent sends through the pipe `fd_in`, one
+    after another, with the setup in `job` (written by `_start` before the process; its data
+    comes without arrays, which are read from the job's folder once), reporting through `fd_out`.
+    A closed `fd_in` (no more work, or the parent is gone) ends the process."""
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    cfg, bare, segment, run_dir, threads, parent = pickle.loads(job.read_bytes())
-    fold = segment.fold
-    torch.set_num_threads(threads)
-    progress = PipeProgress(Connection(fd), fold, parent)
-    log.addHandler(_ForwardNotices(progress))
-    log.propagate = False
+    outbox, inbox = Connection(fd_out), Connection(fd_in, writable=False)
+    loaded = None
+    while True:
+        try:
+            segment = Segment(*inbox.recv())
+        except (EOFError, OSError):
+            return
+        if loaded is None:
+            cfg, bare, run_dir, threads, parent = pickle.loads(job.read_bytes())
+            torch.set_num_threads(threads)
+            loaded = (cfg, *_load_arrays(job.parent, bare), run_dir, parent)
+            progress = PipeProgress(outbox, segment.fold, parent)
+            log.addHandler(_ForwardNotices(progress))
+            log.propagate = False
+        cfg, data, folds, run_dir, parent = loaded
+        progress.begin(segment.fold)
+        _train_segment(cfg, data, folds, run_dir, segment, progress)
+        progress.send("done", None)
+
+
+def _train_segment(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, run_dir: Path, segment: Segment,
+                   progress: PipeProgress) -> None:
+    """One segment in a worker; a failure is sent to the parent as one line naming the fold, and ends the worker."""
     try:
-        data, folds = _load_arrays(job.parent, bare)
-        train_fold(cfg, data, folds, fold, run_dir, progress, until_epoch=segment.last,
+        train_fold(cfg, data, folds, segment.fold, run_dir, progress, until_epoch=segment.last,
                    handover=segment.first > 1)
     except KaggleVitError as exc:
         progress.send("error", str(exc))
         sys.exit(1)
     except Exception:  # noqa: BLE001 - a bug: its last line goes to the parent, which names the fold
         last = traceback.format_exc(limit=4).strip().splitlines()[-1]
-        progress.send("error", f"fold {fold}: {last}")
+        progress.send("error", f"fold {segment.fold}: {last}")
         sys.exit(1)
 
 
@@ -319,25 +344,47 @@ class FoldRelay:
         self.shown = None if fold == self.shown else self.shown
 
 
-def _start(cfg: TrainConfig, data: CompetitionData, staging: Path, segment: Segment, run_dir: Path,
-           threads: int, device: str) -> tuple[subprocess.Popen, Connection]:
-    """Start one fold segment's worker on `device` in its own session (Ctrl-C goes to the parent alone),
-    with the package importable as this process imports it (a notebook may have put it on sys.path)."""
+class _Slot:
+    """A worker process and its two pipes; `segment` is what it trains now (None while idle)."""
+
+    def __init__(self, proc: subprocess.Popen, inbox: Connection, outbox: Connection):
+        self.proc, self.inbox, self.outbox = proc, inbox, outbox
+        self.segment: Segment | None = None
+        self.last: Segment | None = None  # the segment most recently given (names the fold if the worker fails)
+
+
+def _start(cfg: TrainConfig, data: CompetitionData, staging: Path, slot: int, run_dir: Path,
+           threads: int, device: str) -> _Slot:
+    """Start slot `slot`'s worker on `device` in its own session (Ctrl-C goes to the parent alone),
+    with the package importable as this process imports it (a notebook may have put it on sys.path);
+    it imports while its setup is written, and trains whatever segments `_assign` sends it."""
     bare = CompetitionData(data.spec, data.data_dir,
                            *(ImageTable(t.images[:0], None, t.ids[:0]) for t in (data.train, data.test)))
     env, device = worker_env(device, dict(os.environ))
-    job = staging / f"fold{segment.fold}-{segment.first}.pkl"
+    job = staging / f"worker{slot}.pkl"
     with atomic_path(job) as tmp:
-        tmp.write_bytes(pickle.dumps((dataclasses.replace(cfg, device=device), bare, segment, run_dir, threads, os.getpid())))
-    read_fd, write_fd = os.pipe()
+        tmp.write_bytes(pickle.dumps((dataclasses.replace(cfg, device=device), bare, run_dir, threads, os.getpid())))
+    from_worker, to_parent = os.pipe()
+    from_parent, to_worker = os.pipe()
     package_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "kaggle_vit.workers", str(job), str(write_fd)],
-                                pass_fds=(write_fd,), start_new_session=True, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "kaggle_vit.workers", str(job), str(to_parent), str(from_parent)],
+                                pass_fds=(to_parent, from_parent), start_new_session=True, env=env)
+    except BaseException:
+        os.close(from_worker)
+        os.close(to_worker)
+        raise
     finally:
-        os.close(write_fd)
-    return proc, Connection(read_fd)
+        os.close(to_parent)
+        os.close(from_parent)
+    return _Slot(proc, Connection(from_worker), Connection(to_worker, readable=False))
+
+
+def _assign(slot: _Slot, segment: Segment) -> None:
+    """Give an idle worker its next segment (a few bytes: one write, never half a message)."""
+    slot.segment = slot.last = segment
+    slot.outbox.send(tuple(segment))
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -362,17 +409,22 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
     devices, jobs = devices or ["cpu"], max(1, min(jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     queues = [deque(plan) for plan in plan_segments(todo, cfg.epochs, jobs, *plan_costs(data, folds, cfg))]
-    running: dict[int, tuple[Segment, subprocess.Popen, Connection]] = {}
+    slots: dict[int, _Slot] = {}
     relay, errors, stopped, handed = FoldRelay(progress), {}, {}, set()
     staging = _stage_arrays(data, folds, run_dir)
 
-    def receive(conn: Connection) -> bool:
-        """Handle every message waiting on `conn`; False once the worker has closed it."""
+    def receive(slot: _Slot) -> bool:
+        """Handle every message waiting from `slot`'s worker; False once the worker has closed its pipe."""
         try:
-            while conn.poll():
-                kind, fold, payload = conn.recv()
+            while slot.inbox.poll():
+                kind, fold, payload = slot.inbox.recv()
                 if kind == "error":
                     errors[fold] = payload
+                elif kind == "done":
+                    segment, slot.segment = slot.segment, None
+                    if segment.last < cfg.epochs:  # the fold's next segment may start on its worker
+                        handed.add(segment.fold)
+                        relay.pause(segment.fold)
                 else:
                     relay.handle(kind, fold, payload)
         except (EOFError, OSError):
@@ -380,35 +432,41 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
         return True
 
     try:
-        while not stopped and any(queues) or running:
-            for slot, queue in enumerate(queues):
-                ready = queue and (queue[0].first == 1 or queue[0].fold in handed)
-                if slot not in running and ready and not stopped:
-                    segment = queue.popleft()
-                    running[slot] = (segment, *_start(cfg, data, staging, segment, run_dir, threads,
-                                                      devices[slot % len(devices)]))
-            wait([conn for _, _, conn in running.values()], timeout=0.5)
-            for slot, (segment, proc, conn) in list(running.items()):
-                if not receive(conn) or proc.poll() is not None:
-                    proc.wait()
-                    receive(conn)
-                    conn.close()
-                    del running[slot]
-                    if proc.returncode != 0:
-                        stopped[segment.fold] = proc.returncode
-                    elif segment.last < cfg.epochs:
-                        handed.add(segment.fold)
-                        relay.pause(segment.fold)
+        while True:
+            for index, queue in enumerate(queues):
+                if index not in slots and queue and not stopped:  # started at once: it imports while others train
+                    slots[index] = _start(cfg, data, staging, index, run_dir, threads, devices[index % len(devices)])
+                slot = slots.get(index)
+                if slot is None or slot.segment is not None or slot.outbox.closed:
+                    continue
+                if queue and not stopped and (queue[0].first == 1 or queue[0].fold in handed):
+                    _assign(slot, queue.popleft())
+                elif not queue or stopped:
+                    slot.outbox.close()  # nothing more for it: the worker ends
+            if not slots:
+                break
+            wait([slot.inbox for slot in slots.values()], timeout=0.5)
+            for index, slot in list(slots.items()):
+                if receive(slot) and slot.proc.poll() is None:
+                    continue
+                slot.proc.wait()
+                receive(slot)
+                slot.inbox.close()
+                slot.outbox.close()
+                del slots[index]
+                if slot.proc.returncode != 0:
+                    named = slot.segment or slot.last or (queues[index] or [Segment(0, 0, 0)])[0]
+                    stopped[named.fold] = slot.proc.returncode
     except KeyboardInterrupt:
-        for _, _, conn in running.values():  # messages not yet read say where each fold is
-            receive(conn)
+        for slot in slots.values():  # messages not yet read say where each fold is
+            receive(slot)
         raise Interrupted.during(relay.running) from None  # the workers are stopped below
     finally:
-        _stop([proc for _, proc, _ in running.values()])
+        _stop([slot.proc for slot in slots.values()])
         shutil.rmtree(staging, ignore_errors=True)
     for fold, code in sorted(stopped.items()):
         raise KaggleVitError(errors.get(fold, f"fold {fold}: its worker process stopped (exit code {code})"))
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), int(sys.argv[2]))
+    _worker(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from kaggle_vit import workers
 from kaggle_vit.cli import app
 from kaggle_vit.config import TrainConfig, resolve_config, to_toml
 from kaggle_vit.cv import default_run_dir, run_cv
@@ -86,19 +87,23 @@ def test_a_fold_trains_the_same_alone_or_after_others(small_comp, small_spec, tm
     np.testing.assert_allclose(probs[0], probs[1], atol=1e-6)
 
 
-def test_parallel_folds_train_as_in_one_process(small_comp, small_spec, tmp_path, caplog):
+def test_parallel_folds_train_as_in_one_process(small_comp, small_spec, tmp_path, caplog, monkeypatch):
     # Two worker processes (one thread each, as --jobs 2 gives on two cores) train each fold exactly
     # as this process does with one thread: same probabilities, every artifact, OOF scored. Three
     # folds on two workers: fold 2 is cut between them, its second epoch taken over from its state
-    # file by the other worker, silently (a planned hand-over is no resume to report).
+    # file by the other worker, silently (a planned hand-over is no resume to report). Each worker
+    # process trains both segments of its slot: two processes start, not four.
     data = load_competition(small_spec, small_comp)
     cfg = TrainConfig(**{**TINY, "folds": 3, "epochs": 2})
     folds = np.arange(len(data.train.labels)) % 3 + 1
     plan = plan_segments([1, 2, 3], 2, 2, *plan_costs(data, folds, cfg))
     assert plan == [[Segment(1, 1, 2), Segment(2, 2, 2)], [Segment(2, 1, 1), Segment(3, 1, 2)]]
+    started, start = [], workers._start
+    monkeypatch.setattr(workers, "_start", lambda *a, **k: started.append(a[3]) or start(*a, **k))
     with caplog.at_level("WARNING", logger="kaggle_vit"):
         parallel = run_cv(dataclasses.replace(cfg, jobs=2), data, tmp_path / "parallel")
     assert parallel.complete and parallel.trained == [1, 2, 3]
+    assert started == [0, 1]
     assert not [r for r in caplog.records if "resuming" in r.getMessage()]
     history = pd.read_csv(tmp_path / "parallel" / "fold2" / "history.csv")
     assert list(history["epoch"]) == [1, 2]  # both segments' epochs, in one history

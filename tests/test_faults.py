@@ -205,7 +205,7 @@ def test_an_unreadable_state_restarts_its_fold(comp, tiny, finished, tmp_path, m
     assert snapshot(comp) == before
 
 
-@pytest.mark.parametrize("how", ["missing", "truncated"])
+@pytest.mark.parametrize("how", ["missing", "truncated", "flipped"])
 def test_a_damaged_checkpoint_is_named_by_submit_and_retrained_by_cv(run_copy, tiny, tmp_path, monkeypatch, how):
     run, data = run_copy
     model = run / "fold2" / "model.pt"
@@ -430,6 +430,19 @@ def test_help_and_data_import_no_torch(comp):
             "print(sorted(m for m in ('torch', 'albumentations', 'timm', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_submit_from_saved_probabilities_imports_no_torch(run_copy, tmp_path):
+    # submit checks each fold's checkpoint (intact, the competition's image size and class count)
+    # from its archive without torch; only --tta, which recomputes, needs the model
+    run, data = run_copy
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom kaggle_vit.cli import app\n"
+            f"r = CliRunner().invoke(app, ['submit', {str(run)!r}, '--data-dir', {str(data)!r}, '-o', {str(tmp_path / 's.csv')!r}])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "print(sorted(m for m in ('torch', 'albumentations', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 200
 
 
 @pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])

@@ -14,6 +14,7 @@ from kaggle_vit.cv import run_cv
 from kaggle_vit.data import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import attention_rollout, make_report
+from kaggle_vit.rundir import checkpoint_header
 from kaggle_vit.submit import make_submission
 
 runner = CliRunner()
@@ -47,6 +48,14 @@ def test_submission_is_the_fold_mean(trained, small_spec, tmp_path):
     assert not np.allclose(one.probs, np.load(run / "fold2" / "test_probs.npy"))  # recomputed with 3 views
     again = make_submission(run, data, tmp_path / "again.csv", folds=[2], tta=TINY["tta"])
     assert np.allclose(again.probs, np.load(run / "fold2" / "test_probs.npy"), atol=1e-5)  # the saved views
+
+
+def test_a_checkpoint_header_is_the_checkpoint_without_its_tensors(trained):
+    _, run = trained
+    path = run / "fold1" / "model.pt"
+    full, header = torch.load(path, weights_only=False), checkpoint_header(path)
+    assert {k: v for k, v in header.items() if k != "state_dict"} == {k: v for k, v in full.items() if k != "state_dict"}
+    assert list(header["state_dict"]) == list(full["state_dict"]) and set(header["state_dict"].values()) == {None}
 
 
 def test_refuses_missing_fold_and_other_shapes(trained, small_spec, tmp_path):
