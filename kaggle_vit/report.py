@@ -24,7 +24,8 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_curves(histories: dict[int, list[dict]], path: Path) -> Path:
-    """Training and validation loss and accuracy per epoch, one line per fold."""
+    """Training loss and accuracy per epoch (dashed) and validation at the epochs that validated (points,
+    joined), one colour per fold."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for fold, history in sorted(histories.items()):
         epochs = [r["epoch"] for r in history]
@@ -35,8 +36,8 @@ def plot_curves(histories: dict[int, list[dict]], path: Path) -> Path:
         ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "--", color=line.get_color(), alpha=0.6)
         ax_acc.plot([r["epoch"] for r in validated], [100 * r["valid_acc"] for r in validated], "o-", markersize=3,
                     color=line.get_color(), label=f"fold {fold}")
-    ax_loss.set(title="loss (dashed: train, solid: validation)", xlabel="epoch", ylabel="cross-entropy")
-    ax_acc.set(title="accuracy (dashed: train, solid: validation)", xlabel="epoch", ylabel="accuracy (%)")
+    ax_loss.set(title="loss (dashed: train; points: validation)", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="accuracy (dashed: train; points: validation)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
