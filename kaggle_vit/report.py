@@ -31,10 +31,10 @@ def plot_curves(histories: dict[int, list[dict]], path: Path) -> Path:
         epochs = [r["epoch"] for r in history]
         validated = [r for r in history if not math.isnan(r["valid_acc"])]  # `--valid-every` skips some
         line = ax_loss.plot(epochs, [r["train_loss"] for r in history], "--", alpha=0.6)[0]
-        ax_loss.plot([r["epoch"] for r in validated], [r["valid_loss"] for r in validated], "o-", markersize=3,
+        ax_loss.plot([r["epoch"] for r in validated], [r["valid_loss"] for r in validated], "o-", markersize=4,
                      color=line.get_color(), label=f"fold {fold}")
         ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "--", color=line.get_color(), alpha=0.6)
-        ax_acc.plot([r["epoch"] for r in validated], [100 * r["valid_acc"] for r in validated], "o-", markersize=3,
+        ax_acc.plot([r["epoch"] for r in validated], [100 * r["valid_acc"] for r in validated], "o-", markersize=4,
                     color=line.get_color(), label=f"fold {fold}")
     ax_loss.set(title="loss (dashed: train; points: validation)", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="accuracy (dashed: train; points: validation)", xlabel="epoch", ylabel="accuracy (%)")
