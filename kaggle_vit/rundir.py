@@ -205,7 +205,7 @@ def read_checkpoint(run_dir: Path, fold: int, weights: bool = True) -> dict:
         except Exception:  # noqa: BLE001 - whatever torch raises, the file is unusable
             problem = "unreadable"
     if problem:
-        raise KaggleVitError(f"fold {fold}'s checkpoint {RunDir(run_dir).fold(fold).model} is {problem}: rerun "
+        raise KaggleVitError(f"fold {fold}'s checkpoint {files.model} is {problem}: rerun "
                              f"`kaggle-vit cv` with the same settings to retrain it")
     return ckpt
 

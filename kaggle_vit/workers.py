@@ -264,26 +264,23 @@ def _load_arrays(staging: Path, data: CompetitionData) -> tuple[CompetitionData,
 
 
 def _worker(job: Path, fd_out: int, fd_in: int) -> None:
-    """Process entry point: train the fold segments the parent sends through the pipe `fd_in`, one
-    after another, with the setup in `job` (written by `_start` before the process; its data
-    comes without arrays, which are read from the job's folder once), reporting through `fd_out`.
-    A closed `fd_in` (no more work, or the parent is gone) ends the process."""
+    """Process entry point: with the setup in `job` (written by `_start` before the process; its data
+    comes without arrays, which are read from the job's folder), train the fold segments the parent
+    sends through the pipe `fd_in`, one after another, reporting through `fd_out`. A closed `fd_in`
+    (no more work, or the parent is gone) ends the process."""
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     outbox, inbox = Connection(fd_out), Connection(fd_in, writable=False)
-    loaded = None
+    cfg, bare, run_dir, threads, parent = pickle.loads(job.read_bytes())
+    torch.set_num_threads(threads)
+    data, folds = _load_arrays(job.parent, bare)
+    progress = PipeProgress(outbox, 0, parent)
+    log.addHandler(_ForwardNotices(progress))
+    log.propagate = False
     while True:
         try:
             segment = Segment(*inbox.recv())
         except (EOFError, OSError):
             return
-        if loaded is None:
-            cfg, bare, run_dir, threads, parent = pickle.loads(job.read_bytes())
-            torch.set_num_threads(threads)
-            loaded = (cfg, *_load_arrays(job.parent, bare), run_dir, parent)
-            progress = PipeProgress(outbox, segment.fold, parent)
-            log.addHandler(_ForwardNotices(progress))
-            log.propagate = False
-        cfg, data, folds, run_dir, parent = loaded
         progress.begin(segment.fold)
         _train_segment(cfg, data, folds, run_dir, segment, progress)
         progress.send("done", None)
@@ -345,19 +342,20 @@ class FoldRelay:
 
 
 class _Slot:
-    """A worker process and its two pipes; `segment` is what it trains now (None while idle)."""
+    """A worker process and its two pipes; `segment` is what it trains now (None while idle), `last`
+    the segment it was given last (it names the fold if the worker fails)."""
 
     def __init__(self, proc: subprocess.Popen, inbox: Connection, outbox: Connection):
         self.proc, self.inbox, self.outbox = proc, inbox, outbox
         self.segment: Segment | None = None
-        self.last: Segment | None = None  # the segment most recently given (names the fold if the worker fails)
+        self.last: Segment | None = None
 
 
 def _start(cfg: TrainConfig, data: CompetitionData, staging: Path, slot: int, run_dir: Path,
            threads: int, device: str) -> _Slot:
     """Start slot `slot`'s worker on `device` in its own session (Ctrl-C goes to the parent alone),
     with the package importable as this process imports it (a notebook may have put it on sys.path);
-    it imports while its setup is written, and trains whatever segments `_assign` sends it."""
+    it trains whatever segments `_assign` sends it."""
     bare = CompetitionData(data.spec, data.data_dir,
                            *(ImageTable(t.images[:0], None, t.ids[:0]) for t in (data.train, data.test)))
     env, device = worker_env(device, dict(os.environ))
@@ -455,8 +453,8 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
                 slot.outbox.close()
                 del slots[index]
                 if slot.proc.returncode != 0:
-                    named = slot.segment or slot.last or (queues[index] or [Segment(0, 0, 0)])[0]
-                    stopped[named.fold] = slot.proc.returncode
+                    # a slot starts only with work queued, and `_assign` sets `last`
+                    stopped[(slot.last or queues[index][0]).fold] = slot.proc.returncode
     except KeyboardInterrupt:
         for slot in slots.values():  # messages not yet read say where each fold is
             receive(slot)
