@@ -1,40 +1,65 @@
 #!/bin/bash
-# The GPU checks of issue 15 in one script for the `device` tool (every step has a timeout; logs
-# and nvidia-smi samples go to $OUT, a few files only). Before calling it, as FIELD-NOTES.md says:
-# download the albumentations wheels into .whl/ and copy ~/.cache/kaggle-vit/mnist.pkl.gz into
-# .gpu/ (both git-ignored), then run `bash benchmarks/gpu_check.sh` with carry [".whl", ".gpu"].
-# It measures: bench with CUDA graphs, 5-fold CV + submit with five folds at once, fold 1 with CUDA
-# graphs, and 4 folds x 4 epochs with 2 and with 4 folds sharing the GPU.
+# Issue 15's GPU checks for the `device` tool, in parts that each end inside one 600 s call (every
+# step has its own timeout; a step cut short writes "rc 124" and the part goes on). First run
+# `bash benchmarks/gpu_prepare.sh` here, then call the tool with carry [".whl", ".gpu"] and
+#   bash benchmarks/gpu_check.sh a      (timeout_s 590)
+# and, if device time is left, `... b`. Logs come back in $OUT (steps.log first; under 8 files).
+# A dry run of the plumbing on a CPU: OUT=/tmp/out CHECK_ARGS="--device cpu --no-compile --epochs 1
+# -m kvit_pico_patch4_28" BENCH_DEVICE=cpu with a stub `nvidia-smi` on PATH.
+#   a: the gpu preset's 5-fold cv with all five folds sharing the GPU, submit and score, under bf16
+#      and then --amp fp16, with nvidia-smi utilisation sampled through each cv.
+#   b: `kaggle-vit bench --device cuda --preset gpu` (bare compiled step, the cv loop, their ratio,
+#      NVML utilisation), then 4 folds x 4 epochs with 1, 2 and 4 folds sharing the GPU.
 set -u
+PART=${1:?which part: a or b}
 T0=$(date +%s)
 L=$OUT/steps.log
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a $L; }
-el() { python3 -c "print(round($(date +%s.%N) - $1, 1))"; }
-util() { kill $SMI; python3 -c "
-v=[int(l) for l in open('$OUT/smi.csv') if l.strip().isdigit()]
-print('  nvidia-smi utilization: mean %.0f%% over %d samples (0.5 s), mean while busy %.0f%%' % (sum(v)/max(1,len(v)), len(v), sum(x for x in v if x)/max(1,len([x for x in v if x]))))" | tee -a $L; }
-smi() { nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > $OUT/smi.csv & SMI=$!; }
-stamp setup
-python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl > /dev/null 2>&1
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --target .site . > /dev/null 2>&1
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$L"; }
+since() { python3 -c "print(round($(date +%s.%N) - $1, 1))"; }
+smi_start() { nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > "$OUT/smi.csv" & SMI=$!; }
+smi_stop() {  # mean utilisation over the samples, and over the busy ones (start-up is mostly idle)
+  kill "$SMI"; python3 -c "
+v = [int(l) for l in open('$OUT/smi.csv') if l.strip().isdigit()]
+busy = [x for x in v if x]
+print('  nvidia-smi utilisation: mean %.0f%% over %d samples of 0.5 s; %.0f%% over the %d busy ones'
+      % (sum(v) / max(1, len(v)), len(v), sum(busy) / max(1, len(busy)), len(busy)))" | tee -a "$L"; }
+
+stamp "setup (part $PART)"
+[ -d .site/albumentations ] || python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl > /dev/null 2>&1
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target .site . > /dev/null 2>&1
 export PYTHONPATH=$PWD/.site PATH=$PWD/.site/bin:$PATH KAGGLE_VIT_CACHE=$PWD/.gpu NO_ALBUMENTATIONS_UPDATE=1
-nvidia-smi -L >> $L; nproc >> $L
-mkdir -p w && cd w
-timeout 60 kaggle-vit data digit-recognizer --offline > /dev/null 2>&1
-stamp bench-reduce-overhead
-timeout 150 kaggle-vit bench --device cuda --preset gpu --compile-mode reduce-overhead --rounds 2 > $OUT/bench_ro.log 2>&1; echo "rc $?" >> $OUT/bench_ro.log
-stamp cv-jobs5; smi; S=$(date +%s.%N)
-timeout 200 kaggle-vit cv --folds 5 --preset gpu --jobs 5 --quiet --run-dir runs/j5 > $OUT/cv_j5.log 2>&1; echo "rc $?" >> $OUT/cv_j5.log
-C=$(el $S); S2=$(date +%s.%N); timeout 60 kaggle-vit submit runs/j5 >> $OUT/cv_j5.log 2>&1; echo "cv $C s, submit $(el $S2) s" | tee -a $L; util
-kaggle-vit score submission.csv >> $OUT/cv_j5.log 2>&1; tail -2 $OUT/cv_j5.log >> $L
-stamp fold1-reduce-overhead; smi; S=$(date +%s.%N)
-timeout 120 kaggle-vit cv --folds 5 --fold 1 --preset gpu --compile-mode reduce-overhead --jobs 1 --quiet --run-dir runs/ro > $OUT/ro.log 2>&1; echo "rc $?" >> $OUT/ro.log
-echo "fold 1, CUDA graphs: $(el $S) s" | tee -a $L; util
-for J in 2 4; do
-  stamp jobs$J; smi; S=$(date +%s.%N)
-  timeout 100 kaggle-vit cv --folds 5 --fold 1,2,3,4 --epochs 4 --preset gpu --jobs $J --quiet --run-dir runs/jobs$J > $OUT/jobs$J.log 2>&1
-  echo "jobs $J: 4 folds x 4 epochs $(el $S) s (rc $?)" | tee -a $L; util
-  grep -h images_per_s runs/jobs$J/fold*/result.json | tr -d '\n' >> $L; echo >> $L
-done
-echo "bf16 fold 1 history (jobs 5 run):" >> $L; cut -d, -f1,4,5,8 runs/j5/fold1/history.csv | tail -4 >> $L
+{ git log -1 --format='commit %h' 2>/dev/null; nvidia-smi -L; echo "cores $(nproc)"
+  python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"; } >> "$L"
+mkdir -p .gpuwork && cd .gpuwork
+[ -f data/digit-recognizer/train.csv ] || timeout 90 kaggle-vit data digit-recognizer --offline > /dev/null 2>&1
+stamp "data ready (rc $?)"
+
+cv_submit() {  # cv_submit NAME [cv options]: the gpu preset's 5 folds at once, then submit and score
+  local name=$1; shift
+  stamp "cv $name"; smi_start; local start=$(date +%s.%N)
+  timeout 240 kaggle-vit cv --folds 5 --preset gpu --jobs 5 --quiet --run-dir "runs/$name" "$@" ${CHECK_ARGS:-} \
+    > "$OUT/$name.log" 2>&1
+  local rc=$? cv=$(since "$start"); smi_stop; start=$(date +%s.%N)
+  timeout 60 kaggle-vit submit "runs/$name" --output "sub_$name.csv" >> "$OUT/$name.log" 2>&1
+  echo "  $name: cv $cv s (rc $rc), submit $(since "$start") s" | tee -a "$L"
+  timeout 60 kaggle-vit score "sub_$name.csv" --run-dir "runs/$name" >> "$OUT/$name.log" 2>&1
+  grep -h "OOF accuracy\|held-out\|accuracy" "$OUT/$name.log" | tail -3 >> "$L"
+  grep -h '"images_per_s"\|"amp"\|"train_seconds"' "runs/$name"/fold*/result.json 2>/dev/null | tr -d ' \n' >> "$L"; echo >> "$L"
+}
+
+if [ "$PART" = a ]; then
+  cv_submit bf16
+  cv_submit fp16 --amp fp16
+elif [ "$PART" = b ]; then
+  stamp bench; smi_start
+  timeout 180 kaggle-vit bench --device ${BENCH_DEVICE:-cuda} --preset gpu --rounds 3 > "$OUT/bench.log" 2>&1; echo "  bench rc $?" >> "$L"; smi_stop
+  tail -25 "$OUT/bench.log" >> "$L"
+  for J in 1 2 4; do
+    stamp "jobs $J"; smi_start; S=$(date +%s.%N)
+    timeout 110 kaggle-vit cv --folds 5 --fold 1,2,3,4 --epochs 4 --preset gpu --jobs $J --quiet --run-dir "runs/jobs$J" \
+      ${CHECK_ARGS:-} > "$OUT/jobs$J.log" 2>&1
+    RC=$?; echo "  $J at once: 4 folds x 4 epochs in $(since "$S") s (rc $RC)" | tee -a "$L"; smi_stop
+    grep -h '"images_per_s"' "runs/jobs$J"/fold*/result.json 2>/dev/null | tr -d ' \n' >> "$L"; echo >> "$L"
+  done
+fi
 stamp done

@@ -19,7 +19,7 @@ import pandas as pd
 from . import __version__
 from .competition import CompetitionSpec
 from .config import TrainConfig, load_toml, save_config, to_toml
-from .data import CompetitionData, load_or_make_folds, make_folds, save_folds
+from .data import CompetitionData, save_folds, split_folds
 from .engine import NoProgress, Progress
 from .errors import Interrupted, KaggleVitError
 from .io import atomic_path, read_json, write_json
@@ -176,14 +176,14 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     if bad:
         raise KaggleVitError(f"--fold {bad[0]}: folds are numbered 1..{cfg.folds}")
     shared = shared_folds(runs_root or run_dir.parent, cfg.folds, cfg.seed)
-    if cfg.pseudo:  # before anything is written, against the split load_or_make_folds gives below
-        split = (load_or_make_folds(shared, data.train.labels, cfg.folds, cfg.seed) if shared.exists()
-                 else make_folds(data.train.labels, cfg.folds, cfg.seed))
-        check_source(Path(cfg.pseudo), split, len(data.test.images))
+    folds, new_split = split_folds(shared, data.train.labels, cfg.folds, cfg.seed)  # saved once the checks pass
+    if cfg.pseudo:
+        check_source(Path(cfg.pseudo), folds, len(data.test.images))
     _check_writable(run_dir)
     _prepare_run_dir(run_dir, cfg, spec)
     run = RunDir(run_dir)
-    folds = load_or_make_folds(shared, data.train.labels, cfg.folds, cfg.seed)
+    if new_split:
+        save_folds(shared, folds, data.train.labels)
     if not run.folds.exists():
         save_folds(run.folds, folds, data.train.labels)
     trained = [k for k in wanted if not _finished(run_dir, k)]

@@ -317,14 +317,21 @@ def _read_folds(path: Path) -> pd.DataFrame | None:
         return None
 
 
-def load_or_make_folds(path: Path, labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Reuse saved folds when they match the data; otherwise make and save them."""
+def split_folds(path: Path, labels: np.ndarray, n_folds: int, seed: int) -> tuple[np.ndarray, bool]:
+    """The split saved at `path` when it matches the data, else a new one, and whether it is new
+    (still to be saved): a caller can check what depends on the split before writing anything."""
     frame = _read_folds(path) if path.exists() else None
     if frame is not None:
         same = len(frame) == len(labels) and np.array_equal(frame["label"].to_numpy(), labels)
         if same and frame["fold"].max() == n_folds:
-            return frame["fold"].to_numpy(np.int64)
+            return frame["fold"].to_numpy(np.int64), False
         raise KaggleVitError(f"{path}: saved folds do not match the data or --folds {n_folds}; delete it to re-split")
-    folds = make_folds(labels, n_folds, seed)
-    save_folds(path, folds, labels)
+    return make_folds(labels, n_folds, seed), True
+
+
+def load_or_make_folds(path: Path, labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Reuse saved folds when they match the data; otherwise make and save them."""
+    folds, new = split_folds(path, labels, n_folds, seed)
+    if new:
+        save_folds(path, folds, labels)
     return folds

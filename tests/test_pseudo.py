@@ -69,7 +69,7 @@ def test_a_source_that_cannot_label_this_run_is_one_line_before_anything_is_writ
         cfg = dataclasses.replace(TINY, pseudo=str(path), seed=7 if name == "other folds" else TINY.seed)
         with pytest.raises(KaggleVitError, match=message):
             run_cv(cfg, data, tmp_path / name)
-        assert not (tmp_path / name).exists()
+        assert not (tmp_path / name).exists() and not list(tmp_path.glob("folds-*.csv"))  # nor the shared split
     unfinished = tmp_path / "unfinished"
     shutil.copytree(source, unfinished)
     (unfinished / "fold2" / "result.json").unlink()
