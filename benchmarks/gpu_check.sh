@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 15's GPU checks for the `device` tool, in parts that each end inside one 600 s call (every
-# step has its own timeout; a step cut short writes "rc 124" and the part goes on). First run
-# `bash benchmarks/gpu_prepare.sh` here, then call the tool with carry [".whl", ".gpu"] and
+# step has its own timeout, shortened as the 580 s mark nears; a step cut short writes "rc 124" and
+# the part goes on). First run `bash benchmarks/gpu_prepare.sh` here, then call the tool with
+# carry [".whl", ".gpu"] and
 #   bash benchmarks/gpu_check.sh a      (timeout_s 590)
 # and, if device time is left, `... b`. Logs come back in $OUT (steps.log first; under 8 files).
 # A dry run of the plumbing on a CPU: OUT=/tmp/out CHECK_ARGS="--device cpu --no-compile --epochs 1
@@ -15,6 +16,8 @@ PART=${1:?which part: a or b}
 T0=$(date +%s)
 L=$OUT/steps.log
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$L"; }
+cap() {  # cap N RESERVE: N seconds, or less so that RESERVE seconds stay before the 580 s mark
+  local left=$(( 580 - ($(date +%s) - T0) - $2 )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 since() { python3 -c "print(round($(date +%s.%N) - $1, 1))"; }
 smi_start() { nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > "$OUT/smi.csv" & SMI=$!; }
 smi_stop() {  # mean utilisation over the samples, and over the busy ones (start-up is mostly idle)
@@ -37,12 +40,12 @@ stamp "data ready (rc $?)"
 cv_submit() {  # cv_submit NAME [cv options]: the gpu preset's 5 folds at once, then submit and score
   local name=$1; shift
   stamp "cv $name"; smi_start; local start=$(date +%s.%N)
-  timeout 240 kaggle-vit cv --folds 5 --preset gpu --jobs 5 --quiet --run-dir "runs/$name" "$@" ${CHECK_ARGS:-} \
+  timeout "$(cap 240 50)" kaggle-vit cv --folds 5 --preset gpu --jobs 5 --quiet --run-dir "runs/$name" "$@" ${CHECK_ARGS:-} \
     > "$OUT/$name.log" 2>&1
   local rc=$? cv=$(since "$start"); smi_stop; start=$(date +%s.%N)
-  timeout 60 kaggle-vit submit "runs/$name" --output "sub_$name.csv" >> "$OUT/$name.log" 2>&1
+  timeout "$(cap 30 20)" kaggle-vit submit "runs/$name" --output "sub_$name.csv" >> "$OUT/$name.log" 2>&1
   echo "  $name: cv $cv s (rc $rc), submit $(since "$start") s" | tee -a "$L"
-  timeout 60 kaggle-vit score "sub_$name.csv" --run-dir "runs/$name" >> "$OUT/$name.log" 2>&1
+  timeout "$(cap 30 0)" kaggle-vit score "sub_$name.csv" --run-dir "runs/$name" >> "$OUT/$name.log" 2>&1
   grep -h "OOF accuracy\|held-out\|accuracy" "$OUT/$name.log" | tail -3 >> "$L"
   grep -h '"images_per_s"\|"amp"\|"train_seconds"' "runs/$name"/fold*/result.json 2>/dev/null | tr -d ' \n' >> "$L"; echo >> "$L"
 }
@@ -52,11 +55,11 @@ if [ "$PART" = a ]; then
   cv_submit fp16 --amp fp16
 elif [ "$PART" = b ]; then
   stamp bench; smi_start
-  timeout 180 kaggle-vit bench --device ${BENCH_DEVICE:-cuda} --preset gpu --rounds 3 > "$OUT/bench.log" 2>&1; echo "  bench rc $?" >> "$L"; smi_stop
+  timeout "$(cap 180 0)" kaggle-vit bench --device ${BENCH_DEVICE:-cuda} --preset gpu --rounds 3 > "$OUT/bench.log" 2>&1; echo "  bench rc $?" >> "$L"; smi_stop
   tail -25 "$OUT/bench.log" >> "$L"
   for J in 1 2 4; do
     stamp "jobs $J"; smi_start; S=$(date +%s.%N)
-    timeout 110 kaggle-vit cv --folds 5 --fold 1,2,3,4 --epochs 4 --preset gpu --jobs $J --quiet --run-dir "runs/jobs$J" \
+    timeout "$(cap 110 0)" kaggle-vit cv --folds 5 --fold 1,2,3,4 --epochs 4 --preset gpu --jobs $J --quiet --run-dir "runs/jobs$J" \
       ${CHECK_ARGS:-} > "$OUT/jobs$J.log" 2>&1
     RC=$?; echo "  $J at once: 4 folds x 4 epochs in $(since "$S") s (rc $RC)" | tee -a "$L"; smi_stop
     grep -h '"images_per_s"' "runs/jobs$J"/fold*/result.json 2>/dev/null | tr -d ' \n' >> "$L"; echo >> "$L"
