@@ -46,7 +46,7 @@ cv_submit() {  # cv_submit NAME [cv options]: the gpu preset's 5 folds at once, 
   timeout "$(cap 30 20)" kaggle-vit submit "runs/$name" --output "sub_$name.csv" >> "$OUT/$name.log" 2>&1
   echo "  $name: cv $cv s (rc $rc), submit $(since "$start") s" | tee -a "$L"
   timeout "$(cap 30 0)" kaggle-vit score "sub_$name.csv" --run-dir "runs/$name" >> "$OUT/$name.log" 2>&1
-  grep -h "OOF accuracy\|held-out\|accuracy" "$OUT/$name.log" | tail -3 >> "$L"
+  grep -h accuracy "$OUT/$name.log" | tail -3 >> "$L"
   grep -h '"images_per_s"\|"amp"\|"train_seconds"' "runs/$name"/fold*/result.json 2>/dev/null | tr -d ' \n' >> "$L"; echo >> "$L"
 }
 
