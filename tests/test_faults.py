@@ -374,11 +374,16 @@ def _cv_command(cfg: Path, data: Path, run: Path) -> list[str]:
             "--run-dir", str(run)]
 
 
-def _wait_for(path_test, proc, limit: float = 240) -> None:
-    deadline = time.time() + limit
-    while not path_test() and proc.poll() is None and time.time() < deadline:
+def _wait_for(path_test, proc, limit: float = 240, log: Path | None = None) -> None:
+    """Poll until `path_test()` holds; on failure, say whether the process had exited and show its log.
+    The deadline is monotonic: a wall clock stepped forward (NTP on a fresh CI machine) must not end it."""
+    started = time.monotonic()
+    while not path_test() and proc.poll() is None and time.monotonic() - started < limit:
         time.sleep(0.02)
-    assert path_test(), "the run never got there"
+    if not path_test():
+        tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+        pytest.fail(f"the run never got there: exit status {proc.poll()} after {time.monotonic() - started:.1f} s "
+                    f"(limit {limit} s)\n{tail}")
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
@@ -492,9 +497,11 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(tmp_path, s
     data = tmp_path / "data"
     shutil.copytree(reference_data, data, ignore=shutil.ignore_patterns("*.kvcache.npz"))
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cv_command(cfg, data, run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    _wait_for(_kill_points(data, run)[point], proc)
+    log = tmp_path / "killed-run.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(_cv_command(cfg, data, run), stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    _wait_for(_kill_points(data, run)[point], proc, log=log)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     if point == "writing predictions":

@@ -170,8 +170,8 @@ def test_two_workers_share_a_postgres_study_and_survive_a_kill(setup, postgres_u
     victim = subprocess.Popen([*cmd, "--trials", "50"], cwd=setup, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     other = subprocess.Popen([*cmd, "--trials", "3"], cwd=setup, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline, running = time.time() + 120, []
-    while not running and time.time() < deadline:
+    deadline, running = time.monotonic() + 120, []
+    while not running and time.monotonic() < deadline:
         time.sleep(0.2)
         mine = [t for t in optuna.load_study(study_name="shared", storage=url).trials
                 if t.state == optuna.trial.TrialState.RUNNING and t.number >= 6]
