@@ -375,15 +375,17 @@ def _cv_command(cfg: Path, data: Path, run: Path) -> list[str]:
 
 
 def _wait_for(path_test, proc, limit: float = 240, log: Path | None = None) -> None:
-    """Poll until `path_test()` holds; on failure, say whether the process had exited and show its log.
+    """Poll until `path_test()` holds; on failure, say whether the process had exited, how much disk
+    was free (a full disk silently skips the disposable data cache) and what the process printed.
     The deadline is monotonic: a wall clock stepped forward (NTP on a fresh CI machine) must not end it."""
     started = time.monotonic()
     while not path_test() and proc.poll() is None and time.monotonic() - started < limit:
         time.sleep(0.02)
     if not path_test():
         tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+        free = shutil.disk_usage(log.parent if log is not None else ".").free / 2**20
         pytest.fail(f"the run never got there: exit status {proc.poll()} after {time.monotonic() - started:.1f} s "
-                    f"(limit {limit} s)\n{tail}")
+                    f"(limit {limit} s), {free:.0f} MiB free\n{tail}")
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
