@@ -26,6 +26,7 @@ from kaggle_vit.dataset import ImageDataset, resolve_data_config
 from kaggle_vit.device import inference_amp, select_device
 from kaggle_vit.engine import fit, predict_probs, seed_everything
 from kaggle_vit.models import create_model
+from kaggle_vit.rundir import shared_folds
 from kaggle_vit.submit import read_solution
 
 
@@ -37,7 +38,7 @@ def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: 
     spec = load_spec(cfg.competition)
     data = load_competition(spec, data_dir)
     runs.mkdir(parents=True, exist_ok=True)
-    folds = load_or_make_folds(runs / f"folds-k{cfg.folds}-seed{cfg.seed}.csv", data.train.labels, cfg.folds, cfg.seed)
+    folds = load_or_make_folds(shared_folds(runs, cfg.folds, cfg.seed), data.train.labels, cfg.folds, cfg.seed)
     tr, va = np.flatnonzero(folds != 1), np.flatnonzero(folds == 1)
     tr = tr[:subset] if subset else tr
     seed_everything(cfg.seed + 1)  # as `kaggle-vit cv` seeds fold 1 before building its model
