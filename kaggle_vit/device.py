@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 
 from .errors import KaggleVitError
+from .notices import notice
+
+# torch.compile's GPU code generator (Triton) needs CUDA capability 7.0 or newer: not a P100 (6.0).
+TRITON_MIN_CAPABILITY = (7, 0)
 
 
 def select_device(name: str) -> torch.device:
@@ -32,18 +36,44 @@ class Amp:
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "off")
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 in hardware: CUDA capability 8.0 or newer (A100, H100), or
+    ROCm. Not `torch.cuda.is_bf16_supported()`, which also says yes where bf16 is only emulated,
+    slowly (T4, P100), because a bf16 tensor can be created there."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def amp_for(mode: str, device: torch.device, bf16_supported: bool | None = None) -> Amp:
-    """auto: bf16 on CUDA that supports it; fp16 with a GradScaler on CUDA that has no bf16 (T4,
+    """auto: bf16 on CUDA that computes in it; fp16 with a GradScaler on CUDA that does not (T4,
     P100), whose attention softmax stays in float32 (fused kernels, and `models.vit.Attention`);
     off on a CPU (slower there). `bf16_supported` overrides asking the device (for tests)."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return Amp(None, False)
     if mode == "auto":
         if bf16_supported is None:
-            bf16_supported = torch.cuda.is_bf16_supported()
+            bf16_supported = has_native_bf16(device)
         mode = "bf16" if bf16_supported else "fp16"
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     return Amp(dtype, dtype == torch.float16 and device.type == "cuda")
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether `torch.compile` can generate code for `device`: any CPU, and CUDA GPUs that Triton
+    supports. Kaggle's P100 is older, and compiling there fails at the first step."""
+    if device.type != "cuda":
+        return True
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= TRITON_MIN_CAPABILITY:
+        return True
+    _notice_eager(torch.cuda.get_device_name(device), capability)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _notice_eager(name: str, capability: tuple[int, int]) -> None:
+    """Say once per process and GPU kind that compilation was asked for and skipped."""
+    notice(f"--compile skipped: {name} has CUDA capability {capability[0]}.{capability[1]}, and torch.compile "
+           f"(Triton) needs {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]} or newer; the model runs eager")
 
 
 @functools.lru_cache(maxsize=1)

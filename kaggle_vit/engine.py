@@ -22,7 +22,7 @@ from .augment import tta_views
 from .batches import DeviceBatches, HostBatches, skip_easy_rows, skips_rows, train_batches
 from .config import TrainConfig
 from .dataset import ImageDataset
-from .device import Amp, amp_for, autocast, inference_amp, select_device
+from .device import Amp, amp_for, autocast, can_compile, inference_amp, select_device
 from .errors import KaggleVitError
 from .io import atomic_path
 from .metrics import Metric, get_metric
@@ -93,11 +93,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def maybe_compile(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """`torch.compile(model)` when cfg.compile, else the model itself. On the 2-core CPU, compiled
-    inference ran 1.6x and training 1.07x the eager images/s (README); the compiled code is cached,
-    so later folds of a run reuse it."""
-    return torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+def maybe_compile(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """`torch.compile(model)` when cfg.compile and `device` can compile, else the model itself. On
+    the 2-core CPU, compiled inference ran 1.6x and training 1.07x the eager images/s (README); the
+    compiled code is cached, so later folds of a run reuse it."""
+    return torch.compile(model, mode=cfg.compile_mode) if cfg.compile and can_compile(device) else model
 
 
 def _batches(dataset: ImageDataset, batch_size: int, device: torch.device, pad: bool):
@@ -263,7 +263,7 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, rows:
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
     row_loss = torch.zeros(rows, device=device) if cfg.skip_easy and rows else None
-    return Trainer(model, maybe_compile(model, cfg), opt, sched, scaler, amp, device, cfg, make_ema(model, cfg.ema),
+    return Trainer(model, maybe_compile(model, cfg, device), opt, sched, scaler, amp, device, cfg, make_ema(model, cfg.ema),
                    row_loss)
 
 
@@ -378,7 +378,7 @@ def fit(
     valid = _on_device(valid, batches, device)
     t = make_trainer(model, cfg, max(1, len(batches)), rows=len(train))
     st = _State() if resume is None else _restore(resume, t)
-    eval_forward = t.forward if t.ema is None else maybe_compile(t.ema.module, cfg)
+    eval_forward = t.forward if t.ema is None else maybe_compile(t.ema.module, cfg, device)
     last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     while st.epoch < last:
         epoch = st.epoch + 1

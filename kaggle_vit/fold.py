@@ -46,7 +46,7 @@ def _predict(model, result: FitResult, cfg: TrainConfig, data_config, valid_imag
     probabilities are written to the fold's folder. Returns the validation probabilities and the view count."""
     device = select_device(cfg.device)
     model.load_state_dict(result.best_state)
-    predictor, amp = maybe_compile(model, cfg), inference_amp(cfg.amp, device)
+    predictor, amp = maybe_compile(model, cfg, device), inference_amp(cfg.amp, device)
     valid_probs = predict_probs(predictor, ImageDataset(valid_images, data_config=data_config), device, amp,
                                 cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode,
                                 plain=result.valid_probs)

@@ -9,7 +9,7 @@ from kaggle_vit.data import load_competition
 from kaggle_vit.dataset import DataConfig, ImageDataset
 from kaggle_vit.augment import shift, tta_shifts
 from kaggle_vit.device import amp_for
-from kaggle_vit.engine import fit, make_optimizer, make_scheduler, predict_logits, predict_probs, read_state, validates
+from kaggle_vit.engine import fit, make_optimizer, maybe_compile, make_scheduler, predict_logits, predict_probs, read_state, validates
 
 TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=32,
                    lr=2e-3, aug="rotate", num_workers=0, device="cpu")
@@ -195,9 +195,31 @@ def test_amp_policy_uses_fp16_with_a_scaler_where_there_is_no_bf16(monkeypatch):
     cuda = torch.device("cuda")
     assert (amp_for("auto", cuda, bf16_supported=False).name, amp_for("auto", cuda, bf16_supported=False).scaler) == ("fp16", True)
     assert (amp_for("auto", cuda, bf16_supported=True).name, amp_for("auto", cuda, bf16_supported=True).scaler) == ("bf16", False)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4 or P100, as the device reports it
-    assert amp_for("auto", cuda).name == "fp16" and amp_for("fp16", cuda).scaler
+    # A T4 (7.5): torch.cuda.is_bf16_supported() says yes there (bf16 emulated, slowly); the policy asks the capability.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    assert amp_for("auto", cuda).name == "fp16" and amp_for("auto", cuda).scaler and amp_for("fp16", cuda).scaler
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))  # an H100
+    assert (amp_for("auto", cuda).name, amp_for("auto", cuda).scaler) == ("bf16", False)
     assert amp_for("bf16", cuda).name == "bf16" and amp_for("auto", torch.device("cpu")).name == "off"
+
+
+def test_compile_is_skipped_with_one_notice_on_a_gpu_triton_cannot_compile_for(monkeypatch, caplog):
+    """A Kaggle P100 (capability 6.0) would fail at the first compiled step: it runs eager, and says so."""
+    from kaggle_vit import device as device_module
+
+    model, cfg, cuda = torch.nn.Linear(2, 2), dataclasses.replace(TrainConfig(), compile=True), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (6, 0))
+    device_module._notice_eager.cache_clear()
+    with caplog.at_level("WARNING", logger="kaggle_vit"):
+        assert maybe_compile(model, cfg, cuda) is model and maybe_compile(model, cfg, cuda) is model
+    assert [r.getMessage() for r in caplog.records] == [
+        "--compile skipped: Tesla P100-PCIE-16GB has CUDA capability 6.0, and torch.compile (Triton) needs 7.0 "
+        "or newer; the model runs eager"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))  # a T4
+    assert isinstance(maybe_compile(model, cfg, cuda), torch._dynamo.eval_frame.OptimizedModule)
+    assert maybe_compile(model, dataclasses.replace(cfg, compile=False), cuda) is model
 
 
 def test_attention_weights_stay_finite_where_fp16_scores_overflow():
