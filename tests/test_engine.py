@@ -204,6 +204,34 @@ def test_amp_policy_uses_fp16_with_a_scaler_where_there_is_no_bf16(monkeypatch):
     assert amp_for("bf16", cuda).name == "bf16" and amp_for("auto", torch.device("cpu")).name == "off"
 
 
+def test_the_fp16_step_skips_overflowing_steps_and_backs_off_then_trains(small_comp, small_spec):
+    """The T4/P100 step (fp16 autocast, GradScaler), run on the CPU's autocast and scaler: at a loss scale
+    whose gradients overflow fp16, steps leave the weights alone and halve the scale; at 2^16 they train."""
+    from kaggle_vit.device import Amp
+    from kaggle_vit.engine import NoProgress, make_trainer, train_one_epoch
+
+    d = load_competition(small_spec, small_comp)
+    batch = [(DataConfig((1, 28, 28)).prepare(torch.from_numpy(d.train.images[:64])), torch.as_tensor(d.train.labels[:64]), None)]
+    cfg = dataclasses.replace(TINY, amp="fp16", warmup_epochs=0, epochs=1)
+
+    def run(init_scale: float, steps: int) -> tuple[list[float], list[float], list[float]]:
+        model = _model(cfg)
+        t = dataclasses.replace(make_trainer(model, cfg, steps_per_epoch=steps), amp=Amp(torch.float16, True),
+                                scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+        losses, scales, moved = [], [], []
+        for _ in range(steps):
+            before = [p.detach().clone() for p in model.parameters()]
+            losses.append(train_one_epoch(t, batch, 1, NoProgress())["train_loss"])
+            scales.append(t.scaler.get_scale())
+            moved.append(max((p.detach() - b).abs().max().item() for p, b in zip(model.parameters(), before)))
+        return losses, scales, moved
+
+    losses, scales, moved = run(2.0**30, 3)
+    assert moved == [0.0, 0.0, 0.0] and scales == [2.0**29, 2.0**28, 2.0**27] and len(set(losses)) == 1
+    losses, scales, moved = run(2.0**16, 4)
+    assert min(moved) > 0 and scales == [2.0**16] * 4 and losses[-1] < losses[0]
+
+
 def test_compile_is_skipped_with_one_notice_on_a_gpu_triton_cannot_compile_for(monkeypatch, caplog):
     """A Kaggle P100 (capability 6.0) would fail at the first compiled step: it runs eager, and says so."""
     from kaggle_vit import device as device_module
