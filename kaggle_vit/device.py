@@ -59,7 +59,8 @@ def amp_for(mode: str, device: torch.device, bf16_supported: bool | None = None)
 
 def can_compile(device: torch.device) -> bool:
     """Whether `torch.compile` can generate code for `device`: any CPU, and CUDA GPUs that Triton
-    supports. Kaggle's P100 is older, and compiling there fails at the first step."""
+    supports. Kaggle's P100 is older, and compiling there fails at the first step; where it cannot,
+    this says once that the model runs eager (callers asked for compilation)."""
     if device.type != "cuda":
         return True
     capability = torch.cuda.get_device_capability(device)

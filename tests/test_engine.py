@@ -8,8 +8,10 @@ from kaggle_vit.config import TrainConfig
 from kaggle_vit.data import load_competition
 from kaggle_vit.dataset import DataConfig, ImageDataset
 from kaggle_vit.augment import shift, tta_shifts
-from kaggle_vit.device import amp_for
-from kaggle_vit.engine import fit, make_optimizer, maybe_compile, make_scheduler, predict_logits, predict_probs, read_state, validates
+from kaggle_vit import device as device_module
+from kaggle_vit.device import Amp, amp_for
+from kaggle_vit.engine import (NoProgress, fit, make_optimizer, make_scheduler, make_trainer, maybe_compile, predict_logits,
+                               predict_probs, read_state, train_one_epoch, validates)
 
 TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=32,
                    lr=2e-3, aug="rotate", num_workers=0, device="cpu")
@@ -207,9 +209,6 @@ def test_amp_policy_uses_fp16_with_a_scaler_where_there_is_no_bf16(monkeypatch):
 def test_the_fp16_step_skips_overflowing_steps_and_backs_off_then_trains(small_comp, small_spec):
     """The T4/P100 step (fp16 autocast, GradScaler), run on the CPU's autocast and scaler: at a loss scale
     whose gradients overflow fp16, steps leave the weights alone and halve the scale; at 2^16 they train."""
-    from kaggle_vit.device import Amp
-    from kaggle_vit.engine import NoProgress, make_trainer, train_one_epoch
-
     d = load_competition(small_spec, small_comp)
     batch = [(DataConfig((1, 28, 28)).prepare(torch.from_numpy(d.train.images[:64])), torch.as_tensor(d.train.labels[:64]), None)]
     cfg = dataclasses.replace(TINY, amp="fp16", warmup_epochs=0, epochs=1)
@@ -234,8 +233,6 @@ def test_the_fp16_step_skips_overflowing_steps_and_backs_off_then_trains(small_c
 
 def test_compile_is_skipped_with_one_notice_on_a_gpu_triton_cannot_compile_for(monkeypatch, caplog):
     """A Kaggle P100 (capability 6.0) would fail at the first compiled step: it runs eager, and says so."""
-    from kaggle_vit import device as device_module
-
     model, cfg, cuda = torch.nn.Linear(2, 2), dataclasses.replace(TrainConfig(), compile=True), torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla P100-PCIE-16GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (6, 0))
