@@ -8,7 +8,8 @@
 # A dry run of the plumbing on a CPU: OUT=/tmp/out CHECK_ARGS="--device cpu --no-compile --epochs 1
 # -m kvit_pico_patch4_28" BENCH_DEVICE=cpu with a stub `nvidia-smi` on PATH.
 #   a: the gpu preset's 5-fold cv with all five folds sharing the GPU, submit and score, under bf16
-#      and then --amp fp16, with nvidia-smi utilisation sampled through each cv.
+#      and then --amp fp16, with nvidia-smi utilisation sampled through each cv and each fold's
+#      first epoch (start-up, compiling) against its later ones.
 #   b: `kaggle-vit bench --device cuda --preset gpu` (bare compiled step, the cv loop, their ratio,
 #      NVML utilisation), then 4 folds x 4 epochs with 1, 2 and 4 folds sharing the GPU.
 set -u
@@ -37,6 +38,18 @@ mkdir -p .gpuwork && cd .gpuwork
 [ -f data/digit-recognizer/train.csv ] || timeout 90 kaggle-vit data digit-recognizer --offline > /dev/null 2>&1
 stamp "data ready (rc $?)"
 
+epoch_one() {  # each fold's first epoch (start-up and compiling) against its median later epoch, in s
+  python3 - "$1" <<'PY' | tee -a "$L"
+import csv, statistics, sys
+from pathlib import Path
+for h in sorted(Path(sys.argv[1]).glob("fold*/history.csv")):
+    s = [float(r["seconds"]) for r in csv.DictReader(h.open())]
+    later = f"later epochs {statistics.median(s[1:]):.1f} s (median of {len(s) - 1})" if s[1:] else "no later epoch"
+    if s:
+        print(f"  {h.parent.name}: epoch 1 {s[0]:.1f} s, {later}")
+PY
+}
+
 cv_submit() {  # cv_submit NAME [cv options]: the gpu preset's 5 folds at once, then submit and score
   local name=$1; shift
   stamp "cv $name"; smi_start; local start=$(date +%s.%N)
@@ -48,6 +61,7 @@ cv_submit() {  # cv_submit NAME [cv options]: the gpu preset's 5 folds at once, 
   timeout "$(cap 30 0)" kaggle-vit score "sub_$name.csv" --run-dir "runs/$name" >> "$OUT/$name.log" 2>&1
   grep -h accuracy "$OUT/$name.log" | tail -3 >> "$L"
   grep -h '"images_per_s"\|"amp"\|"train_seconds"' "runs/$name"/fold*/result.json 2>/dev/null | tr -d ' \n' >> "$L"; echo >> "$L"
+  epoch_one "runs/$name"
 }
 
 if [ "$PART" = a ]; then
@@ -63,6 +77,7 @@ elif [ "$PART" = b ]; then
       ${CHECK_ARGS:-} > "$OUT/jobs$J.log" 2>&1
     RC=$?; echo "  $J at once: 4 folds x 4 epochs in $(since "$S") s (rc $RC)" | tee -a "$L"; smi_stop
     grep -h '"images_per_s"' "runs/jobs$J"/fold*/result.json 2>/dev/null | tr -d ' \n' >> "$L"; echo >> "$L"
+    epoch_one "runs/jobs$J"
   done
 fi
 stamp done
