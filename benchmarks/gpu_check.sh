@@ -44,9 +44,10 @@ import csv, statistics, sys
 from pathlib import Path
 for h in sorted(Path(sys.argv[1]).glob("fold*/history.csv")):
     s = [float(r["seconds"]) for r in csv.DictReader(h.open())]
+    if not s:
+        continue
     later = f"later epochs {statistics.median(s[1:]):.1f} s (median of {len(s) - 1})" if s[1:] else "no later epoch"
-    if s:
-        print(f"  {h.parent.name}: epoch 1 {s[0]:.1f} s, {later}")
+    print(f"  {h.parent.name}: epoch 1 {s[0]:.1f} s, {later}")
 PY
 }
 
