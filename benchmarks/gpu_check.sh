@@ -7,7 +7,8 @@
 # and, if device time is left, `... b`. Logs come back in $OUT (steps.log first; under 8 files).
 # A dry run of the plumbing on a CPU: OUT=/tmp/out CHECK_ARGS="--device cpu --no-compile --epochs 1
 # -m kvit_pico_patch4_28" BENCH_DEVICE=cpu with a stub `nvidia-smi` on PATH.
-#   a: the gpu preset's 5-fold cv with all five folds sharing the GPU, submit and score, under bf16
+#   a: the gpu preset's 5-fold cv as a user runs it (on an H200, all five folds share the GPU, and
+#      the notice saying so is logged), submit and score, under bf16
 #      and then --amp fp16, with nvidia-smi utilisation sampled through each cv and each fold's
 #      first epoch (start-up, compiling) against its later ones.
 #   b: `kaggle-vit bench --device cuda --preset gpu` (bare compiled step, the cv loop, their ratio,
@@ -51,14 +52,15 @@ for h in sorted(Path(sys.argv[1]).glob("fold*/history.csv")):
 PY
 }
 
-cv_submit() {  # cv_submit NAME [cv options]: the gpu preset's 5 folds at once, then submit and score
+cv_submit() {  # cv_submit NAME [cv options]: the gpu preset's 5 folds as a user runs them (an H200: all at once), then submit and score
   local name=$1; shift
   stamp "cv $name"; smi_start; local start=$(date +%s.%N)
-  timeout "$(cap 240 50)" kaggle-vit cv --folds 5 --preset gpu --jobs 5 --quiet --run-dir "runs/$name" "$@" ${CHECK_ARGS:-} \
+  timeout "$(cap 240 50)" kaggle-vit cv --folds 5 --preset gpu --quiet --run-dir "runs/$name" "$@" ${CHECK_ARGS:-} \
     > "$OUT/$name.log" 2>&1
   local rc=$? cv=$(since "$start"); smi_stop; start=$(date +%s.%N)
   timeout "$(cap 30 20)" kaggle-vit submit "runs/$name" --output "sub_$name.csv" >> "$OUT/$name.log" 2>&1
   echo "  $name: cv $cv s (rc $rc), submit $(since "$start") s" | tee -a "$L"
+  grep -h "at once" "$OUT/$name.log" | head -1 >> "$L"
   timeout "$(cap 30 0)" kaggle-vit score "sub_$name.csv" --run-dir "runs/$name" >> "$OUT/$name.log" 2>&1
   grep -h accuracy "$OUT/$name.log" | tail -3 >> "$L"
   grep -h '"images_per_s"\|"amp"\|"train_seconds"' "runs/$name"/fold*/result.json 2>/dev/null | tr -d ' \n' >> "$L"; echo >> "$L"

@@ -199,7 +199,7 @@ def cv(
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default: spare cores).")] = None,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Folds trained at once (0: auto: one per GPU, 2 on a CPU).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Folds trained at once (0: auto: 2 on a CPU; one per GPU, or all the folds on a large GPU with small images).")] = None,
     devices: Annotated[Optional[str], typer.Option("--devices", help="GPUs the folds are spread over: all (default) or e.g. 0,1.")] = None,
     data_on_device: Annotated[Optional[str], typer.Option("--data-on-device", help="Training images kept and augmented on the GPU: auto (when they fit), on, off.")] = None,
     tta: Annotated[Optional[int], typer.Option("--tta", help="Test-time views for OOF and test predictions: 1 (off) to 9.")] = None,

@@ -63,7 +63,7 @@ class TrainConfig:
     devices: str = "all"  # GPUs the folds are spread over: all visible, or indices such as "0,1"
     data_on_device: str = "auto"  # training images on the GPU, augmented there: auto (when they fit) | on | off
     num_workers: int = -1  # -1: chosen from the CPU count
-    jobs: int = 0  # folds trained at once in worker processes; 0: 2 on a CPU with 2+ cores, else 1
+    jobs: int = 0  # folds trained at once in worker processes; 0: auto (workers.auto_jobs)
     eval_batch_size: int = 128  # faster than 256 on the 2-core EPYC with two fold workers (README, Training)
     tta: int = 3  # test-time views for the OOF and test predictions
     tta_mode: str = "shift"  # shift: one-pixel shifts (digits) | flip: mirror images and their shifts (photos)

@@ -165,9 +165,9 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
            progress: Progress | None = None, on_epoch=None, runs_root: Path | None = None,
            validate_only: bool = False) -> CVResult:
     """Train every fold not yet finished (or only `only_folds`), then write OOF scores and metrics.
-    Folds train `cfg.jobs` at a time in worker processes (`workers`), or in this process when one
-    at a time or when `on_epoch` (tune's pruning hook) must see every epoch. `validate_only` (a
-    tuning trial) skips the test predictions and test-time views."""
+    Folds train as many at a time as `workers.auto_jobs` picks, in worker processes (`workers`),
+    or in this process when one at a time or when `on_epoch` (tune's pruning hook) must see every
+    epoch. `validate_only` (a tuning trial) skips the test predictions and test-time views."""
     progress = _Tracked(progress or NoProgress())
     spec = data.spec
     create_model(cfg, spec)  # an impossible model or unfitting weights fail here, before any folder or worker
@@ -188,7 +188,7 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
         save_folds(run.folds, folds, data.train.labels)
     trained = [k for k in wanted if not _finished(run_dir, k)]
     devices = visible_devices(cfg)
-    jobs = 1 if on_epoch is not None else auto_jobs(cfg, devices, len(trained))
+    jobs = 1 if on_epoch is not None else auto_jobs(cfg, devices, len(trained), spec.height * spec.width)
     try:
         if jobs > 1:
             train_folds_parallel(cfg, data, folds, trained, run_dir, jobs, progress, devices)

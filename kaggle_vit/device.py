@@ -13,6 +13,11 @@ from .notices import notice
 
 # torch.compile's GPU code generator (Triton) needs CUDA capability 7.0 or newer: not a P100 (6.0).
 TRITON_MIN_CAPABILITY = (7, 0)
+# One fold's training steps on images this small leave a GPU with this many multiprocessors
+# (A100, H100, H200) mostly idle, and several folds at once keep it busy (README, "The GPU path,
+# measured"); Kaggle's T4 and P100 have far fewer, and keep one fold each.
+SHARED_GPU_MIN_SMS = 100
+SHARED_GPU_MAX_PIXELS = 64 * 64
 
 
 def select_device(name: str) -> torch.device:
@@ -22,6 +27,17 @@ def select_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise KaggleVitError(f"--device {name}: no CUDA device is available")
     return torch.device(name)
+
+
+def gpu_multiprocessors(devices: list[str]) -> list[int]:
+    """Streaming multiprocessors of each GPU in `devices`: how much parallel work one needs to be busy."""
+    return [torch.cuda.get_device_properties(torch.device(d)).multi_processor_count for d in devices]
+
+
+def shares_gpus(pixels: int, multiprocessors: list[int]) -> bool:
+    """Whether one fold of `pixels`-pixel images cannot fill these GPUs, so that several folds
+    should share each: small images on GPUs that are all large."""
+    return pixels <= SHARED_GPU_MAX_PIXELS and min(multiprocessors) >= SHARED_GPU_MIN_SMS
 
 
 @dataclass(frozen=True)

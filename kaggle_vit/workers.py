@@ -39,6 +39,7 @@ import torch
 from .batches import skips_rows
 from .config import TrainConfig
 from .data import CompetitionData, ImageTable
+from .device import gpu_multiprocessors, shares_gpus
 from .engine import validates
 from .errors import Interrupted, KaggleVitError
 from .fold import train_fold
@@ -68,14 +69,24 @@ def visible_devices(cfg: TrainConfig, gpu_count: int | None = None) -> list[str]
     return [f"cuda:{i}" for i in dict.fromkeys(wanted)]
 
 
-def auto_jobs(cfg: TrainConfig, devices: list[str], folds_to_run: int) -> int:
-    """How many folds to train at once: `cfg.jobs` when set; else one per GPU, or 2 on a CPU with 2+ cores."""
+def auto_jobs(cfg: TrainConfig, devices: list[str], folds_to_run: int, pixels: int,
+              multiprocessors: list[int] | None = None, cores: int | None = None) -> int:
+    """How many folds to train at once: `cfg.jobs` when set; 2 on a CPU with 2+ cores; one per GPU,
+    or all the folds when one fold of these `pixels`-pixel images cannot fill the GPUs
+    (`device.shares_gpus`), with a worker per two cores at most (one issues its kernels, one
+    compiles and feeds it). `multiprocessors` and `cores` override asking the machine (for tests)."""
     if cfg.jobs > 0:
         return min(cfg.jobs, max(1, folds_to_run))
-    if devices != ["cpu"]:
-        return max(1, min(len(devices), folds_to_run))
-    cores = os.cpu_count() or 1
-    return 2 if cores >= 2 and folds_to_run > 1 else 1
+    cores = cores or os.cpu_count() or 1
+    if devices == ["cpu"]:
+        return 2 if cores >= 2 and folds_to_run > 1 else 1
+    jobs = len(devices)
+    if shares_gpus(pixels, multiprocessors if multiprocessors is not None else gpu_multiprocessors(devices)):
+        jobs = max(jobs, min(folds_to_run, cores // 2))
+        if jobs > len(devices):
+            notice(f"{jobs} folds train at once on {len(devices)} GPU(s): one fold of images this small cannot "
+                   f"fill them (--jobs 1: one fold at a time)")
+    return max(1, min(jobs, folds_to_run))
 
 
 class Segment(NamedTuple):

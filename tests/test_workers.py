@@ -72,11 +72,27 @@ def test_every_plan_covers_each_fold_once_in_order_and_balances(costs):
 
 
 def test_gpus_and_jobs():
+    digits, t4 = 28 * 28, 40
     devices = visible_devices(TrainConfig(), gpu_count=2)
-    assert devices == ["cuda:0", "cuda:1"] and auto_jobs(TrainConfig(), devices, 5) == 2
+    assert devices == ["cuda:0", "cuda:1"] and auto_jobs(TrainConfig(), devices, 5, digits, [t4, t4], 4) == 2
     devices = visible_devices(TrainConfig(), gpu_count=1)
-    assert auto_jobs(TrainConfig(), devices, 5) == 1
-    assert auto_jobs(TrainConfig(jobs=4), devices, 5) == 4 and auto_jobs(TrainConfig(jobs=4), devices, 2) == 2
+    assert auto_jobs(TrainConfig(), devices, 5, digits, [t4], 4) == 1
+    assert auto_jobs(TrainConfig(jobs=4), devices, 5, digits, [t4], 4) == 4
+    assert auto_jobs(TrainConfig(jobs=4), devices, 2, digits, [t4], 4) == 2
+
+
+def test_a_large_gpu_is_shared_by_the_folds_of_small_images(caplog):
+    one, two, digits, photos, t4, h200 = ["cuda:0"], ["cuda:0", "cuda:1"], 28 * 28, 128 * 128, 40, 132
+    assert auto_jobs(TrainConfig(), one, 5, digits, [h200], 16) == 5
+    assert caplog.messages == ["5 folds train at once on 1 GPU(s): one fold of images this small cannot fill them "
+                               "(--jobs 1: one fold at a time)"]
+    assert auto_jobs(TrainConfig(), one, 2, digits, [h200], 16) == 2  # no more workers than folds left
+    assert auto_jobs(TrainConfig(), one, 5, digits, [h200], 6) == 3  # a worker per two cores
+    assert auto_jobs(TrainConfig(), one, 5, digits, [h200], 1) == 1
+    assert auto_jobs(TrainConfig(), one, 5, photos, [h200], 16) == 1  # one fold of large images fills it
+    assert auto_jobs(TrainConfig(), two, 5, digits, [h200, t4], 16) == 2  # not every GPU is large
+    assert auto_jobs(TrainConfig(), two, 5, digits, [h200, h200], 16) == 5
+    assert auto_jobs(TrainConfig(jobs=1), one, 5, digits, [h200], 16) == 1  # --jobs decides
 
 
 def test_devices_option_picks_and_checks_gpus():
@@ -91,7 +107,8 @@ def test_devices_option_picks_and_checks_gpus():
 
 
 def test_cpu_keeps_two_single_threaded_folds():
-    assert auto_jobs(TrainConfig(), ["cpu"], 5) in (1, 2) and auto_jobs(TrainConfig(), ["cpu"], 1) == 1
+    assert auto_jobs(TrainConfig(), ["cpu"], 5, 784, cores=2) == 2 and auto_jobs(TrainConfig(), ["cpu"], 1, 784, cores=2) == 1
+    assert auto_jobs(TrainConfig(), ["cpu"], 5, 784, cores=1) == 1
 
 
 def test_a_gpu_worker_sees_only_its_gpu():
