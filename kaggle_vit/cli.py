@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, List, Optional
@@ -81,11 +82,18 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def user_errors(func: Callable) -> Callable:
-    """One line on stderr and no traceback: input errors and unwritable files exit 2, Ctrl-C 130."""
+    """One line on stderr and no traceback: input errors and unwritable files exit 2, Ctrl-C 130.
+    SIGTERM (`timeout`, `kill`, a stopped notebook) stops a command as Ctrl-C does, so fold workers
+    are stopped and temporary files removed, where by default it would end the process at once."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             return func(*args, **kwargs)
         except KaggleVitError as error:
@@ -97,6 +105,8 @@ def user_errors(func: Callable) -> Callable:
             raise _fail(str(error), 130) from None
         except KeyboardInterrupt:
             raise _fail("interrupted; what was written is kept, and the same command goes on from there", 130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     return wrapper
 

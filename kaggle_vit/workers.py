@@ -13,9 +13,10 @@ kaggle_vit.workers JOB OUT IN` process that reads its setup from a file written 
 the images from memory-mapped files, and each segment as one small message, so a parent killed
 while workers start leaves none reading half a pickle; it runs in its own session, so Ctrl-C
 reaches only the parent, which stops the workers with SIGTERM (temporary files are cleaned,
-nothing printed); no semaphores exist (pipes, not queues), so none can leak; and a worker whose
-parent dies stops at its next step, or at once when idle (its segment pipe closes), so a killed
-`cv` leaves no orphan writing into the run folder.
+nothing printed), as it does when it gets SIGTERM itself (`timeout`, `kill`); no semaphores exist
+(pipes, not queues), so none can leak; and a worker whose parent dies (SIGKILL) stops within a
+fraction of a second, whatever it is doing (`watch_parent`), so a killed `cv` leaves no orphan
+training, predicting or writing into the run folder.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from collections import deque
 from multiprocessing.connection import Connection, wait
@@ -49,6 +52,7 @@ from .pseudo import pseudo_labels
 from .rundir import RunDir
 
 STEP_EVERY = 25  # steps between progress messages from a worker
+PARENT_POLL_S = 0.2  # how often a worker checks that its parent is alive
 
 
 def visible_devices(cfg: TrainConfig, gpu_count: int | None = None) -> list[str]:
@@ -180,19 +184,15 @@ def worker_env(device: str, environ: dict[str, str]) -> tuple[dict[str, str], st
 
 
 class PipeProgress:
-    """A worker's Progress: sends fold events to the parent; exits if the parent is gone."""
+    """A worker's Progress: sends fold events to the parent; exits if the pipe to it broke."""
 
-    def __init__(self, conn: Connection, fold: int, parent: int):
-        self.conn, self.parent = conn, parent
+    def __init__(self, conn: Connection, fold: int):
+        self.conn = conn
         self.begin(fold)
 
     def begin(self, fold: int) -> None:
         """Report a new segment, of `fold`, counting its steps from zero."""
         self.fold, self.steps, self.images, self.loss = fold, 0, 0, 0.0
-
-    def _alive(self) -> None:
-        if os.getppid() != self.parent:
-            os._exit(1)  # the parent was killed: stop before writing anything more
 
     def send(self, kind: str, payload) -> None:
         try:
@@ -204,13 +204,11 @@ class PipeProgress:
         self.send("start_fold", folds)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
-        self._alive()
         self.send("start_epoch", (epoch, epochs, steps))
 
     def step(self, loss: float | None, images: int) -> None:
         self.steps, self.images, self.loss = self.steps + 1, self.images + images, loss
         if self.steps % STEP_EVERY == 0:
-            self._alive()
             self.send("step", (STEP_EVERY, self.images, loss))
             self.images = 0
 
@@ -234,6 +232,19 @@ class _ForwardNotices(logging.Handler):
 
 def _stop_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds, so atomic writes in progress remove their temp files
+
+
+def watch_parent(parent: int, every: float = PARENT_POLL_S) -> None:
+    """Stop this process within `every` seconds of its parent's death, whatever it is doing (a long
+    validation or prediction reports nothing to notice it by), through SIGTERM, so that it unwinds
+    as when the parent stops it: a killed `cv` leaves no worker behind."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
 # Arrays handed to workers as .npy files, memory-mapped copy-on-write there (writable, so torch
@@ -282,9 +293,10 @@ def _worker(job: Path, fd_out: int, fd_in: int) -> None:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     outbox, inbox = Connection(fd_out), Connection(fd_in, writable=False)
     cfg, bare, run_dir, threads, parent = pickle.loads(job.read_bytes())
+    watch_parent(parent)
     torch.set_num_threads(threads)
     data, folds = _load_arrays(job.parent, bare)
-    progress = PipeProgress(outbox, 0, parent)
+    progress = PipeProgress(outbox, 0)
     log.addHandler(_ForwardNotices(progress))
     log.propagate = False
     while True:

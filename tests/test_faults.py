@@ -416,6 +416,34 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes_in_plain_lines(comp, tmp_path,
         {p: d for p, d in before.items() if "kvcache" not in p}
 
 
+def test_sigterm_stops_the_run_and_its_workers_as_ctrl_c_does(comp, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(to_toml(TrainConfig(**{**TINY, "epochs": 4, "jobs": 2})))
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cv_command(cfg, comp, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (run / "fold1" / "state.pt").exists(), proc)
+    proc.terminate()  # what `timeout` and `kill PID` send: the parent alone
+    stdout, stderr = proc.communicate(timeout=60)  # returns once every worker has exited too (they hold stderr)
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("fold ")]
+    assert len(lines) == 1 and lines[0].startswith("interrupted during fold 1, epoch "), stderr
+    assert not list(run.rglob("*.tmp")) and not list(run.glob(".arrays-*")) and not (run / "fold1" / "result.json").exists()
+
+
+def test_a_worker_stops_soon_after_its_parent_is_killed_whatever_it_is_doing():
+    # The worker sleeps where a long prediction would run: it reports nothing the parent's death could be noticed by.
+    worker = ("import os, sys, time; from kaggle_vit.workers import watch_parent; watch_parent(os.getppid()); "
+              "print('watching', flush=True); time.sleep(60)")
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "watching\n"
+    proc.kill()  # SIGKILL: the parent cannot stop its worker
+    started = time.monotonic()
+    assert proc.stdout.read() == ""  # end of file: the worker, which held the pipe too, has exited
+    assert time.monotonic() - started < 10
+    proc.wait()
+
+
 def test_sigkill_while_workers_start_prints_nothing(comp, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(to_toml(TrainConfig(**{**TINY, "jobs": 2})))
