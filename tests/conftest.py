@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from kaggle_vit.cli import app
 from kaggle_vit.competition import CompetitionSpec, load_spec
+from kaggle_vit.config import TrainConfig, to_toml
+from kaggle_vit.data import load_competition
 from kaggle_vit.fetch import load_mnist, write_competition_files
 
 torch.set_num_threads(2)
@@ -37,3 +43,69 @@ def build_small(dest: Path, spec: CompetitionSpec, mnist, n_train: int, n_test: 
 def small_comp(tmp_path_factory, small_spec, mnist) -> Path:
     """A 600-row train / 200-row test competition folder (read-only use: copy before changing)."""
     return build_small(tmp_path_factory.mktemp("small"), small_spec, mnist, 600, 200)
+
+
+# The fault and trust suites' harness: run a command, read its one line, compare checksums.
+
+runner = CliRunner()
+TINY = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=64,
+            folds=2, device="cpu", num_workers=0, tta=3, jobs=1)
+FILES = ("train.csv", "test.csv", "sample_submission.csv")
+
+
+def snapshot(*roots: Path, skip: Path | None = None) -> dict[str, str]:
+    """SHA-256 of every file under `roots` (except under `skip`): what 'nothing changed' compares."""
+    sums = {}
+    for root in roots:
+        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+            if skip is None or skip not in path.parents:
+                sums[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return sums
+
+
+def one_line(result) -> str:
+    """The single line a failed command printed (no traceback, nothing else)."""
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def invoke(args: list[str], cwd: Path, monkeypatch) -> object:
+    monkeypatch.chdir(cwd)
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def comp(tmp_path: Path, small_comp: Path) -> Path:
+    """A private copy of the small competition, without caches."""
+    dest = tmp_path / "data" / "digit-recognizer"
+    shutil.copytree(small_comp, dest, ignore=shutil.ignore_patterns("*.kvcache.npz"))
+    return dest
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(to_toml(TrainConfig(**TINY)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory, small_comp) -> tuple[Path, Path]:
+    """A finished 2-fold run on the small competition (copy before changing): (run folder, data)."""
+    from kaggle_vit.cv import run_cv
+    from kaggle_vit.competition import load_spec
+
+    root = tmp_path_factory.mktemp("finished")
+    data = root / "data"
+    shutil.copytree(small_comp, data)
+    run_cv(TrainConfig(**TINY), load_competition(load_spec("digit-recognizer"), data), root / "run")
+    return root / "run", data
+
+
+@pytest.fixture
+def run_copy(tmp_path: Path, finished) -> tuple[Path, Path]:
+    run, data = finished
+    shutil.copytree(run, tmp_path / "run")
+    shutil.copytree(data, tmp_path / "d")
+    return tmp_path / "run", tmp_path / "d"
