@@ -2,7 +2,7 @@
 another spec, against the same model trained from scratch, in validation accuracy per epoch.
 
     kaggle-vit data mnist --offline && kaggle-vit cv -c mnist --fold 1     # the weights
-    python benchmarks/transfer.py runs/mnist/kvit_pico_patch4_28-*/fold1/model.pt
+    python benchmarks/transfer.py runs/mnist/kvit_pico_patch4_28-*/fold1/model.safetensors
 
 The other competition is UCI's optical digits (scikit-learn's `load_digits`: 1,797 digits by 43
 writers, 8x8 with 17 grey levels), written in digit-recognizer's layout at 28x28 for the spec
@@ -52,7 +52,8 @@ def build_optdigits(dest: Path) -> Path:
 def accuracy_per_epoch(run_dir: Path, folds: int) -> np.ndarray:
     """Each epoch's validation accuracy over all folds' validation rows (folds weighted by size)."""
     histories = [pd.read_csv(run_dir / f"fold{k}" / "history.csv") for k in range(1, folds + 1)]
-    sizes = np.array([len(np.load(run_dir / f"fold{k}" / "valid_probs.npz")["rows"]) for k in range(1, folds + 1)])
+    sizes = np.array([len(np.load(run_dir / f"fold{k}" / "valid_probs.npz", allow_pickle=False)["rows"])
+                      for k in range(1, folds + 1)])
     accs = np.stack([h["valid_acc"].to_numpy() for h in histories])
     return (accs * sizes[:, None]).sum(0) / sizes.sum()
 

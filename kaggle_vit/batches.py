@@ -31,7 +31,7 @@ DEVICE_SHARE = 0.25
 
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     """DataLoader workers: the config's; else on CUDA one per spare core, and on a CPU with two
-    cores none (a worker there competes with training: 619 vs 824 img/s measured)."""
+    cores none (a worker there competes with training: measured slower)."""
     if cfg.num_workers >= 0:
         return cfg.num_workers
     cores = os.cpu_count() or 2

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .competition import CompetitionSpec, load_spec
+from .competition import CompetitionSpec, SpecFacts, load_spec, spec_facts
 from .errors import Interrupted, KaggleVitError
 from .notices import log
 
@@ -55,7 +55,7 @@ CompetitionOpt = Annotated[
     Optional[str], typer.Option("--competition", "-c", help="Bundled name or spec .toml path (default: digit-recognizer).")
 ]
 PretrainedOpt = Annotated[Optional[Path], typer.Option(
-    "--pretrained", help="Start from local weights: a timm .safetensors/.pth/.bin, or a kaggle-vit fold's model.pt.")]
+    "--pretrained", help="Start from local weights: a timm .safetensors/.pth/.bin, or a kaggle-vit fold's model.safetensors.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Competition files (default: data/NAME).")]
 
 SOURCES = {
@@ -135,8 +135,23 @@ def data(
     result = ensure_data(spec, target, offline=offline, from_idx=from_idx)
     d = result.data
     out.print(f"[bold]{spec.name}[/]: {SOURCES[result.source]} in [cyan]{escape(str(target))}[/]")
-    out.print(f"  {len(d.train):,} training images, {len(d.test):,} test images, "
-              f"{spec.channels}x{spec.height}x{spec.width}, {d.spec.num_classes} classes", highlight=False)
+    _print_facts(spec_facts(d.spec), len(d.train), len(d.test))
+
+
+def _print_facts(facts: SpecFacts, n_train: int, n_test: int) -> None:
+    """What kaggle-vit understood of the spec, in a few lines: a wrong key or value shows here."""
+    columns = (",".join(facts.submission_header) if facts.submission_form != "class_probabilities" else
+               f"{facts.submission_header[0]} and one column per class")
+    classes = [label if label == name else f"{label} ({name})" for label, name in facts.classes]
+    train = ", ".join(f"{key} = {value!r}" for key, value in facts.train_defaults) or "none (the preset's settings)"
+    lines = [f"  {n_train:,} training images, {n_test:,} test images, {'x'.join(map(str, facts.image))} "
+             f"(patch sizes that divide it: {', '.join(map(str, facts.patch_sizes)) or 'none'})",
+             f"  layout {facts.layout}, metric {facts.metric} ({'higher' if facts.higher_is_better else 'lower'} is "
+             f"better), submission {columns} ({facts.submission_form})",
+             f"  {len(classes)} classes: {', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}",
+             f"  [train] {train}"]
+    for line in lines:
+        out.print(line, markup=False, highlight=False)
 
 
 def _parse_folds(text: Optional[str]) -> Optional[list[int]]:
@@ -287,7 +302,8 @@ def _run_dir(spec: CompetitionSpec, run_dir: Optional[Path]) -> Path:
 def submit(
     run_dirs: Annotated[Optional[List[Path]], typer.Argument(help="cv run folders to average (default: the competition's latest, with the other seeds of its cv --seeds).")] = None,
     competition: CompetitionOpt = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the submission.")] = Path("submission.csv"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the submission (never over an existing file unless --force).")] = Path("submission.csv"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file (never the competition's own files).")] = False,
     folds: Annotated[Optional[str], typer.Option("--folds", help="Folds to ensemble, e.g. 1,3 (default: all).")] = None,
     tta: Annotated[Optional[int], typer.Option("--tta", help="Recompute with N test-time views (1-9; default: as cv saved them).")] = None,
     weighting: Annotated[str, typer.Option("--weighting", help="mean, or oof (weight folds by validation accuracy).")] = "mean",
@@ -296,12 +312,13 @@ def submit(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Average the fold models' probabilities on test.csv and write a validated submission.csv."""
-    from .submit import make_submission, submission_runs
+    from .submit import check_output, make_submission, submission_runs
 
     spec = load_spec(competition or "digit-recognizer")
+    check_output(output, spec, data_dir_for(spec, data_dir), force)  # before the data is fetched or read
     data = load_data(spec, data_dir)
     runs = submission_runs(spec, run_dirs)
-    result = make_submission(runs, data, output, _parse_folds(folds), weighting, tta, allow_missing, device)
+    result = make_submission(runs, data, output, _parse_folds(folds), weighting, tta, allow_missing, device, force)
     name = (lambda run, k: str(k)) if len(runs) == 1 else (lambda run, k: f"{run.name}/fold{k}")
     weights = ", ".join(f"{name(run, k)}: {w:.3f}" for (run, k), w in zip(result.members, result.weights))
     out.print(f"wrote [cyan]{result.path}[/] ({len(data.test):,} rows) from {', '.join(map(str, runs))}")
@@ -327,7 +344,7 @@ def score(
 
     spec = load_spec(competition or "digit-recognizer")
     solution = solution or data_dir_for(spec, data_dir) / spec.solution_file
-    if not spec.class_names:  # named by the training labels: the data says which they are
+    if not spec.class_labels:  # named by the training labels: the data says which they are
         spec = load_data(spec, data_dir).spec
     value = score_submission(submission_file, solution, spec)
     shown = (lambda v: f"{100 * v:.3f}%") if spec.metric == "accuracy" else (lambda v: f"{v:.5f}")
@@ -378,7 +395,7 @@ def tune(
     tune_folds: Annotated[int, typer.Option("--tune-folds", help="Folds each trial trains (of --folds).")] = 1,
     folds: Annotated[Optional[int], typer.Option("--folds", help="How the data is split (default 5).")] = None,
     study_name: Annotated[Optional[str], typer.Option("--study-name", help="Default: kvit-COMPETITION.")] = None,
-    storage: Annotated[Optional[str], typer.Option("--storage", help="sqlite:///... (default, in the runs folder) or postgresql://...")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="sqlite:///FILE (default: in the runs folder), postgresql://... or mysql+pymysql://...")] = None,
     pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none.")] = "median",
     space: Annotated[Optional[Path], typer.Option("--space", help="TOML search space overriding the default.")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu: the base config.")] = None,
@@ -393,13 +410,15 @@ def tune(
 
     from .config import resolve_config
     from .metrics import get_metric
-    from .tune import check_budget, load_space, make_pruner, run_tune
+    from .tune import check_budget, check_storage, load_space, make_pruner, run_tune
 
     base = resolve_config(preset, config, competition=competition, epochs=epochs, folds=folds, device=device,
                           pretrained=pretrained)
     check_budget(trials, timeout, n_jobs)
     make_pruner(pruner)
     search = load_space(space) if space else None
+    if storage:  # a bad URL is one line before the data is read
+        check_storage(storage)
     spec = load_spec(base.competition)
     data = load_data(spec, data_dir)
     name = study_name or f"kvit-{spec.name}"

@@ -5,6 +5,7 @@ Precedence, lowest first: the preset, then a `--config` TOML file, then command-
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, fields
@@ -35,7 +36,7 @@ class TrainConfig:
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    pretrained: str | None = None  # local weights to start from: a timm .safetensors/.pth/.bin or a fold's model.pt
+    pretrained: str | None = None  # local weights to start from: a timm .safetensors/.pth/.bin or a fold's model.safetensors
     pseudo: str | None = None  # a finished cv run whose confident test predictions join the training rows
     pseudo_threshold: float = 0.99  # the top probability a test row needs to be pseudo-labelled
     # optimisation
@@ -64,7 +65,7 @@ class TrainConfig:
     data_on_device: str = "auto"  # training images on the GPU, augmented there: auto (when they fit) | on | off
     num_workers: int = -1  # -1: chosen from the CPU count
     jobs: int = 0  # folds trained at once in worker processes; 0: auto (workers.auto_jobs)
-    eval_batch_size: int = 128  # faster than 256 on the 2-core EPYC with two fold workers (README, Training)
+    eval_batch_size: int = 128  # measured faster than 256 with two fold workers on a CPU (benchmarks/RESULTS.md)
     tta: int = 3  # test-time views for the OOF and test predictions
     tta_mode: str = "shift"  # shift: one-pixel shifts (digits) | flip: mirror images and their shifts (photos)
     compile: bool = False
@@ -89,7 +90,7 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Chosen by measurement on a 2-core CPU (README, Results): eleven epochs, the nine middle ones
+    # Chosen by measurement (benchmarks/RESULTS.md): eleven epochs, the nine middle ones
     # skipping 60% of the rows already learnt, validated after the last epoch only.
     "cpu": {"epochs": 11, "skip_easy": 0.6, "valid_every": 0},
     # An H100-class GPU: a wider, deeper model, more epochs, compiled, and batches big enough to keep
@@ -108,7 +109,9 @@ AUGMENTATIONS = ("rotate", "affine", "flip", "crop", "none")
 
 def _coerce(name: str, value: Any, source: str) -> Any:
     if name not in _FIELDS:
-        raise KaggleVitError(f"{source}: unknown setting '{name}' (known: {', '.join(sorted(_FIELDS))})")
+        close = difflib.get_close_matches(name, _FIELDS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(_FIELDS))}"
+        raise KaggleVitError(f"{source}: unknown key '{name}'; {hint}")
     default = getattr(TrainConfig(), name)
     annotation = str(_FIELDS[name].type)
     kind = type(default) if default is not None else (
@@ -129,6 +132,18 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> Tr
     """A copy of `cfg` with `values` applied (None means 'not given' and is skipped)."""
     clean = {k: _coerce(k, v, source) for k, v in values.items() if v is not None}
     return dataclasses.replace(cfg, **clean)
+
+
+def check_settings(values: dict[str, Any], source: str) -> None:
+    """Check settings as a run takes them (known keys, their types, workable values), naming `source`:
+    a spec's [train] table is checked when the spec loads, not first when `cv` starts."""
+    if "competition" in values:
+        raise KaggleVitError(f"{source}: competition cannot be set here: the spec is the competition")
+    cfg = apply_overrides(TrainConfig(), values, source)  # an unknown key or a wrong type names `source`
+    try:
+        validate_config(cfg)
+    except KaggleVitError as error:
+        raise KaggleVitError(f"{source}: {error}") from None
 
 
 def load_toml(path: Path) -> dict[str, Any]:

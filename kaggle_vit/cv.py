@@ -138,7 +138,7 @@ def oof_probs(run_dir: Path, n_rows: int, n_classes: int, n_folds: int) -> tuple
     probs = np.zeros((n_rows, n_classes), dtype=np.float32)
     plain_probs = np.zeros_like(probs)
     for fold in range(1, n_folds + 1):
-        with np.load(RunDir(run_dir).fold(fold).valid_probs) as z:
+        with np.load(RunDir(run_dir).fold(fold).valid_probs, allow_pickle=False) as z:
             probs[z["rows"]] = z["probs"]
             plain_probs[z["rows"]] = z["probs_plain"] if "probs_plain" in z else z["probs"]
     return probs, plain_probs
@@ -175,7 +175,7 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     bad = [k for k in wanted if not 1 <= k <= cfg.folds]
     if bad:
         raise KaggleVitError(f"--fold {bad[0]}: folds are numbered 1..{cfg.folds}")
-    shared = shared_folds(runs_root or run_dir.parent, cfg.folds, cfg.seed)
+    shared = shared_folds(run_dir, spec.name, cfg.folds, cfg.seed, runs_root)
     folds, new_split = split_folds(shared, data.train.labels, cfg.folds, cfg.seed)  # saved once the checks pass
     if cfg.pseudo:
         check_source(Path(cfg.pseudo), folds, len(data.test.images))

@@ -6,7 +6,6 @@ shows them after its header line; errors name file, row and column.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import os
 import warnings
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .competition import CompetitionSpec
+from .competition import CompetitionSpec, is_inside
 from .errors import KaggleVitError
 from .io import atomic_path
 from .notices import notice
@@ -237,14 +236,47 @@ def load_image_csv(path: str | os.PathLike[str], spec: CompetitionSpec, train: b
     return table
 
 
+def check_sample_header(path: Path, spec: CompetitionSpec) -> None:
+    """The sample submission's columns are the ones the spec writes (its [columns] submission, or
+    the id and one column per class label): a spec that disagrees would write a file Kaggle refuses.
+    Skipped while the class labels that name the columns are still unknown."""
+    if spec.submission_form == "class_probabilities" and not spec.class_labels:
+        return
+    found, expected = _header(path), spec.submission_header()
+    if found == expected:
+        return
+    if max(len(found), len(expected)) <= 8:
+        differ = f"columns {', '.join(found)}, but {spec.path} expects {', '.join(expected)} ([columns] submission)"
+    else:  # one column per class: the first that differs
+        k = next(i for i in range(max(len(found), len(expected))) if found[i:i + 1] != expected[i:i + 1])
+        at = [f"'{columns[k]}'" if k < len(columns) else "none" for columns in (found, expected)]
+        differ = (f"{len(found)} columns, column {k + 1} {at[0]}, but {spec.path} expects {len(expected)}, "
+                  f"column {k + 1} {at[1]} (the id and one per class label)")
+    raise KaggleVitError(f"{path}: row 0: {differ}")
+
+
 def load_sample_ids(path: Path, spec: CompetitionSpec) -> np.ndarray:
     """Ids of the sample submission, checking its columns."""
     frame = read_csv(path)
-    if list(frame.columns) != spec.submission_header():
-        raise KaggleVitError(f"{path}: row 0: columns {list(frame.columns)}, expected {spec.submission_header()}")
+    check_sample_header(path, spec)
     ids = _numeric(path, frame[[spec.id_column]])
     _check_values(path, ids, [spec.id_column], -(2**62), 2**62, "id")
     return ids[:, 0].astype(np.int64)
+
+
+# the spec's files and folders: (CompetitionSpec field, [files] key)
+SPEC_PATHS = (("train_file", "train"), ("test_file", "test"), ("sample_submission_file", "sample_submission"),
+              ("solution_file", "solution"), ("train_images", "train_images"), ("test_images", "test_images"))
+
+
+def confine(spec: CompetitionSpec, data_dir: Path) -> None:
+    """Refuse a spec file or folder outside the competition folder (an absolute path, or '..'
+    climbing out), before anything is read or written: a spec never reaches another file."""
+    for field, key in SPEC_PATHS:
+        value = getattr(spec, field)
+        if not is_inside(value):
+            raise KaggleVitError(f"{spec.path} [files]: {key} = '{value}' is outside the competition folder "
+                                 f"{data_dir}; give a path inside it")
 
 
 @dataclass(frozen=True)
@@ -259,13 +291,14 @@ class CompetitionData:
 
 def load_competition(spec: CompetitionSpec, data_dir: str | os.PathLike[str]) -> CompetitionData:
     """Load and validate train, test and sample submission: the checks every command runs first.
-    For image files, the spec that comes back carries the class names (the spec's, or discovered)."""
+    For image files, the spec that comes back carries the class labels (the spec's, or discovered)."""
     data_dir = Path(data_dir)
+    confine(spec, data_dir)
     if spec.layout != "pixels":
         from .layouts import load_image_layout
 
-        train, test, names = load_image_layout(spec, data_dir)
-        return CompetitionData(dataclasses.replace(spec, class_names=names, num_classes=len(names)), data_dir, train, test)
+        train, test, spec = load_image_layout(spec, data_dir)
+        return CompetitionData(spec, data_dir, train, test)
     train = load_image_csv(data_dir / spec.train_file, spec, train=True)
     test = load_image_csv(data_dir / spec.test_file, spec, train=False)
     sample_path = data_dir / spec.sample_submission_file

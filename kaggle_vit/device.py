@@ -14,8 +14,8 @@ from .notices import notice
 # torch.compile's GPU code generator (Triton) needs CUDA capability 7.0 or newer: not a P100 (6.0).
 TRITON_MIN_CAPABILITY = (7, 0)
 # One fold's training steps on images this small leave a GPU with this many multiprocessors
-# (A100, H100, H200) mostly idle, and several folds at once keep it busy (README, "The GPU path,
-# measured"); Kaggle's T4 and P100 have far fewer, and keep one fold each.
+# (A100, H100, H200) mostly idle, and several folds at once keep it busy (benchmarks/RESULTS.md,
+# "The GPU path, measured"); Kaggle's T4 and P100 have far fewer, and keep one fold each.
 SHARED_GPU_MIN_SMS = 100
 SHARED_GPU_MAX_PIXELS = 64 * 64
 
@@ -104,7 +104,7 @@ def cpu_has_amx() -> bool:
 
 def inference_amp(mode: str, device: torch.device) -> Amp:
     """Autocast for prediction: as for training, except that `auto` on a CPU with AMX predicts in
-    bf16, measured at 1.9x the fp32 images/s (where training in bf16 ran at 0.4x, so it stays fp32)."""
+    bf16, measured faster than fp32 there (where training in bf16 was slower, so it stays fp32)."""
     if mode == "auto" and device.type == "cpu" and cpu_has_amx():
         return Amp(torch.bfloat16, False)
     return amp_for(mode, device)

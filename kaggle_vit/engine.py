@@ -94,9 +94,9 @@ def seed_everything(seed: int) -> None:
 
 
 def maybe_compile(model: nn.Module, cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """`torch.compile(model)` when cfg.compile and `device` can compile, else the model itself. On
-    the 2-core CPU, compiled inference ran 1.6x and training 1.07x the eager images/s (README); the
-    compiled code is cached, so later folds of a run reuse it."""
+    """`torch.compile(model)` when cfg.compile and `device` can compile, else the model itself (see
+    benchmarks/RESULTS.md for what it gains); the compiled code is cached, so later folds of a run
+    reuse it."""
     return torch.compile(model, mode=cfg.compile_mode) if cfg.compile and can_compile(device) else model
 
 
@@ -171,23 +171,39 @@ class _State:
     seconds: float = 0.0
 
 
+def _numpy_rng() -> dict:
+    """NumPy's global generator state as tensors and numbers (what torch.load(weights_only=True) reads)."""
+    _, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+            "gauss": float(gauss)}
+
+
 def _save_state(path: Path, t: Trainer, st: _State) -> None:
+    """The training state after an epoch, as tensors and plain values only (read back weights-only)."""
+    state = {**st.__dict__, "best_probs": None if st.best_probs is None else torch.from_numpy(st.best_probs)}
     payload = {"model": t.model.state_dict(), "opt": t.opt.state_dict(), "sched": t.sched.state_dict(),
-               "scaler": t.scaler.state_dict(), "state": st.__dict__,
+               "scaler": t.scaler.state_dict(), "state": state,
                "ema": None if t.ema is None else t.ema.module.state_dict(),
                "row_loss": None if t.row_loss is None else t.row_loss.cpu(),
-               "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng(), "python": random.getstate(),
                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        try:
+            torch.save(payload, fh)
+        except RuntimeError as error:  # a failed write (a full disk) surfaces as torch's end-of-archive error
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None  # atomic_path names the file
+            raise
 
 
 STATE_KEYS = ("model", "opt", "sched", "scaler", "state", "rng")
 
 
 def read_state(path: Path) -> dict:
-    """A training state saved by `fit`; raises (whatever torch.load raises) when it is damaged."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    """A training state saved by `fit`, read weights-only (tensors and plain values: a crafted file
+    runs nothing); raises (whatever torch.load raises) when it is damaged, crafted or from an older
+    kaggle-vit."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
     missing = [key for key in STATE_KEYS if not isinstance(payload, dict) or key not in payload]
     if missing:
         raise ValueError(f"no '{missing[0]}' entry")
@@ -209,11 +225,14 @@ def _restore(payload: dict, t: Trainer) -> _State:
         t.row_loss.copy_(payload["row_loss"])
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    numpy = rng["numpy"]
+    np.random.set_state(("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["gauss"]))
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return _State(**payload["state"])
+    state = payload["state"]
+    return _State(**{**state, "best_probs": None if state["best_probs"] is None else state["best_probs"].numpy()})
 
 
 def _check_finite(value: float, what: str, epoch: int) -> None:

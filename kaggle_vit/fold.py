@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .config import TrainConfig
 from .data import CompetitionData
@@ -21,7 +20,7 @@ from .metrics import get_metric
 from .models import create_model, model_kwargs
 from .notices import notice
 from .pseudo import pseudo_labels
-from .rundir import RunDir
+from .rundir import RunDir, save_checkpoint
 
 
 def _resume_state(path: Path, fold: int, epochs: int, announce: bool = True) -> dict | None:
@@ -88,12 +87,12 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
         raise KaggleVitError(f"fold {fold}: {error}") from None
     if len(result.history) < cfg.epochs:  # stopped at until_epoch: state.pt carries the fold on
         return None
-    checkpoint = {"model": cfg.model, "kwargs": kwargs, "state_dict": result.best_state, "fold": fold,
-                  "competition": spec.name, "input_size": (spec.channels, spec.height, spec.width),
-                  "num_classes": spec.num_classes, "class_names": list(spec.class_names),
-                  "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]}
-    with atomic_path(out.model) as tmp:
-        torch.save(checkpoint, tmp)
+    save_checkpoint(out.model, result.best_state,
+                    {"model": cfg.model, "kwargs": kwargs, "fold": fold, "competition": spec.name,
+                     "input_size": (spec.channels, spec.height, spec.width), "num_classes": spec.num_classes,
+                     "class_names": list(spec.class_names),
+                     "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]})
+    out.old_model.unlink(missing_ok=True)  # an older kaggle-vit's pickle, retrained: nothing may load it
     t0 = time.perf_counter()
     if validate_only:  # a tuning trial: its score is the best epoch's plain validation; no test set, no views
         valid_probs, views = result.valid_probs.astype(np.float32), 1

@@ -1,6 +1,6 @@
 """Competitions shipped as image files: a labels CSV beside an image folder (`files`), or one
 folder per class (`folders`). Each becomes the same validated ImageTable as a pixel CSV, with
-labels as class indices and the class names the competition writes in its submissions."""
+labels as class indices and the class labels the competition writes in its submissions."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .competition import CompetitionSpec
+from .competition import CompetitionSpec, shown
 from .errors import KaggleVitError
 from .images import IMAGE_EXTENSIONS, load_images
 
@@ -47,48 +47,64 @@ def _files_in(folder: Path) -> dict[str, Path]:
     return {e.name: Path(e.path) for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)}
 
 
-def _image_for(image_id: str, files: dict[str, Path], extension: str) -> Path | None:
-    """The file of an id that may or may not carry its extension."""
-    for name in (image_id, image_id + extension) if extension else (image_id, *(image_id + e for e in IMAGE_EXTENSIONS)):
-        if name in files:
-            return files[name]
-    return None
+def _names_for(image_id: str, extension: str) -> tuple[str, ...]:
+    """The file names an id may have: as written, or with the spec's extension (or each image one)."""
+    return (image_id, image_id + extension) if extension else (image_id, *(image_id + e for e in IMAGE_EXTENSIONS))
+
+
+def _holds(folder: Path, files: dict[str, Path]) -> str:
+    """What a folder holds, in a few names: what an id that found no file can be compared with."""
+    if files:
+        return f"the folder holds {len(files):,} image files, such as {shown(sorted(files), 3)}"
+    others = sorted(os.listdir(folder))
+    return f"the folder holds no {'/'.join(IMAGE_EXTENSIONS)} file, only {shown(others, 3)}" if others else "the folder is empty"
 
 
 def _paths_for(ids: list[str], folder: Path, extension: str, source: Path, column: str) -> list[Path]:
+    """Each id's image file, directly in `folder` (an id is a file name, never a path)."""
     files = _files_in(folder)
     paths = []
     for row, image_id in enumerate(ids, start=1):
-        path = _image_for(image_id, files, extension)
-        if path is None:
-            raise KaggleVitError(f"{source}: row {row}, column '{column}': id '{image_id}' has no image file in {folder}")
-        paths.append(path)
+        where = f"{source}: row {row}, column '{column}': id '{image_id}'"
+        if "/" in image_id or "\\" in image_id or image_id in (".", ".."):
+            raise KaggleVitError(f"{where} is a path; an id names a file directly in {folder}")
+        names = _names_for(image_id, extension)
+        found = next((files[name] for name in names if name in files), None)
+        if found is None:
+            raise KaggleVitError(f"{where} has no image file in {folder} (tried {', '.join(names)}; {_holds(folder, files)})")
+        paths.append(found)
     return paths
 
 
 def class_names_of(labels: list[str]) -> tuple[str, ...]:
-    """Class names discovered from training labels: sorted, as numbers when they all are."""
+    """The classes the training labels hold (their class labels): sorted, as numbers when they all are."""
     unique = set(labels)
     numeric = all(u.lstrip("-").isdigit() for u in unique)
     return tuple(sorted(unique, key=int if numeric else str))
 
 
+def _classes_shown(names: tuple[str, ...]) -> str:
+    return f"the {len(names)} classes ({shown(names)})"
+
+
 def class_indices(labels: list[str], names: tuple[str, ...], source: Path, column: str) -> np.ndarray:
-    """Each label's position among the class names; a label that is not one is named with its row."""
+    """Each label's position among the class labels; a label that is not one is named with its row."""
     index = {name: i for i, name in enumerate(names)}
     out = np.empty(len(labels), dtype=np.int64)
     for row, label in enumerate(labels):
         if label not in index:
-            shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-            raise KaggleVitError(f"{source}: row {row + 1}, column '{column}': label '{label}' is not one of the "
-                                 f"{len(names)} classes ({shown})")
+            raise KaggleVitError(f"{source}: row {row + 1}, column '{column}': label '{label}' is not one of "
+                                 f"{_classes_shown(names)}")
         out[row] = index[label]
     return out
 
 
 def sample_ids(spec: CompetitionSpec, data_dir: Path) -> list[str]:
     """The test ids, in the order the sample submission lists them."""
+    from .data import check_sample_header
+
     path = data_dir / spec.sample_submission_file
+    check_sample_header(path, spec)
     frame = _text_csv(path, (spec.submission_columns[0],))
     ids = frame[spec.submission_columns[0]].tolist()
     _check_unique(path, ids, spec.submission_columns[0])
@@ -138,16 +154,25 @@ def read_folders_layout(spec: CompetitionSpec, data_dir: Path):
 
 
 def load_image_layout(spec: CompetitionSpec, data_dir: Path):
-    """Train and test ImageTables of an image-file competition, and its class names (the spec's, or
-    discovered from the training labels)."""
-    from .data import ImageTable
+    """Train and test ImageTables of an image-file competition, and the spec with its class labels
+    (the spec's, or discovered from the training labels)."""
+    from .data import ImageTable, check_sample_header
 
     reader = read_files_layout if spec.layout == "files" else read_folders_layout
     (ids, paths, labels), (test_ids, test_paths) = reader(spec, data_dir)
-    names = spec.class_names or class_names_of(labels)
     source = data_dir / (spec.train_file if spec.layout == "files" else spec.train_images)
-    indices = class_indices(labels, names, source, spec.label_column)
+    spec = spec.with_labels(class_names_of(labels), source)
+    names = spec.class_labels
+    if spec.submission_form == "class_probabilities" and (data_dir / spec.sample_submission_file).exists():
+        check_sample_header(data_dir / spec.sample_submission_file, spec)  # its class columns: known from here
+    if spec.layout == "folders":  # a class is a folder: name the folder, not a row and column
+        unknown = sorted(set(labels) - set(names))
+        if unknown:
+            raise KaggleVitError(f"{data_dir / spec.train_images / unknown[0]}: class folder '{unknown[0]}' is not one "
+                                 f"of {_classes_shown(names)} that {spec.path} [classes] labels lists; rename the folder "
+                                 f"or add it to labels")
+    indices = class_indices(labels, names, data_dir / spec.train_file, spec.label_column)
     size = (spec.height, spec.width, spec.channels)
     train = ImageTable(load_images(paths, data_dir, "train", *size), indices, np.asarray(ids, dtype=object))
     test = ImageTable(load_images(test_paths, data_dir, "test", *size), None, np.asarray(test_ids, dtype=object))
-    return train, test, names
+    return train, test, spec

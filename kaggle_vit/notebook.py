@@ -81,7 +81,7 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
                  + _spec_lines(spec) +
                  "PRESET = 'gpu' if torch.cuda.is_available() else 'cpu'\n"
                  "# Weights attached as a Kaggle dataset (timm .safetensors/.pth/.bin, or a kaggle-vit fold's\n"
-                 "# model.pt): the run fine-tunes from the first found; set PRETRAINED = None to train from scratch.\n"
+                 "# model.safetensors): the run fine-tunes from the first found; set PRETRAINED = None to train from scratch.\n"
                  "from kaggle_vit import find_weights, load_spec\n"
                  "PRETRAINED = find_weights(KAGGLE_ROOT / 'input', skip=(load_spec(COMPETITION).slug,))\n"
                  "print('fine-tuning from', PRETRAINED) if PRETRAINED else print('training from scratch')\n"
@@ -116,7 +116,7 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
                  "    display(Image(filename=str(png)))"),
         ("code", "# Fold ensemble → submission.csv\n"
                  "from kaggle_vit import make_submission\n"
-                 "sub = make_submission(run_dir, data, work_dir / 'submission.csv')\n"
+                 "sub = make_submission(run_dir, data, work_dir / 'submission.csv', force=True)  # this notebook's own file\n"
                  "print('wrote', sub.path, 'from folds', sub.folds, 'class counts', sub.class_counts)"),
     ]
 

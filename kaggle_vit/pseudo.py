@@ -34,14 +34,20 @@ def check_source(source: Path, folds: np.ndarray, n_test: int) -> None:
         if not fold.result.is_file() or not fold.test_probs.is_file():
             raise KaggleVitError(f"--pseudo {source}: fold {k} is not finished (no {fold.result.name} or "
                                  f"{fold.test_probs.name})")
-        rows = np.load(fold.test_probs, mmap_mode="r").shape[0]
-        if rows != n_test:
-            raise KaggleVitError(f"--pseudo {fold.test_probs}: {rows} test rows, this competition has {n_test}")
+        try:  # mapped, not read: only its shape is checked here; never a pickle
+            probs = np.load(fold.test_probs, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            raise KaggleVitError(f"--pseudo {fold.test_probs}: unreadable ({type(error).__name__}); rerun "
+                                 f"`kaggle-vit cv` for {source} to rewrite it") from None
+        if not isinstance(probs, np.ndarray) or probs.ndim != 2 or probs.shape[0] != n_test:
+            shape = getattr(probs, "shape", "no array")
+            raise KaggleVitError(f"--pseudo {fold.test_probs}: test probabilities of shape {shape}, this "
+                                 f"competition has {n_test} test rows")
 
 
 def pseudo_labels(source: Path, fold: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The test rows whose top probability under the source run's fold `fold` model is at least
     `threshold`, and that class as their label."""
-    probs = np.load(RunDir(source).fold(fold).test_probs)
+    probs = np.load(RunDir(source).fold(fold).test_probs, allow_pickle=False)
     rows = np.flatnonzero(probs.max(axis=1) >= threshold)
     return rows, probs[rows].argmax(axis=1)

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .io import atomic_path  # noqa: E402
-from .rundir import RunDir, model_from, read_checkpoint  # noqa: E402
+from .rundir import RunDir, model_from, read_checkpoint, read_test_probs  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -134,8 +134,10 @@ def make_report(run_dir: Path, data, n_images: int = 30, n_attention: int = 8) -
     folds = run.finished_folds()
     if not folds:
         raise KaggleVitError(f"{run_dir}: no finished folds yet; run kaggle-vit cv first")
+    # every file read (and a damaged or old-format one refused) before any plot is written
+    test_probs = np.mean([read_test_probs(run.fold(k).test_probs) for k in folds], axis=0)
+    model = model_from(read_checkpoint(run_dir, folds[0]))
     written = [plot_run_curves(run_dir)]
-    test_probs = np.mean([np.load(run.fold(k).test_probs) for k in folds], axis=0)
     pred = test_probs.argmax(1)[:n_images]
     titles = [f"id {i}: {names[p]} ({100 * test_probs[j, p]:.0f}%)" for j, (i, p) in enumerate(zip(data.test.ids, pred))]
     written.append(plot_grid(data.test.images[:n_images], titles, run.plot("test_predictions"),
@@ -149,7 +151,6 @@ def make_report(run_dir: Path, data, n_images: int = 30, n_attention: int = 8) -
         written.append(plot_grid(data.train.images[wrong], titles, run.plot("mistakes"),
                                  f"OOF mistakes: {len(np.flatnonzero(labels != preds))} of {len(labels):,} rows "
                                  f"(first {len(wrong)} shown)", cols=6, colors=["tab:red"] * len(wrong)))
-    model = model_from(read_checkpoint(run_dir, folds[0]))
     if hasattr(model, "attention_maps"):
         idx = np.arange(min(n_attention, len(data.train)))
         labels = [f"train row {r + 1}: {names[data.train.labels[r]]}" for r in idx]

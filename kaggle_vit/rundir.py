@@ -3,24 +3,29 @@ that decide whether a fold is usable, so `cv` (deciding what is finished) and `s
 (using it) read a damaged file the same way."""
 from __future__ import annotations
 
-import io
+import hashlib
 import json
+import math
 import os
-import pickle
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
 from .errors import KaggleVitError
+from .io import atomic_path
 
 if TYPE_CHECKING:
     import torch
 
-CHECKPOINT_KEYS = {"model", "kwargs", "state_dict", "input_size", "num_classes"}
+CHECKPOINT_KEYS = ("model", "kwargs", "input_size", "num_classes", "sha256")
+METADATA_KEY = "kaggle_vit"  # the safetensors metadata entry holding a checkpoint's JSON
+MAX_HEADER = 100_000_000  # safetensors' own bound on the header
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+OLD_FORMAT = "in the old pickle format, which is never loaded (a pickle can run code)"
 METRICS = "metrics.json"
 
 
@@ -32,7 +37,12 @@ class FoldDir:
 
     @property
     def model(self) -> Path:
-        """The best epoch's weights with the model's name and keywords."""
+        """The best epoch's weights (safetensors) with the model's name and keywords (JSON)."""
+        return self.root / "model.safetensors"
+
+    @property
+    def old_model(self) -> Path:
+        """Where kaggle-vit before safetensors kept the weights, as a pickle: never read."""
         return self.root / "model.pt"
 
     @property
@@ -118,9 +128,14 @@ class RunDir:
         return [(int(pid), p) for pid, p in found if pid.isdigit()]
 
 
-def shared_folds(runs_root: Path, n_folds: int, seed: int) -> Path:
-    """The fold assignment shared by every run of a competition with these folds and seed."""
-    return runs_root / f"folds-k{n_folds}-seed{seed}.csv"
+def shared_folds(run_dir: Path, competition: str, n_folds: int, seed: int, runs_root: Path | None = None) -> Path:
+    """Where a run's fold assignment is kept: shared by every run of a competition with these folds
+    and seed in its runs folder (runs/COMPETITION, or `runs_root`); for a run folder elsewhere
+    (--run-dir), its own folds.csv, so two competitions' runs under one folder never share one."""
+    root = runs_root or run_dir.parent
+    if runs_root is None and root.name != competition:
+        return RunDir(run_dir).folds
+    return root / f"folds-k{n_folds}-seed{seed}.csv"
 
 
 def runs_of(competition_runs: Path) -> list[Path]:
@@ -128,43 +143,62 @@ def runs_of(competition_runs: Path) -> list[Path]:
     return [p.parent for p in competition_runs.glob(f"*/{METRICS}")]
 
 
-def _checked(ckpt: Any) -> dict:
-    if not (isinstance(ckpt, dict) and CHECKPOINT_KEYS <= set(ckpt)):
+def _checked(meta: Any) -> dict:
+    if not (isinstance(meta, dict) and set(CHECKPOINT_KEYS) <= set(meta) and isinstance(meta["kwargs"], dict)):
         raise ValueError("not a kaggle-vit fold checkpoint")
-    return ckpt
+    # JSON has no tuples: the keywords (img_size) and the image size come back as they were saved
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["kwargs"].items()}
+    return {**meta, "kwargs": kwargs, "input_size": tuple(meta["input_size"])}
 
 
-class _WithoutTensors(pickle.Unpickler):
-    """Reads a torch.save pickle without torch: every torch object (tensors, sizes) comes back as
-    None, everything else (names, keywords, sizes, class names) as saved."""
+def _digest(chunks: Iterable[bytes]) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
 
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" or module.startswith("torch."):
-            return lambda *args, **kwargs: None
-        return super().find_class(module, name)
 
-    def persistent_load(self, pid: Any) -> None:
-        return None  # a tensor's storage, kept in its own member of the archive
+def _check_table(tensors: dict, data_bytes: int) -> None:
+    """The tensor table covers the data exactly: each tensor's bytes fit its dtype and shape, end to end."""
+    end = 0
+    for entry in sorted(tensors.values(), key=lambda e: e["data_offsets"]):
+        start, stop = entry["data_offsets"]
+        if start != end or stop - start != math.prod(entry["shape"]) * DTYPE_BYTES[entry["dtype"]]:
+            raise ValueError("the tensor table does not match the data")
+        end = stop
+    if end != data_bytes:
+        raise ValueError(f"{data_bytes} bytes of data, the tensor table gives {end}")
 
 
 def checkpoint_header(path: Path) -> dict:
-    """A fold checkpoint without its tensors, read without importing torch (seconds): what `submit`
-    needs to check a fold against the competition. Every member's checksum is verified first, so a
-    damaged file is refused here as loading it would refuse it."""
-    with zipfile.ZipFile(path) as archive:
-        damaged = archive.testzip()
-        if damaged is not None:
-            raise ValueError(f"{damaged}: checksum mismatch")
-        pickled = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
-        if pickled is None:
-            raise ValueError("not a torch.save archive")
-        return _checked(_WithoutTensors(io.BytesIO(archive.read(pickled))).load())
+    """A fold checkpoint's metadata (model, keywords, image size, classes), read as JSON from its
+    safetensors header without torch and without resolving anything: reading it runs no code. The
+    tensor table is checked against the file, and the tensor bytes against their digest, so a
+    truncated or damaged file is refused here as loading it would refuse it."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        length = int.from_bytes(fh.read(8), "little")
+        if not 2 <= length <= min(size - 8, MAX_HEADER):
+            raise ValueError("not a safetensors file")
+        header = json.loads(fh.read(length))
+        meta = _checked(json.loads(header.pop("__metadata__")[METADATA_KEY]))
+        _check_table(header, size - 8 - length)
+        if _digest(iter(lambda: fh.read(1 << 20), b"")) != meta["sha256"]:
+            raise ValueError("the tensor bytes do not match their digest")
+    return meta
 
 
-def _load_checkpoint(path: Path) -> dict:
-    import torch
+def save_checkpoint(path: Path, state_dict: "dict[str, torch.Tensor]", meta: dict) -> None:
+    """Write a fold's best weights as safetensors (tensors only: no code), with `meta` (the
+    CHECKPOINT_KEYS and more) and the tensor bytes' digest as JSON in its header."""
+    from safetensors.torch import save
 
-    return _checked(torch.load(path, map_location="cpu", weights_only=False))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    bare = save(tensors)  # the data section does not depend on the metadata: its digest is the file's
+    digest = _digest([memoryview(bare)[8 + int.from_bytes(bare[:8], "little"):]])
+    del bare
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps({**meta, "sha256": digest})}))
 
 
 def _load_arrays(path: Path) -> None:
@@ -173,6 +207,20 @@ def _load_arrays(path: Path) -> None:
         if isinstance(loaded, np.lib.npyio.NpzFile):
             for key in loaded.files:
                 loaded[key]  # reading each member checks its CRC
+
+
+def read_test_probs(path: Path) -> np.ndarray:
+    """A fold's saved test probabilities (an .npy array, never a pickle); a damaged file is one line
+    naming it, never silently predicted again."""
+    try:
+        with open(path, "rb") as fh:
+            probs = np.load(fh, allow_pickle=False)
+        if not isinstance(probs, np.ndarray):
+            raise ValueError("not an .npy array")
+    except (OSError, ValueError, EOFError) as error:
+        raise KaggleVitError(f"{path}: unreadable ({type(error).__name__}); rerun `kaggle-vit cv` with the same "
+                             f"settings to rewrite it") from None
+    return probs
 
 
 READERS: dict[str, Callable[[Path], Any]] = {
@@ -184,29 +232,34 @@ READERS: dict[str, Callable[[Path], Any]] = {
 
 
 def _read(fold: FoldDir, what: str) -> tuple[Any, str | None]:
-    """(contents, None), or (None, 'missing' / 'unreadable')."""
+    """(contents, None), or (None, 'PATH is missing' / 'unreadable' / in the old format)."""
     path = getattr(fold, what)
     if not path.exists():
-        return None, "missing"
+        if what == "model" and fold.old_model.exists():
+            return None, f"{fold.old_model} is {OLD_FORMAT}"
+        return None, f"{path} is missing"
     try:
         return READERS[what](path), None
     except Exception:  # noqa: BLE001 - whatever the reader raises, the file is unusable
-        return None, "unreadable"
+        return None, f"{path} is unreadable"
 
 
 def read_checkpoint(run_dir: Path, fold: int, weights: bool = True) -> dict:
-    """A fold's best-epoch checkpoint (without its tensors unless `weights`, and then without
-    importing torch); a missing or damaged one is named with the way to retrain it."""
+    """A fold's best-epoch checkpoint: its metadata, and its tensors (`state_dict`) when `weights`
+    (without them, torch is not imported); a missing, damaged or old-format one is named with the
+    way to retrain it."""
     files = RunDir(run_dir).fold(fold)
     ckpt, problem = _read(files, "model")
     if not problem and weights:
+        from safetensors.torch import load_file
+
         try:
-            ckpt = _load_checkpoint(files.model)
-        except Exception:  # noqa: BLE001 - whatever torch raises, the file is unusable
-            problem = "unreadable"
+            ckpt = {**ckpt, "state_dict": load_file(files.model)}
+        except Exception:  # noqa: BLE001 - whatever safetensors raises, the file is unusable
+            problem = f"{files.model} is unreadable"
     if problem:
-        raise KaggleVitError(f"fold {fold}'s checkpoint {files.model} is {problem}: rerun "
-                             f"`kaggle-vit cv` with the same settings to retrain it")
+        raise KaggleVitError(f"fold {fold}'s checkpoint {problem}: rerun `kaggle-vit cv` with the same settings "
+                             f"to retrain it")
     return ckpt
 
 
@@ -220,10 +273,6 @@ def model_from(ckpt: dict) -> "torch.nn.Module":
 
 
 def fold_problem(run_dir: Path, fold: int) -> str | None:
-    """Why a fold that wrote result.json cannot be used ('RUN/foldK/model.pt is unreadable'), or None."""
+    """Why a fold that wrote result.json cannot be used ('RUN/foldK/model.safetensors is unreadable'), or None."""
     files = RunDir(run_dir).fold(fold)
-    for what in READERS:
-        problem = _read(files, what)[1]
-        if problem:
-            return f"{getattr(files, what)} is {problem}"
-    return None
+    return next((problem for what in READERS if (problem := _read(files, what)[1])), None)

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .competition import CompetitionSpec
+from .competition import CompetitionSpec, shown
 from . import rundir
 from .config import load_toml
-from .data import CompetitionData, read_csv, load_sample_ids
+from .data import SPEC_PATHS, CompetitionData, read_csv, load_sample_ids
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
 from .metrics import clip_probs, get_metric, one_hot
@@ -93,8 +93,8 @@ def read_checkpoint(run_dir: Path, fold: int, spec: CompetitionSpec, weights: bo
     ckpt = rundir.read_checkpoint(run_dir, fold, weights)
     want = ((spec.channels, spec.height, spec.width), spec.num_classes)
     if (tuple(ckpt["input_size"]), ckpt["num_classes"]) != want:
-        raise KaggleVitError(f"{run_dir}/fold{fold}/model.pt: trained on {tuple(ckpt['input_size'])} images with "
-                             f"{ckpt['num_classes']} classes, but {spec.name} has {want[0]} and {want[1]}")
+        raise KaggleVitError(f"{RunDir(run_dir).fold(fold).model}: trained on {tuple(ckpt['input_size'])} images "
+                             f"with {ckpt['num_classes']} classes, but {spec.name} has {want[0]} and {want[1]}")
     return ckpt
 
 
@@ -106,14 +106,12 @@ def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> "torch.n
 def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | None = None,
                     device: str = "auto") -> np.ndarray:
     """A fold model's test probabilities: as cv saved them (with the run's test-time views), or,
-    when `tta` is given, recomputed with that many views."""
+    when `tta` is given (or none were saved, or for another test set), recomputed. A damaged file is
+    one line: it is never silently replaced by a new prediction."""
     saved = RunDir(run_dir).fold(fold).test_probs
     if tta is None and saved.exists():
-        try:
-            probs = np.load(saved)
-        except (OSError, ValueError, EOFError):
-            probs = None  # damaged: recomputed from the fold's checkpoint below
-        if probs is not None and probs.shape == (len(data.test), data.spec.num_classes):
+        probs = rundir.read_test_probs(saved)
+        if probs.shape == (len(data.test), data.spec.num_classes):
             return probs
     # Only here are torch, the model and the training code needed: a submission from saved
     # probabilities imports none of them (torch, timm and albumentations take seconds to import).
@@ -147,16 +145,16 @@ def _check_ids(ids: np.ndarray, expected_ids: list[str], id_col: str, source: st
         raise KaggleVitError(f"{source}: row {r + 1}, column '{id_col}': id {ids[r]}, expected {expected[r]}")
 
 
-def _class_indices(frame: pd.DataFrame, column: str, names: tuple[str, ...], source: str) -> np.ndarray:
-    """A label column's class indices; every label must be a class name (compared as text)."""
+def _class_indices(frame: pd.DataFrame, column: str, classes: tuple[str, ...], source: str) -> np.ndarray:
+    """A label column's class indices; every label must be one of the class labels, compared as the
+    text Kaggle reads (`9`, not `Ankle boot`, when the competition's files hold class numbers)."""
     labels = frame[column].astype(str).to_numpy()
-    index = {name: i for i, name in enumerate(names)}
+    index = {label: i for i, label in enumerate(classes)}
     unknown = [r for r, label in enumerate(labels) if label not in index]
     if unknown:
         r = unknown[0]
-        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise KaggleVitError(f"{source}: row {r + 1}, column '{column}': label '{labels[r]}' is not one of the "
-                             f"{len(names)} classes ({shown})")
+                             f"{len(classes)} classes ({shown(classes)})")
     return np.asarray([index[label] for label in labels], dtype=np.int64)
 
 
@@ -173,24 +171,24 @@ def _probabilities(frame: pd.DataFrame, columns: list[str], source: str) -> np.n
 
 def validate_submission(frame: pd.DataFrame, spec: CompetitionSpec, expected_ids: list[str], source: str) -> np.ndarray:
     """Check a submission in the spec's form, as the text Kaggle reads: its columns, row count, ids
-    (unique, the sample's, in its order) and values (class names, or probabilities from 0 to 1);
+    (unique, the sample's, in its order) and values (class labels, or probabilities from 0 to 1);
     return it as (N, classes) probabilities (a label is a certain class)."""
     header = spec.submission_header()
     if list(frame.columns) != header:
         raise KaggleVitError(f"{source}: row 0: columns {list(frame.columns)}, expected {header}")
     _check_ids(frame[header[0]].astype(str).to_numpy(), expected_ids, header[0], source)
     if spec.submission_form == "label":
-        return one_hot(_class_indices(frame, header[1], spec.class_names, source), len(spec.class_names))
+        return one_hot(_class_indices(frame, header[1], spec.class_labels, source), len(spec.class_labels))
     probs = _probabilities(frame, header[1:], source)
     return np.concatenate([1 - probs, probs], axis=1) if spec.submission_form == "probability" else probs
 
 
 def submission_frame(ids: np.ndarray, probs: np.ndarray, spec: CompetitionSpec) -> pd.DataFrame:
-    """The submission of ensemble probabilities in the spec's form: the most probable class's name,
+    """The submission of ensemble probabilities in the spec's form: the most probable class's label,
     the second class's probability, or every class's; probabilities clipped as Kaggle's log loss clips them."""
     header = spec.submission_header()
     if spec.submission_form == "label":
-        return pd.DataFrame({header[0]: ids, header[1]: np.asarray(spec.class_names, dtype=object)[probs.argmax(1)]})
+        return pd.DataFrame({header[0]: ids, header[1]: np.asarray(spec.class_labels, dtype=object)[probs.argmax(1)]})
     clipped = clip_probs(probs)
     if spec.submission_form == "probability":
         return pd.DataFrame({header[0]: ids, header[1]: clipped[:, 1]})
@@ -205,12 +203,44 @@ def expected_ids(data: CompetitionData) -> list[str]:
     return [str(i) for i in data.test.ids]  # read from the sample submission when the data was loaded
 
 
+def _kind(path: Path) -> str | None:
+    """What a path is, when it is not a regular file (or nothing)."""
+    if path.is_symlink():
+        return "a symbolic link"
+    if path.is_dir():
+        return "a folder"
+    return "a device or other special file" if path.exists() and not path.is_file() else None
+
+
+def check_output(output: Path, spec: CompetitionSpec, data_dir: Path, force: bool = False) -> None:
+    """Refuse, before any work, a submission written where nobody asked: over an existing file
+    (unless `force`), over the competition's own files or into its image folders (even with
+    `force`), as anything but a regular file, or into a missing folder outside the working
+    directory (one inside it is created)."""
+    output = Path(output)
+    kind = _kind(output)
+    if kind:
+        raise KaggleVitError(f"{output}: {kind}; a submission is written only as a regular file: choose another --output")
+    real = output.resolve()
+    if any(real.is_relative_to((data_dir / getattr(spec, field)).resolve()) for field, _ in SPEC_PATHS):
+        raise KaggleVitError(f"{output}: one of the competition's own files in {data_dir}, never written over; "
+                             f"choose another --output")
+    if output.exists() and not force:
+        raise KaggleVitError(f"{output}: already exists; pass --force to replace it, or choose another --output")
+    parent, cwd = real.parent, Path.cwd().resolve()
+    if not parent.exists() and not parent.is_relative_to(cwd):
+        raise KaggleVitError(f"{output.parent}: no such folder, and kaggle-vit creates folders only inside the "
+                             f"working directory ({cwd}); create it first or choose another --output")
+
+
 def make_submission(run_dirs: Path | list[Path], data: CompetitionData, output: Path, folds: list[int] | None = None,
                     weighting: str = "mean", tta: int | None = None, allow_missing: bool = False,
-                    device: str = "auto") -> Submission:
+                    device: str = "auto", force: bool = False) -> Submission:
     """Average the chosen folds' test probabilities, of one run or of several (seeds, models), each
-    fold model weighted equally or by its validation accuracy (`oof`), and write the submission."""
+    fold model weighted equally or by its validation accuracy (`oof`), and write the submission
+    (`force`: over an existing file; see `check_output`)."""
     spec = data.spec
+    check_output(output, spec, data.data_dir, force)
     if weighting not in ("mean", "oof"):
         raise KaggleVitError(f"--weighting must be mean or oof, got '{weighting}'")
     runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
@@ -240,7 +270,7 @@ def read_solution(solution: Path, spec: CompetitionSpec) -> tuple[list[str], np.
     id_col, label_col = spec.solution_columns
     if list(truth.columns[:2]) != [id_col, label_col]:
         raise KaggleVitError(f"{solution}: row 0: columns {list(truth.columns)}, expected {[id_col, label_col]}")
-    return truth[id_col].tolist(), _class_indices(truth, label_col, spec.class_names, str(solution))
+    return truth[id_col].tolist(), _class_indices(truth, label_col, spec.class_labels, str(solution))
 
 
 def score_submission(submission: Path, solution: Path, spec: CompetitionSpec) -> float:

@@ -4,14 +4,16 @@ Each trial samples a TrainConfig, trains and validates `tune_folds` folds throug
 `kaggle-vit cv` (no test predictions, no test-time views: no trial needs them), and reports after
 every epoch the running mean of the competition's metric across its folds (step = fold position ×
 epochs + epoch, the same for every trial) so the pruner can stop weak trials. The study lives in a real database:
-SQLite in the competition's runs folder by default, PostgreSQL for many workers; a heartbeat
+SQLite in the competition's runs folder by default, PostgreSQL (or MySQL) for many workers; a heartbeat
 marks the trials of killed workers failed so the others go on.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -90,36 +92,127 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     raise KaggleVitError(f"--pruner must be median, hyperband or none, got '{name}'")
 
 
-def _connect(url: str) -> optuna.storages.RDBStorage:
+# Where a study can live, as a user writes the URL; for each database kaggle-vit keeps studies in,
+# its name, the driver its hints name and the package that installs that driver.
+STORAGES = "sqlite:///FILE, postgresql://USER@HOST/DB or mysql+pymysql://USER@HOST/DB"
+DATABASES = {"sqlite": ("SQLite", "pysqlite", None), "postgresql": ("PostgreSQL", "psycopg", "'kaggle-vit[postgres]'"),
+             "mysql": ("MySQL", "pymysql", "pymysql")}
+
+
+def _shown(url: str) -> str:
+    """The URL as typed, its password masked: a message is pasted into logs and issues."""
+    return re.sub(r"(//[^:/@]*:).*@", r"\1***@", url)
+
+
+def _reason(error: BaseException) -> str:
+    """The database's own first line for a failure (its driver's message, not SQLAlchemy's wrapping)."""
+    if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ is not None:
+        error = error.__cause__  # Optuna's words guess at invalid data; the cause says what failed
+    text = str(getattr(error, "orig", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _driver_hint(backend: str, driver: str) -> str:
+    """How to get a missing driver: the package kaggle-vit's hints name, and the URL that uses it."""
+    _, usual, package = DATABASES[backend]
+    steps = [f"pip install {package}"] if package else []
+    if driver != usual or not steps:
+        steps.append(f"write the URL as {'sqlite:///FILE' if backend == 'sqlite' else f'{backend}+{usual}://...'}")
+    return " and ".join(steps)
+
+
+def _sqlite_file_exists(shown: str, database: str | None) -> bool:
+    """Whether the SQLite file a study is to be kept in exists; a name that can hold none is refused."""
+    if not database or database == ":memory:":
+        raise KaggleVitError(f"--storage {shown}: an in-memory database ends with the command, and the study "
+                             f"with it; name a file: sqlite:///PATH")
+    path = Path(database)
+    if path.is_dir():
+        raise KaggleVitError(f"--storage {shown}: {path} is a folder; name a file in it: sqlite:///{path / 'study.db'}")
+    if not path.parent.is_dir():
+        raise KaggleVitError(f"--storage {shown}: folder {path.parent} does not exist (tune creates the database "
+                             f"file, not its folder)")
+    if not path.exists() and not os.access(path.parent, os.W_OK):
+        raise KaggleVitError(f"--storage {shown}: folder {path.parent} is not writable")
+    return path.exists()
+
+
+def check_storage(url: str) -> None:
+    """Check a study database URL before anything is created, so that a bad one is one line naming
+    it (password masked) and what to do: not a URL, a database kaggle-vit keeps no study in, a missing
+    driver, a SQLite file in a missing folder or one that is not a database, a server that does not
+    answer. A server is only asked for its table names, and a new SQLite file is not created."""
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    shown = _shown(url)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=2, grace_period=10,
-                                              engine_kwargs={"pool_pre_ping": True})
+        parsed = sqlalchemy.engine.make_url(url)
+    except (ArgumentError, ValueError):
+        path_like = "://" not in url and re.search(r"\.(db|sqlite3?)$", url)  # a file named where a URL goes
+        raise KaggleVitError(f"--storage {shown}: not a database URL; use "
+                             f"{f'sqlite:///{url}' if path_like else STORAGES}") from None
+    backend = parsed.get_backend_name()
+    if backend not in DATABASES:
+        raise KaggleVitError(f"--storage {shown}: kaggle-vit keeps a study in SQLite, PostgreSQL or MySQL, "
+                             f"not '{backend}'; use {STORAGES}")
+    if "@" in (parsed.host or ""):  # the host would be the password's end, and a message would show it
+        raise KaggleVitError(f"--storage {shown}: write an '@' in the password as %40")
+    new_file = backend == "sqlite" and not _sqlite_file_exists(shown, parsed.database)
+    try:
+        engine = sqlalchemy.create_engine(url)  # connects on first use only
+    except NoSuchModuleError:
+        raise KaggleVitError(f"--storage {shown}: {DATABASES[backend][0]} has no driver '{parsed.get_driver_name()}'; "
+                             f"{_driver_hint(backend, '')}") from None
     except ImportError:
-        raise KaggleVitError(f"--storage {url.split('@')[-1]}: its database driver is missing "
-                             f"(PostgreSQL: pip install 'kaggle-vit[postgres]')") from None
+        driver = parsed.get_driver_name()
+        raise KaggleVitError(f"--storage {shown}: {DATABASES[backend][0]}'s driver {driver} is not installed; "
+                             f"{_driver_hint(backend, driver)}") from None
+    try:
+        if not new_file:
+            sqlalchemy.inspect(engine).get_table_names()
+    except SQLAlchemyError as error:
+        raise KaggleVitError(f"--storage {shown}: cannot open the database: {_reason(error)}") from None
+    finally:
+        engine.dispose()
+
+
+def _rdb(url: str) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # Optuna reads braces in a URL as a template: doubled, the URL's own braces are kept
+        return optuna.storages.RDBStorage(url.replace("{", "{{").replace("}", "}}"), heartbeat_interval=2,
+                                          grace_period=10, engine_kwargs={"pool_pre_ping": True})
 
 
 def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """The study database; workers that start together on an empty database race to create its
-    tables (a unique-key error for the loser), so a failed connection is retried."""
-    from sqlalchemy.exc import DBAPIError
+    """The study database, its tables created; workers that start together on an empty database
+    race to create them (a unique-key error for the loser), so a database error is retried."""
+    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-    for _ in range(attempts - 1):
-        try:
-            return _connect(url)
-        except DBAPIError:
-            time.sleep(0.5 + random.random())
-    return _connect(url)
+    try:
+        for _ in range(attempts - 1):
+            try:
+                return _rdb(url)
+            except DBAPIError:
+                time.sleep(0.5 + random.random())
+        return _rdb(url)
+    except (SQLAlchemyError, RuntimeError) as error:  # RuntimeError: tables of another Optuna version
+        raise KaggleVitError(f"--storage {_shown(url)}: cannot set up the study's tables: {_reason(error)}") from None
 
 
 def open_study(storage: str, study_name: str, pruner: str, seed: int, direction: str = "maximize") -> optuna.Study:
     """Create or resume a study that optimises the competition's metric in its `direction`; its
     storage's heartbeat fails trials whose worker died."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     rdb = _storage(storage)
-    return optuna.create_study(study_name=study_name, storage=rdb, direction=direction, load_if_exists=True,
-                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=make_pruner(pruner))
+    try:
+        return optuna.create_study(study_name=study_name, storage=rdb, direction=direction, load_if_exists=True,
+                                   sampler=optuna.samplers.TPESampler(seed=seed), pruner=make_pruner(pruner))
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+        raise KaggleVitError(f"--storage {_shown(storage)}: cannot keep study '{study_name}' in it: "
+                             f"{_reason(error)}") from None
 
 
 @dataclass(frozen=True)
@@ -239,6 +332,8 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
     if not 1 <= tune_folds <= base.folds:
         raise KaggleVitError(f"--tune-folds must be in 1..{base.folds}, got {tune_folds}")
     make_pruner(pruner)
+    if storage:
+        check_storage(storage)
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     study_name = study_name or f"kvit-{data.spec.name}"

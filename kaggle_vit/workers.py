@@ -13,7 +13,8 @@ kaggle_vit.workers JOB OUT IN` process that reads its setup from a file written 
 the images from memory-mapped files, and each segment as one small message, so a parent killed
 while workers start leaves none reading half a pickle; it runs in its own session, so Ctrl-C
 reaches only the parent, which stops the workers with SIGTERM (temporary files are cleaned,
-nothing printed), as it does when it gets SIGTERM itself (`timeout`, `kill`); no semaphores exist
+nothing printed, even from a worker that is exiting: `stop_quietly`), as it does when it gets
+SIGTERM itself (`timeout`, `kill`); no semaphores exist
 (pipes, not queues), so none can leak; and a worker whose parent dies (SIGKILL) stops within a
 fraction of a second, whatever it is doing (`watch_parent`), so a killed `cv` leaves no orphan
 training, predicting or writing into the run folder.
@@ -32,9 +33,10 @@ import threading
 import time
 import traceback
 from collections import deque
+from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +48,7 @@ from .device import gpu_multiprocessors, shares_gpus
 from .engine import validates
 from .errors import Interrupted, KaggleVitError
 from .fold import train_fold
-from .io import atomic_path
+from .io import atomic_path, is_running
 from .notices import log, notice
 from .pseudo import pseudo_labels
 from .rundir import RunDir
@@ -139,13 +141,13 @@ def plan_segments(todo: list[int], epochs: int, jobs: int, epoch_cost: float | S
 
 
 # A training image costs about this many inference passes (forward, backward, optimiser), as
-# measured in cv on the 2-core CPU (README, "Folds in parallel").
+# measured in cv on a CPU (docs/training.md, "Folds in parallel").
 TRAIN_PASSES = 3.5
 
 
 # With `skip_easy`, the share of a fold's training rows whose loss is below the mean (those a middle
-# epoch may leave out) before epochs 2, 3, 4 and 5 on, as measured on digit-recognizer (README,
-# Training): it depends on how far the model has trained, not on the schedule's length.
+# epoch may leave out) before epochs 2, 3, 4 and 5 on, as measured on digit-recognizer
+# (docs/training.md): it depends on how far the model has trained, not on the schedule's length.
 EASY_SHARES = (0.67, 0.81, 0.87, 0.93)
 
 
@@ -230,8 +232,39 @@ class _ForwardNotices(logging.Handler):
         self.progress.send("notice", record.getMessage())
 
 
-def _stop_on_sigterm(signum, frame) -> None:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _stop_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds, so atomic writes in progress remove their temp files
+
+
+def _exit_now(signum, frame) -> None:
+    os._exit(128 + signum)  # the work is over, nothing is left to clean: Python's exit is not interrupted
+
+
+def _exit_unraisable(args) -> None:
+    """A stop signal's SystemExit raised where Python cannot pass it on (a weakref callback, a `__del__`)
+    would be printed and ignored, and the worker would go on: it exits now, quietly."""
+    if issubclass(args.exc_type, SystemExit):
+        os._exit(args.exc_value.code if isinstance(args.exc_value.code, int) else 1)
+    sys.__unraisablehook__(args)
+
+
+@contextmanager
+def stop_quietly() -> Iterator[None]:
+    """SIGTERM (how the parent stops a worker) or SIGINT ends this process without a word, whatever
+    it is doing: inside the block by unwinding, so atomic writes remove their temporary files; after
+    it (Python's exit, atexit callbacks included, where an exception is printed) at once."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop_on_signal)
+    previous, sys.unraisablehook = sys.unraisablehook, _exit_unraisable
+    try:
+        yield
+    finally:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _exit_now)
+        sys.unraisablehook = previous
 
 
 def watch_parent(parent: int, every: float = PARENT_POLL_S) -> None:
@@ -252,21 +285,11 @@ def watch_parent(parent: int, every: float = PARENT_POLL_S) -> None:
 ARRAYS = ("train_images", "train_labels", "train_ids", "test_images", "test_ids", "folds")
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def _stage_arrays(data: CompetitionData, folds: np.ndarray, run_dir: Path) -> Path:
     """Write the data for the workers into a private folder of the run (removed when they end)."""
     run = RunDir(run_dir)
     for pid, stale in run.stagings():  # left by a cv that was killed
-        if not _running(pid):
+        if not is_running(pid):
             shutil.rmtree(stale, ignore_errors=True)
     staging = run.new_staging()
     arrays = (data.train.images, data.train.labels, data.train.ids, data.test.images, data.test.ids, folds)
@@ -279,7 +302,7 @@ def _stage_arrays(data: CompetitionData, folds: np.ndarray, run_dir: Path) -> Pa
 
 
 def _load_arrays(staging: Path, data: CompetitionData) -> tuple[CompetitionData, np.ndarray]:
-    a = {name: np.load(staging / f"{name}.npy", mmap_mode="c") for name in ARRAYS}
+    a = {name: np.load(staging / f"{name}.npy", mmap_mode="c", allow_pickle=False) for name in ARRAYS}
     train = ImageTable(a["train_images"], np.asarray(a["train_labels"]), np.asarray(a["train_ids"]))
     test = ImageTable(a["test_images"], None, np.asarray(a["test_ids"]))
     return CompetitionData(data.spec, data.data_dir, train, test), np.asarray(a["folds"])
@@ -290,23 +313,23 @@ def _worker(job: Path, fd_out: int, fd_in: int) -> None:
     comes without arrays, which are read from the job's folder), train the fold segments the parent
     sends through the pipe `fd_in`, one after another, reporting through `fd_out`. A closed `fd_in`
     (no more work, or the parent is gone) ends the process."""
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    outbox, inbox = Connection(fd_out), Connection(fd_in, writable=False)
-    cfg, bare, run_dir, threads, parent = pickle.loads(job.read_bytes())
-    watch_parent(parent)
-    torch.set_num_threads(threads)
-    data, folds = _load_arrays(job.parent, bare)
-    progress = PipeProgress(outbox, 0)
-    log.addHandler(_ForwardNotices(progress))
-    log.propagate = False
-    while True:
-        try:
-            segment = Segment(*inbox.recv())
-        except (EOFError, OSError):
-            return
-        progress.begin(segment.fold)
-        _train_segment(cfg, data, folds, run_dir, segment, progress)
-        progress.send("done", None)
+    with stop_quietly():
+        outbox, inbox = Connection(fd_out), Connection(fd_in, writable=False)
+        cfg, bare, run_dir, threads, parent = pickle.loads(job.read_bytes())
+        watch_parent(parent)
+        torch.set_num_threads(threads)
+        data, folds = _load_arrays(job.parent, bare)
+        progress = PipeProgress(outbox, 0)
+        log.addHandler(_ForwardNotices(progress))
+        log.propagate = False
+        while True:
+            try:
+                segment = Segment(*inbox.recv())
+            except (EOFError, OSError):
+                return
+            progress.begin(segment.fold)
+            _train_segment(cfg, data, folds, run_dir, segment, progress)
+            progress.send("done", None)
 
 
 def _train_segment(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, run_dir: Path, segment: Segment,

@@ -2,7 +2,6 @@
 persistent DataLoader with albumentations; both repeat from the epoch's seed alone."""
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 

@@ -16,6 +16,7 @@ from kaggle_vit.cv import default_run_dir, run_cv
 from kaggle_vit.data import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import plot_run_curves
+from kaggle_vit.rundir import read_checkpoint
 from kaggle_vit.workers import Segment, plan_costs, plan_segments
 
 runner = CliRunner()
@@ -38,7 +39,7 @@ def test_fold_loop_writes_every_artifact(small_comp, small_spec, tmp_path):
     for name in ("config.toml", "folds.csv", "oof.csv", "metrics.json"):
         assert (run / name).is_file(), name
     for k in (1, 2):
-        for name in ("model.pt", "history.csv", "test_probs.npy", "valid_probs.npz", "result.json"):
+        for name in ("model.safetensors", "history.csv", "test_probs.npy", "valid_probs.npz", "result.json"):
             assert (run / f"fold{k}" / name).is_file(), name
         assert not (run / f"fold{k}" / "state.pt").exists()
         assert np.load(run / f"fold{k}" / "test_probs.npy").shape == (200, 10)
@@ -65,10 +66,10 @@ def test_resume_skips_finished_folds(small_comp, small_spec, tmp_path, monkeypat
     run = tmp_path / "run"
     first = run_cv(TrainConfig(**TINY), data, run, only_folds=[1])
     assert not first.complete and first.trained == [1]
-    before = (run / "fold1" / "model.pt").read_bytes()
+    before = (run / "fold1" / "model.safetensors").read_bytes()
     second = run_cv(TrainConfig(**TINY), data, run)
     assert second.trained == [2] and second.complete
-    assert (run / "fold1" / "model.pt").read_bytes() == before
+    assert (run / "fold1" / "model.safetensors").read_bytes() == before
 
     with pytest.raises(KaggleVitError, match="other settings"):
         run_cv(TrainConfig(**{**TINY, "lr": 0.1}), data, run)
@@ -137,7 +138,7 @@ def test_cli_cv_quiet(small_comp, tiny_toml, tmp_path, monkeypatch):
     assert "OOF accuracy" in result.output
     runs = list((tmp_path / "runs" / "digit-recognizer").glob("vit_tiny_patch16_224-*"))
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
-    ckpt = __import__("torch").load(runs[0] / "fold1" / "model.pt", weights_only=False)
+    ckpt = read_checkpoint(runs[0], 1)
     assert ckpt["kwargs"]["patch_size"] == 4 and ckpt["state_dict"]["pos_embed"].shape == (1, 50, 192)
     bad = runner.invoke(app, ["cv", "--config", str(tiny_toml), "--data-dir", str(small_comp), "--fold", "7"])
     assert bad.exit_code == 2 and "folds are numbered 1..2" in bad.output

@@ -143,9 +143,9 @@ def test_an_unreadable_state_restarts_its_fold(comp, tiny, finished, tmp_path, m
 @pytest.mark.parametrize("how", ["missing", "truncated", "flipped"])
 def test_a_damaged_checkpoint_is_named_by_submit_and_retrained_by_cv(run_copy, tiny, tmp_path, monkeypatch, how):
     run, data = run_copy
-    model = run / "fold2" / "model.pt"
+    model = run / "fold2" / "model.safetensors"
     reference = np.load(run / "fold2" / "test_probs.npy")
-    model.unlink() if how == "missing" else _damage(model, "truncated")
+    model.unlink() if how == "missing" else _damage(model, how)  # a flipped byte: the tensor bytes' digest differs
     before = snapshot(data, tmp_path / "tiny.toml")
     result = invoke(["submit", run, "--data-dir", data, "--output", tmp_path / "sub.csv"], tmp_path, monkeypatch)
     assert result.exit_code == 2

@@ -298,8 +298,8 @@ def test_rgb_jpegs_of_another_size_train_with_kvit_and_timm(tmp_path, mnist, mon
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["cv", "-c", str(spec), "--config", str(cfg), "--data-dir", str(comp), "-q"])
     assert result.exit_code == 0, result.output
-    import torch
+    from kaggle_vit.rundir import read_checkpoint
 
     run = next((tmp_path / "runs" / "digits-as-files").glob(f"{model}-*"))
-    ckpt = torch.load(run / "fold1" / "model.pt", weights_only=False)
+    ckpt = read_checkpoint(run, 1)
     assert ckpt["input_size"] == (3, 32, 32) and ckpt["kwargs"]["in_chans"] == 3

@@ -1,6 +1,5 @@
 """Every metric against scikit-learn on known inputs, its direction, and the competition's metric
 driving the best epoch, the OOF score and `kaggle-vit score`."""
-import dataclasses
 import math
 
 import numpy as np

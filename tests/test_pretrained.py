@@ -20,6 +20,7 @@ from kaggle_vit.dataset import resolve_data_config
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.models import create_model, model_kwargs
 from kaggle_vit.models.pretrained import create_pretrained, find_weights, read_weights
+from kaggle_vit.rundir import save_checkpoint
 
 runner = CliRunner()
 SMALL_KVIT = dict(embed_dim=32, depth=1, num_heads=2)
@@ -78,18 +79,25 @@ def test_a_pretrained_timm_model_keeps_its_patch_size_and_takes_its_data_config(
 
 
 def _fold_checkpoint(path: Path, num_classes: int = 10) -> dict:
-    """A file laid out as `kaggle-vit cv` writes fold1/model.pt."""
+    """A file laid out as `kaggle-vit cv` writes fold1/model.safetensors, or (model.pt) as an older
+    kaggle-vit wrote it."""
     torch.manual_seed(1)
     kwargs = dict(num_classes=num_classes, in_chans=1, img_size=(28, 28), **SMALL_KVIT)
     model = timm.create_model("kvit_pico_patch4_28", **kwargs)
-    torch.save({"model": "kvit_pico_patch4_28", "kwargs": kwargs, "state_dict": model.state_dict(), "fold": 1}, path)
+    meta = {"model": "kvit_pico_patch4_28", "kwargs": kwargs, "fold": 1, "input_size": (1, 28, 28),
+            "num_classes": num_classes}
+    if path.suffix == ".safetensors":
+        save_checkpoint(path, model.state_dict(), meta)
+    else:
+        torch.save({**meta, "state_dict": model.state_dict()}, path)
     return model.state_dict()
 
 
-def test_a_fold_checkpoint_transfers_to_another_competition(tmp_path):
-    source = _fold_checkpoint(tmp_path / "model.pt")
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pt"])
+def test_a_fold_checkpoint_transfers_to_another_competition(tmp_path, name):
+    source = _fold_checkpoint(tmp_path / name)
     spec = load_spec("cifar-10")  # 32x32 RGB, ten class names
-    cfg = resolve_config(competition="cifar-10", pretrained=str(tmp_path / "model.pt"), model="vit_tiny_patch16_224",
+    cfg = resolve_config(competition="cifar-10", pretrained=str(tmp_path / name), model="vit_tiny_patch16_224",
                          embed_dim=64)
     # the checkpoint names its model and shape; they replace the config's
     assert (cfg.model, cfg.embed_dim, cfg.depth, cfg.num_heads) == ("kvit_pico_patch4_28", 32, 1, 2)
@@ -100,14 +108,14 @@ def test_a_fold_checkpoint_transfers_to_another_competition(tmp_path):
     torch.testing.assert_close(state["stem.0.weight"], source["stem.0.weight"].repeat(1, 3, 1, 1) / 3)
     assert _same({k: v for k, v in state.items() if k.startswith("blocks")},
                  {k: v for k, v in source.items() if k.startswith("blocks")})
-    same_task = create_model(resolve_config(competition="digit-recognizer", pretrained=str(tmp_path / "model.pt")),
+    same_task = create_model(resolve_config(competition="digit-recognizer", pretrained=str(tmp_path / name)),
                              load_spec("digit-recognizer"))
     assert _same(same_task.state_dict(), source)  # same competition: back exactly, head included
 
 
 def test_a_different_class_count_gets_a_fresh_head(tmp_path):
-    source = _fold_checkpoint(tmp_path / "model.pt", num_classes=5)
-    model = create_model(resolve_config(competition="digit-recognizer", pretrained=str(tmp_path / "model.pt")),
+    source = _fold_checkpoint(tmp_path / "model.safetensors", num_classes=5)
+    model = create_model(resolve_config(competition="digit-recognizer", pretrained=str(tmp_path / "model.safetensors")),
                          load_spec("digit-recognizer"))
     assert model.state_dict()["head.weight"].shape == (10, 32)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items() if not k.startswith("head"))
@@ -140,13 +148,13 @@ def test_cli_refuses_missing_and_unfitting_weights_in_one_line(tmp_path, small_c
 
 
 def test_cv_fine_tunes_from_a_fold_checkpoint(tmp_path, small_comp):
-    """Train one fold, then start a second run from its model.pt: the run records the weights and
+    """Train one fold, then start a second run from its model.safetensors: the run records the weights and
     its first epoch starts where the first run ended, not from scratch."""
     tiny = ["--data-dir", str(small_comp), "--epochs", "1", "--folds", "2", "--fold", "1", "--jobs", "1", "--quiet",
             "--workers", "0", "--tta", "1"]
     first = runner.invoke(app, ["cv", *tiny, "--run-dir", str(tmp_path / "a"), "--config", str(_tiny_toml(tmp_path))])
     assert first.exit_code == 0, first.output
-    weights = tmp_path / "a" / "fold1" / "model.pt"
+    weights = tmp_path / "a" / "fold1" / "model.safetensors"
     scratch_acc = pd.read_csv(tmp_path / "a" / "fold1" / "history.csv")["valid_acc"].iloc[0]
     second = runner.invoke(app, ["cv", *tiny, "--run-dir", str(tmp_path / "b"), "--pretrained", str(weights)])
     assert second.exit_code == 0, second.output

@@ -1,11 +1,11 @@
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
@@ -14,7 +14,7 @@ from kaggle_vit.cv import run_cv
 from kaggle_vit.data import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import attention_rollout, make_report
-from kaggle_vit.rundir import checkpoint_header
+from kaggle_vit.rundir import checkpoint_header, read_checkpoint, save_checkpoint
 from kaggle_vit.submit import make_submission
 
 runner = CliRunner()
@@ -52,10 +52,11 @@ def test_submission_is_the_fold_mean(trained, small_spec, tmp_path):
 
 def test_a_checkpoint_header_is_the_checkpoint_without_its_tensors(trained):
     _, run = trained
-    path = run / "fold1" / "model.pt"
-    full, header = torch.load(path, weights_only=False), checkpoint_header(path)
-    assert {k: v for k, v in header.items() if k != "state_dict"} == {k: v for k, v in full.items() if k != "state_dict"}
-    assert list(header["state_dict"]) == list(full["state_dict"]) and set(header["state_dict"].values()) == {None}
+    path = run / "fold1" / "model.safetensors"
+    full, header = read_checkpoint(run, 1), checkpoint_header(path)
+    assert {k: v for k, v in full.items() if k != "state_dict"} == header
+    assert header["model"] == TINY["model"] and header["input_size"] == (1, 28, 28) and header["num_classes"] == 10
+    assert set(full["state_dict"]) == set(load_file(path)) and "pos_embed" in full["state_dict"]
 
 
 def test_refuses_missing_fold_and_other_shapes(trained, small_spec, tmp_path):
@@ -68,9 +69,8 @@ def test_refuses_missing_fold_and_other_shapes(trained, small_spec, tmp_path):
         make_submission(broken, data, tmp_path / "never.csv")
     assert not (tmp_path / "never.csv").exists()
     assert make_submission(broken, data, tmp_path / "fewer.csv", allow_missing=True).folds == [1]
-    ckpt = torch.load(broken / "fold1" / "model.pt", weights_only=False)
-    ckpt["num_classes"] = 47
-    torch.save(ckpt, broken / "fold1" / "model.pt")
+    ckpt = read_checkpoint(broken, 1)
+    save_checkpoint(broken / "fold1" / "model.safetensors", ckpt.pop("state_dict"), {**ckpt, "num_classes": 47})
     with pytest.raises(KaggleVitError, match="with 47 classes"):
         make_submission(broken, data, tmp_path / "never.csv", allow_missing=True)
 

@@ -1,5 +1,6 @@
 """Local pretrained weights (`--pretrained PATH`): a timm checkpoint (.safetensors, .pth, .bin) or a
-kaggle-vit fold checkpoint (model.pt), loaded through timm's own pretrained path, offline.
+kaggle-vit fold checkpoint (model.safetensors; an older kaggle-vit's model.pt is read weights-only),
+loaded through timm's own pretrained path, offline. Nothing here unpickles anything but tensors.
 
 timm does the fitting: `create_model(name, pretrained=True, pretrained_cfg_overlay=...)` runs the
 model family's checkpoint filter (a ViT's position embedding resampled to the new patch grid) and
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..config import ARCHITECTURE
 from ..errors import KaggleVitError
+from ..rundir import METADATA_KEY
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 
@@ -43,12 +45,45 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _fold_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
+    """The model name and keywords in a kaggle-vit fold checkpoint's safetensors header (JSON); None
+    for safetensors weights without them (timm's)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            text = (weights.metadata() or {}).get(METADATA_KEY)
+        if text is None:
+            return None
+        fold = json.loads(text)
+        return str(fold["model"]), dict(fold["kwargs"])
+    except Exception as error:  # noqa: BLE001 - safetensors and json raise many kinds for a damaged file
+        raise KaggleVitError(f"--pretrained {path}: not a readable weights file ({type(error).__name__})") from None
+
+
+def _pickled_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
+    """The model name and keywords in a fold checkpoint of an older kaggle-vit (model.pt), read
+    weights-only as timm's .pth files are: tensors and plain values, nothing that runs."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise KaggleVitError(f"--pretrained {path}: not a readable weights file ({type(error).__name__})") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), str) and isinstance(checkpoint.get("kwargs"), dict):
+        return checkpoint["model"], checkpoint["kwargs"]
+    return None
+
+
 def weights_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
     """The model name and shape keywords the weights name, when they name them: a kaggle-vit fold
     checkpoint carries both; timm's hub layout has a `config.json` with `architecture` beside the
     file; otherwise a file or folder named after a timm model (`vit_tiny_patch16_224.augreg_in21k.safetensors`).
     None for a bare state dict, whose model is the config's `model`."""
     _check_path(path)
+    readers = {".safetensors": _fold_architecture, ".pt": _pickled_architecture}
+    fold = readers[path.suffix](path) if path.suffix in readers else None
+    if fold is not None:
+        name, kwargs = fold
+        return name, {k: kwargs[k] for k in ARCHITECTURE if k in kwargs}
     config = path.with_name("config.json")
     if config.is_file():
         try:
@@ -56,17 +91,10 @@ def weights_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
         except (ValueError, AttributeError):
             raise KaggleVitError(f"{config}: not a timm config.json (no readable 'architecture')") from None
         return (name, {}) if isinstance(name, str) else None
-    if path.suffix != ".pt":
-        named = next((n for n in (path.stem, path.parent.name) if timm.is_model(n)), None)
-        return (named, {}) if named else None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        raise KaggleVitError(f"--pretrained {path}: not a readable weights file ({type(error).__name__})") from None
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), str) and isinstance(checkpoint.get("kwargs"), dict):
-        kwargs = checkpoint["kwargs"]
-        return checkpoint["model"], {k: kwargs[k] for k in ARCHITECTURE if k in kwargs}
-    return None
+    if path.suffix == ".pt":
+        return None
+    named = next((n for n in (path.stem, path.parent.name) if timm.is_model(n)), None)
+    return (named, {}) if named else None
 
 
 def _fresh_head(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -162,7 +162,7 @@ class KaggleViT(nn.Module):
     def _init_weights(m: nn.Module) -> None:
         """Linear layers: truncated normal with std 1/√fan_in. timm's fixed 0.02 suits width 768; at
         width 64 it left the residual branches so small that a 12k-image epoch reached 69% instead
-        of 87% (measured, see README)."""
+        of 87% (measured, see docs/models.md)."""
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=m.in_features ** -0.5)
             if m.bias is not None:
@@ -282,7 +282,7 @@ def kvit_pico_patch7_28(pretrained: bool = False, **kwargs) -> KaggleViT:
 @register_model
 def kvit_pico_patch4_28(pretrained: bool = False, **kwargs) -> KaggleViT:
     """The CPU default: a 7×7 patch grid (49 tokens) after a conv stem of 32 then 64 channels,
-    width 64, depth 2, 2 heads, MLP ratio 2. Most accurate per CPU minute of those measured (README)."""
+    width 64, depth 2, 2 heads, MLP ratio 2. Most accurate per CPU minute of those measured (benchmarks/RESULTS.md)."""
     return _create("kvit_pico_patch4_28", pretrained,
                    dict(patch_size=4, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0, stem_channels=32), kwargs)
 
