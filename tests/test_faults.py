@@ -446,7 +446,7 @@ def _kill_points(data: Path, run: Path) -> dict:
         "data loading": lambda: any(data.glob("*.kvcache.npz")) or any(data.glob(".*.tmp")),
         "mid-epoch": lambda: (run / "fold1" / "state.pt").exists(),
         "between folds": lambda: (run / "fold1" / "result.json").exists(),
-        "writing predictions": lambda: (run / "fold1" / "model.pt").exists(),
+        "writing predictions": lambda: (run / "fold1" / "model.safetensors").exists(),
     }
 
 
