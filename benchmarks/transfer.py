@@ -24,6 +24,7 @@ from kaggle_vit.competition import load_spec
 from kaggle_vit.config import resolve_config
 from kaggle_vit.cv import run_cv
 from kaggle_vit.data import load_competition
+from kaggle_vit.schedule import fold_rows, plan_schedule
 
 SPEC = Path(__file__).with_name("optdigits.toml")
 N_TEST = 297  # the rest (1,500) is the training set the folds split
@@ -62,6 +63,7 @@ def main(weights: Path, out: Path = Path("runs/transfer")) -> None:
     """Train the optdigits folds from scratch and from `weights`; print accuracy per epoch for both."""
     data = load_competition(load_spec(SPEC), build_optdigits(out / "data"))
     tuned = resolve_config(competition=str(SPEC), pretrained=str(weights), jobs=1)
+    tuned, _ = plan_schedule(tuned, fold_rows(len(data.train), tuned.folds))  # the epochs printed below
     scratch = dataclasses.replace(tuned, pretrained=None)
     curves, seconds = {}, {}
     for name, cfg in (("from scratch", scratch), ("fine-tuned from mnist", tuned)):
