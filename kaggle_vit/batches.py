@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -124,8 +123,8 @@ class DeviceBatches:
     """The training images kept on `device` as uint8; each batch gathered, warped and normalised there."""
 
     def __init__(self, dataset: ImageDataset, cfg: TrainConfig, device: torch.device):
-        self.images = torch.from_numpy(np.ascontiguousarray(dataset.images)).to(device)
-        self.labels = dataset.labels.to(device)
+        on = dataset.to_device(device)  # the fold's rows only, in order
+        self.images, self.labels = on.images, on.labels.to(device)
         self.data_config, self.ranges, self.batch_size = dataset.data_config, aug_ranges(cfg), cfg.batch_size
         self.gen, self.rows = torch.Generator(device=device), None
 
@@ -147,19 +146,19 @@ class DeviceBatches:
             yield self.data_config.prepare(images), self.labels[rows], rows
 
 
-def fits_on_device(images: np.ndarray, device: torch.device) -> bool:
-    """Whether `images` take at most DEVICE_SHARE of the GPU's free memory (never for a CPU)."""
+def fits_on_device(dataset: ImageDataset, device: torch.device) -> bool:
+    """Whether the dataset's images take at most DEVICE_SHARE of the GPU's free memory (never for a CPU)."""
     if device.type != "cuda":
         return False
     free, _ = torch.cuda.mem_get_info(device)
-    return images.nbytes <= DEVICE_SHARE * free
+    return dataset.nbytes <= DEVICE_SHARE * free
 
 
-def on_device(cfg: TrainConfig, images: np.ndarray, device: torch.device) -> bool:
+def on_device(cfg: TrainConfig, dataset: ImageDataset, device: torch.device) -> bool:
     """Whether training batches are built on the device: `data_on_device` on/off, or auto (when they fit on a GPU)."""
-    return cfg.data_on_device == "on" or (cfg.data_on_device == "auto" and fits_on_device(images, device))
+    return cfg.data_on_device == "on" or (cfg.data_on_device == "auto" and fits_on_device(dataset, device))
 
 
 def train_batches(dataset: ImageDataset, cfg: TrainConfig, device: torch.device) -> DeviceBatches | HostBatches:
     """The fold's source of training batches (see the module's docstring)."""
-    return (DeviceBatches if on_device(cfg, dataset.images, device) else HostBatches)(dataset, cfg, device)
+    return (DeviceBatches if on_device(cfg, dataset, device) else HostBatches)(dataset, cfg, device)

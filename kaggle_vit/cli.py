@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, List, Optional
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from .config import TrainConfig
     from .cv import CVResult
     from .data import CompetitionData
+    from .schedule import Plan
 
 app = typer.Typer(
     help="Vision Transformers for Kaggle image-classification competitions.",
@@ -207,9 +209,10 @@ def cv(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="kvit_* or a timm ViT such as vit_tiny_patch16_224.")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="A run TOML (e.g. tune's best.toml).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", "-e")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help="Default: planned from the training rows.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Default: planned from the training rows.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Default: the preset's, scaled to the batch size.")] = None,
+    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Fit the epochs of all folds, with their predictions, into this wall time, measured on the first steps: 90s, 10m, 1.5h (0: off).")] = None,
     patch_size: Annotated[Optional[int], typer.Option("--patch-size", help="Must divide the image size.")] = None,
     pretrained: PretrainedOpt = None,
     ema: Annotated[Optional[float], typer.Option("--ema", help="Decay of a moving average of the weights, e.g. 0.999 (0: off).")] = None,
@@ -236,11 +239,14 @@ def cv(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per fold; no live display.")] = False,
 ) -> None:
     """Train one model per stratified fold; write checkpoints, OOF and test probabilities, curves."""
+    started = time.monotonic()  # a time budget counts from here
     from .config import resolve_config
     from .cv import default_run_dir, run_cv
     from .progress import LineProgress, RichProgress
+    from .schedule import fold_rows, parse_duration, plan_schedule
 
-    cfg = resolve_config(preset, config, competition=competition,
+    budget = parse_duration(time_budget) if time_budget is not None else None
+    cfg = resolve_config(preset, config, competition=competition, time_budget=budget,
                          folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
                          pretrained=pretrained, ema=ema, skip_easy=skip_easy, valid_every=valid_every, pseudo=pseudo,
                          pseudo_threshold=pseudo_threshold, seed=seed, aug=aug, aug_group=aug_group, amp=amp,
@@ -253,16 +259,23 @@ def cv(
     if seeds != 1 and run_dir is not None:
         raise KaggleVitError("--run-dir names one run, and --seeds makes one per seed; leave --run-dir out")
     data = load_data(spec, data_dir)
+    cfg, _ = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))  # before the run folder is named from it
     progress = LineProgress(err) if quiet else RichProgress(err)
     if seeds != 1:
         _cv_seeds(cfg, data, seeds, _parse_folds(fold), progress)
         return
-    result = run_cv(cfg, data, run_dir or default_run_dir(cfg, spec), _parse_folds(fold), progress)
+    result = run_cv(cfg, data, run_dir or default_run_dir(cfg, spec), _parse_folds(fold), progress, started=started,
+                    on_plan=_show_plan)
     _show_cv(result, len(data.train), cfg.tta)
 
 
+def _show_plan(plan: "Plan") -> None:
+    """The schedule a cv run trains to, in one line, before its first step."""
+    out.print(plan.line(), markup=False, highlight=False)
+
+
 def _show_cv(result: "CVResult", n_rows: int, tta: int) -> None:
-    """A finished cv call's curves, fold table and OOF line."""
+    """A finished cv call's curves, fold table and OOF line; with a time budget, the time it took."""
     if result.folds:
         from .report import plot_run_curves
 
@@ -276,13 +289,20 @@ def _show_cv(result: "CVResult", n_rows: int, tta: int) -> None:
     else:
         done = [f["fold"] for f in result.folds]
         out.print(f"folds done: {done or 'none'} of {result.n_folds}; OOF scores appear when all are done")
+    if result.plan is not None and result.plan.time_budget:
+        from .schedule import format_duration
+
+        budget = result.plan.time_budget
+        out.print(f"time budget {format_duration(budget)}: {format_duration(result.seconds)} used "
+                  f"({100 * result.seconds / budget:.0f}%; {result.plan.epochs} epochs planned for about "
+                  f"{format_duration(result.plan.estimated_seconds)})")
 
 
 def _cv_seeds(cfg: "TrainConfig", data: "CompetitionData", seeds: int, folds: list[int] | None, progress) -> None:
     """`cv --seeds N`: each seed's run as `cv` shows it, then the seed ensemble's OOF line."""
     from .cv import run_cv_seeds
 
-    result = run_cv_seeds(cfg, data, seeds, folds, progress)
+    result = run_cv_seeds(cfg, data, seeds, folds, progress, _show_plan)
     for run in result.runs:
         _show_cv(run, len(data.train), cfg.tta)
     if result.oof_acc is not None:
@@ -479,6 +499,7 @@ def bench(
     from .config import resolve_config
     from .device import amp_for, select_device
     from .models import create_model
+    from .schedule import fold_rows, plan_schedule
 
     cfg = resolve_config(preset, None, competition=competition, model=model, device=device, batch_size=batch_size,
                          compile_mode=compile_mode)
@@ -486,10 +507,11 @@ def bench(
     ours = create_model(cfg, spec)
     if not hasattr(ours, "attention_maps"):
         raise KaggleVitError(f"--model {cfg.model}: bench compares a kvit_* model with timm's twin")
+    data = load_data(spec, data_dir)
+    cfg, _ = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))  # the batch cv would train at
     same_shape = create_model(dataclasses.replace(cfg, stem_channels=0), spec)
     contenders = {f"{cfg.model}": ours, "kvit, no stem (same shape as timm)": same_shape, "timm VisionTransformer": timm_twin(ours)}
     rows = bench_models(contenders, cfg, rounds=rounds)
-    data = load_data(spec, data_dir)
     rows.append(bench_data(data.train.images, data.train.labels, cfg))
     loop = bench_loop(create_model(cfg, spec), data.train.images, data.train.labels, cfg, rounds=min(rounds, 3))
     rows += [loop.bare, loop.loop]

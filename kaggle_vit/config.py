@@ -1,6 +1,9 @@
-"""TrainConfig: every training choice in one dataclass; presets; TOML load/save; overrides.
+"""TrainConfig: every training choice in one dataclass; presets and their schedule budgets; TOML
+load/save; overrides.
 
-Precedence, lowest first: the preset, then a `--config` TOML file, then command-line options.
+Precedence, lowest first: the preset, then a `--config` TOML file, then command-line options. What
+none of them gives of the schedule (epochs, batch size, learning rate, warm-up) is left None, and
+planned from the training rows (`schedule.plan_schedule`) once the data is known.
 """
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ from .io import read_toml, write_text
 
 
 ARCHITECTURE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem_channels", "stem_pool")
+# The schedule's settings that `schedule.plan_schedule` plans when they are None (not given).
+PLANNED = ("epochs", "batch_size", "lr", "warmup_epochs")
 
 
 @dataclass
 class TrainConfig:
-    """Model, optimisation, augmentation and CV settings of one run."""
+    """Model, optimisation, augmentation and CV settings of one run. Built in code, it trains as its
+    fields say; `resolve_config` leaves the PLANNED settings None unless given, for `plan_schedule`."""
 
     competition: str = "digit-recognizer"
     model: str = "kvit_pico_patch4_28"
@@ -39,12 +45,14 @@ class TrainConfig:
     pretrained: str | None = None  # local weights to start from: a timm .safetensors/.pth/.bin or a fold's model.safetensors
     pseudo: str | None = None  # a finished cv run whose confident test predictions join the training rows
     pseudo_threshold: float = 0.99  # the top probability a test row needs to be pseudo-labelled
-    # optimisation
-    epochs: int = 6
-    batch_size: int = 64
-    lr: float = 4e-3
+    # optimisation (epochs, batch_size, lr, warmup_epochs: None is planned from the training rows and the schedule)
+    epochs: int | None = 6
+    batch_size: int | None = 64
+    lr: float | None = 4e-3
     weight_decay: float = 0.05
-    warmup_epochs: float = 0.5
+    warmup_epochs: float | None = 0.5
+    schedule: str = "cpu"  # the budget (BUDGETS) the schedule's unset settings are planned from
+    time_budget: float = 0.0  # seconds cv fits its epochs into, by measuring its throughput first; 0: off
     label_smoothing: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of a moving average of the weights, validated and kept instead of them; 0: off
@@ -79,9 +87,12 @@ class TrainConfig:
         """The settings that change results: all but where and how fast the run goes (device,
         GPUs, DataLoader workers, evaluation batch size, folds trained at once, compile mode), and
         settings added since runs were first named while they are off (so a run folder keeps its
-        name, and resumes, across versions)."""
+        name, and resumes, across versions). The schedule's budget counts only while something is
+        left to plan from it (with a time budget, the epochs): once planned, the plan is the settings."""
         skip = {"device", "devices", "num_workers", "eval_batch_size", "jobs", "compile_mode"}
         skip |= {k for k in ADDED_LATER if getattr(self, k) == _DEFAULTS[k]}
+        if all(getattr(self, k) is not None for k in PLANNED):
+            skip.add("schedule")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def fingerprint(self) -> str:
@@ -89,21 +100,37 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(self.result_settings(), sort_keys=True).encode()).hexdigest()[:8]
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A preset's schedule in the data's terms: the images one fold trains on over its schedule, and
+    the batch size, learning rate and warm-up (in epochs, at least) it was tuned at."""
+
+    train_images: int
+    batch_size: int
+    lr: float
+    warmup_epochs: float
+
+
+BUDGETS: dict[str, Budget] = {
+    # Chosen by measurement on digit-recognizer's 33,600 training rows per fold (benchmarks/RESULTS.md):
+    # eleven epochs of batch 64 on a CPU; thirty of batch 512 on an H100-class GPU (the learning rate
+    # scaled from 2e-3 at batch 256 by the square root of the batch ratio).
+    "cpu": Budget(train_images=11 * 33_600, batch_size=64, lr=4e-3, warmup_epochs=0.5),
+    "gpu": Budget(train_images=30 * 33_600, batch_size=512, lr=2.8e-3, warmup_epochs=2.0),
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # Chosen by measurement (benchmarks/RESULTS.md): eleven epochs, the nine middle ones
-    # skipping 60% of the rows already learnt, validated after the last epoch only.
-    "cpu": {"epochs": 11, "skip_easy": 0.6, "valid_every": 0},
-    # An H100-class GPU: a wider, deeper model, more epochs, compiled, and batches big enough to keep
-    # it busy (the learning rate scaled from 2e-3 at batch 256 by the square root of the batch ratio).
-    "gpu": {"model": "kvit_small_patch4_28", "epochs": 30, "batch_size": 512, "lr": 2.8e-3, "aug": "affine",
-            "label_smoothing": 0.1, "drop_path_rate": 0.1, "warmup_epochs": 2.0, "eval_batch_size": 2048,
-            "compile": True},
+    # The middle epochs skip 60% of the rows already learnt; validated after the last epoch only.
+    "cpu": {"schedule": "cpu", "skip_easy": 0.6, "valid_every": 0},
+    # An H100-class GPU: a wider, deeper model, a longer schedule, compiled, and batches big enough to keep it busy.
+    "gpu": {"schedule": "gpu", "model": "kvit_small_patch4_28", "aug": "affine", "label_smoothing": 0.1,
+            "drop_path_rate": 0.1, "eval_batch_size": 2048, "compile": True},
 }
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 # Settings added after run folders were first named from the settings' hash.
-ADDED_LATER = ("skip_easy", "valid_every")
+ADDED_LATER = ("skip_easy", "valid_every", "time_budget")
 AUGMENTATIONS = ("rotate", "affine", "flip", "crop", "none")
 
 
@@ -139,7 +166,8 @@ def check_settings(values: dict[str, Any], source: str) -> None:
     a spec's [train] table is checked when the spec loads, not first when `cv` starts."""
     if "competition" in values:
         raise KaggleVitError(f"{source}: competition cannot be set here: the spec is the competition")
-    cfg = apply_overrides(TrainConfig(), values, source)  # an unknown key or a wrong type names `source`
+    # an unknown key or a wrong type names `source`
+    cfg = apply_overrides(TrainConfig(**dict.fromkeys(PLANNED)), values, source)
     try:
         validate_config(cfg)
     except KaggleVitError as error:
@@ -154,7 +182,8 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 def resolve_config(preset: str | None = None, config_file: Path | None = None, **cli: Any) -> TrainConfig:
     """Preset, then the competition spec's [train] table, then TOML file, then CLI options (None =
-    not given) → one TrainConfig. A photo competition's spec can so choose flips, a digit one rotation."""
+    not given) → one TrainConfig. A photo competition's spec can so choose flips, a digit one rotation.
+    The PLANNED settings none of them gives stay None, for `schedule.plan_schedule`."""
     from .competition import load_spec
 
     from_file = load_toml(config_file) if config_file else {}
@@ -162,7 +191,7 @@ def resolve_config(preset: str | None = None, config_file: Path | None = None, *
     from_file.pop("preset", None)
     if name not in PRESETS:
         raise KaggleVitError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
-    cfg = apply_overrides(TrainConfig(), PRESETS[name], f"preset {name}")
+    cfg = apply_overrides(TrainConfig(**dict.fromkeys(PLANNED)), PRESETS[name], f"preset {name}")
     competition = cli.get("competition") or from_file.get("competition") or cfg.competition
     spec = load_spec(competition)
     cfg = apply_overrides(cfg, dict(spec.train_defaults), f"{spec.path} [train]")
@@ -204,7 +233,7 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.jobs < 0:
         raise KaggleVitError(f"jobs must be 0 (auto) or more, got {cfg.jobs}")
     for name in ("epochs", "batch_size", "folds", "aug_group"):
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise KaggleVitError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.valid_every < 0:
         raise KaggleVitError(f"valid_every is a number of epochs (0: validate after the last only), got {cfg.valid_every}")
@@ -214,8 +243,17 @@ def validate_config(cfg: TrainConfig) -> None:
         raise KaggleVitError(f"skip_easy is a share of rows in [0, 1) (0: off), got {cfg.skip_easy}")
     if not 0 <= cfg.ema < 1:
         raise KaggleVitError(f"ema is a decay in [0, 1) (0: off), got {cfg.ema}")
-    if not cfg.lr > 0:
+    if cfg.lr is not None and not cfg.lr > 0:
         raise KaggleVitError(f"lr must be positive, got {cfg.lr}")
+    if cfg.warmup_epochs is not None and not cfg.warmup_epochs >= 0:
+        raise KaggleVitError(f"warmup_epochs must be 0 or more, got {cfg.warmup_epochs}")
+    if cfg.schedule not in BUDGETS:
+        raise KaggleVitError(f"schedule must be one of {', '.join(BUDGETS)}, got '{cfg.schedule}'")
+    if not cfg.time_budget >= 0:
+        raise KaggleVitError(f"time_budget is in seconds (0: off), got {cfg.time_budget}")
+    if cfg.time_budget and cfg.epochs is not None:
+        raise KaggleVitError(f"--time-budget {cfg.time_budget:g}s plans the epochs: leave epochs out (--epochs, or "
+                             f"a config file's), or give --time-budget 0 to train {cfg.epochs} epochs")
     if not 0 < cfg.pseudo_threshold <= 1:
         raise KaggleVitError(f"pseudo_threshold is a probability in (0, 1], got {cfg.pseudo_threshold}")
 

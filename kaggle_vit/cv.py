@@ -3,15 +3,19 @@
 A fold is finished when its `result.json` exists (written last) and its other files read back;
 a fold with only `state.pt` resumes from its last completed epoch. Every file is written
 atomically, so a kill at any moment loses at most the epoch in progress; a damaged file costs at
-most its fold, which is trained again (an unreadable `state.pt` restarts the fold).
+most its fold, which is trained again (an unreadable `state.pt` restarts the fold). The schedule
+is planned from the training rows (`schedule`), or fitted to a time budget, before the first step,
+and kept in `plan.json`: a resumed run trains to the plan it started with.
 """
 from __future__ import annotations
 
 import dataclasses
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -29,6 +33,7 @@ from .fold import train_fold
 from .notices import notice
 from .pseudo import check_source
 from .rundir import RunDir, fold_problem, shared_folds
+from .schedule import Plan, budget_plan, fold_rows, plan_schedule, read_plan, write_plan
 from .workers import auto_jobs, train_folds_parallel, visible_devices
 
 
@@ -46,6 +51,8 @@ class CVResult:
     metric: str = "accuracy"  # the competition's metric, which oof_score and each fold's valid_score are
     oof_score: float | None = None
     oof_score_plain: float | None = None
+    plan: Plan | None = None  # the schedule the folds trained to (its time budget, when one was given)
+    seconds: float = 0.0  # the wall time this call took, from its `started`
 
     @property
     def complete(self) -> bool:
@@ -53,7 +60,9 @@ class CVResult:
 
 
 def default_run_dir(cfg: TrainConfig, spec: CompetitionSpec, runs_root: Path = Path("runs")) -> Path:
-    """runs/COMPETITION/MODEL-HASH: the same settings land in the same folder, so a rerun resumes."""
+    """runs/COMPETITION/MODEL-HASH: the same settings land in the same folder, so a rerun resumes.
+    `cfg` is planned (`schedule.plan_schedule`): with a time budget, its epochs are still unset, so
+    the folder is named by the budget, not by the throughput measured."""
     return runs_root / spec.name / f"{cfg.model}-{cfg.fingerprint()}"
 
 
@@ -161,15 +170,31 @@ def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds:
             "oof_score": metric(labels, probs), "oof_score_plain": metric(labels, plain_probs)}
 
 
+def _plan(cfg: TrainConfig, plan: Plan, data: CompetitionData, folds: np.ndarray, run: RunDir, n_folds: int,
+          started: float) -> Plan:
+    """The run's plan: with a time budget, the one it made when it started (plan.json), else one
+    fitted now to the budget by measuring; without one, `plan` (the settings decide it)."""
+    if not cfg.time_budget:
+        return plan
+    if run.plan.exists():
+        return read_plan(run.plan)
+    return budget_plan(cfg, plan, data, folds, n_folds, started)
+
+
 def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: list[int] | None = None,
            progress: Progress | None = None, on_epoch=None, runs_root: Path | None = None,
-           validate_only: bool = False) -> CVResult:
+           validate_only: bool = False, started: float | None = None,
+           on_plan: Callable[[Plan], None] | None = None) -> CVResult:
     """Train every fold not yet finished (or only `only_folds`), then write OOF scores and metrics.
     Folds train as many at a time as `workers.auto_jobs` picks, in worker processes (`workers`),
     or in this process when one at a time or when `on_epoch` (tune's pruning hook) must see every
-    epoch. `validate_only` (a tuning trial) skips the test predictions and test-time views."""
+    epoch. `validate_only` (a tuning trial) skips the test predictions and test-time views. The
+    schedule's unset settings are planned first, and the plan handed to `on_plan` before the first
+    step (the CLI prints it); a time budget counts from `started` (time.monotonic(); default: now)."""
+    started = time.monotonic() if started is None else started
     progress = _Tracked(progress or NoProgress())
     spec = data.spec
+    cfg, plan = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))
     create_model(cfg, spec)  # an impossible model or unfitting weights fail here, before any folder or worker
     wanted = only_folds or list(range(1, cfg.folds + 1))
     bad = [k for k in wanted if not 1 <= k <= cfg.folds]
@@ -179,13 +204,19 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     folds, new_split = split_folds(shared, data.train.labels, cfg.folds, cfg.seed)  # saved once the checks pass
     if cfg.pseudo:
         check_source(Path(cfg.pseudo), folds, len(data.test.images))
-    _check_writable(run_dir)
-    _prepare_run_dir(run_dir, cfg, spec)
     run = RunDir(run_dir)
+    plan = _plan(cfg, plan, data, folds, run, cfg.folds, started)  # a budget too small: said before any write
+    _check_writable(run_dir)
+    _prepare_run_dir(run_dir, cfg, spec)  # the settings as given: a time budget's epochs are in plan.json
     if new_split:
         save_folds(shared, folds, data.train.labels)
     if not run.folds.exists():
         save_folds(run.folds, folds, data.train.labels)
+    if not run.plan.exists():
+        write_plan(run.plan, plan)
+    cfg = plan.fill(cfg)
+    if on_plan is not None:
+        on_plan(plan)
     trained = [k for k in wanted if not _finished(run_dir, k)]
     devices = visible_devices(cfg)
     jobs = 1 if on_epoch is not None else auto_jobs(cfg, devices, len(trained), spec.height * spec.width)
@@ -210,7 +241,7 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
                "version": __version__, "git": git_hash(), "config": to_toml(cfg)}
     write_json(run.metrics, metrics)
     return CVResult(run_dir, summaries, cfg.folds, oof["oof_acc"], oof["oof_loss"], trained, oof["oof_acc_plain"],
-                    spec.metric, oof["oof_score"], oof["oof_score_plain"])
+                    spec.metric, oof["oof_score"], oof["oof_score_plain"], plan, time.monotonic() - started)
 
 
 @dataclass(frozen=True)
@@ -224,7 +255,7 @@ class SeedsResult:
 
 
 def run_cv_seeds(cfg: TrainConfig, data: CompetitionData, seeds: int, only_folds: list[int] | None = None,
-                 progress: Progress | None = None) -> SeedsResult:
+                 progress: Progress | None = None, on_plan: Callable[[Plan], None] | None = None) -> SeedsResult:
     """CV once per seed (cfg.seed, cfg.seed + 1, ...), each run in the folder `--seed S` gives it,
     then the seed ensemble's OOF scores: the mean of the runs' OOF probabilities, each row still
     predicted only by models that never trained on it. Each run's metrics.json then lists the
@@ -234,10 +265,13 @@ def run_cv_seeds(cfg: TrainConfig, data: CompetitionData, seeds: int, only_folds
     if cfg.pseudo and seeds > 1:
         raise KaggleVitError("--pseudo with --seeds: pseudo-labels need the source run's folds, and each seed "
                              "draws other folds; run one seed per source run")
+    if cfg.time_budget and seeds > 1:
+        raise KaggleVitError("--time-budget with --seeds: a budget is one run's; run one seed per budget")
+    cfg, _ = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))  # before the runs' folders are named
     results = []
     for seed in range(cfg.seed, cfg.seed + seeds):
         one = dataclasses.replace(cfg, seed=seed)
-        results.append(run_cv(one, data, default_run_dir(one, data.spec), only_folds, progress))
+        results.append(run_cv(one, data, default_run_dir(one, data.spec), only_folds, progress, on_plan=on_plan))
     if not all(r.complete for r in results):
         return SeedsResult(results, None, None, data.spec.metric)
     labels, metric = data.train.labels, get_metric(data.spec.metric)

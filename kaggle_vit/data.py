@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ import pandas as pd
 
 from .competition import CompetitionSpec, is_inside
 from .errors import KaggleVitError
-from .io import atomic_path
+from .images import cache_root, read_cached, replace_stale, write_cached
+from .io import atomic_path, read_json, write_json
 from .notices import notice
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -198,42 +200,79 @@ def _cache_key(path: Path, spec: CompetitionSpec, train: bool) -> str:
     return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
 
 
-def cache_path(path: Path) -> Path:
-    """Where the parsed arrays of a CSV are cached: beside it."""
-    return path.with_name(path.name + ".kvcache.npz")
+CACHE_PARTS = ("images", "labels", "ids")
 
 
-def _read_cache(cached: Path, key: str, train: bool) -> ImageTable | None:
-    """The cached arrays, or None when the cache is stale or unreadable (it is rebuilt: a cache
-    is disposable, so a truncated or corrupt one must never stop a command)."""
-    try:
-        with np.load(cached, allow_pickle=False) as z:
-            if str(z["key"]) != key:
-                return None
-            return ImageTable(z["images"], z["labels"] if train else None, z["ids"])
-    except Exception as error:  # noqa: BLE001 - any failure to read a disposable file means: rebuild it
-        notice(f"{cached}: unreadable cache ({type(error).__name__}); rebuilding it")
+def _cache_files(path: Path, key: str) -> dict[str, Path]:
+    """A CSV's cache: one .npy per array, and a JSON with the key and row count, written last (its
+    presence says the arrays are complete). In the image cache folder (`images.cache_root`)."""
+    stem = cache_root(path.parent) / f"{path.name}.{key}"
+    return {**{part: stem.with_name(f"{stem.name}.{part}.npy") for part in CACHE_PARTS},
+            "key": stem.with_name(f"{stem.name}.json")}
+
+
+def cache_path(path: Path, spec: CompetitionSpec, train: bool) -> Path:
+    """Where a CSV's images are cached as they are now (a memory-mapped .npy; labels and ids beside it):
+    a changed CSV (size, modification time) or spec has another cache."""
+    return _cache_files(path, _cache_key(path, spec, train))["images"]
+
+
+def _read_cache(files: dict[str, Path], key: str, spec: CompetitionSpec, train: bool) -> ImageTable | None:
+    """The cached arrays, memory-mapped, or None when there is no complete cache or it cannot be read
+    (it is rebuilt: a cache is disposable, so a truncated or corrupt one must never stop a command)."""
+    if not files["key"].is_file():
         return None
+    try:
+        record = read_json(files["key"])
+        if record["key"] != key:
+            raise ValueError(f"key {record['key']}")
+        n = int(record["rows"])
+    except Exception as error:  # noqa: BLE001 - any failure to read a disposable file means: rebuild it
+        notice(f"{files['key']}: unreadable cache ({type(error).__name__}); rebuilding it")
+        return None
+    shapes = {"images": ((n, spec.channels, spec.height, spec.width), np.uint8), "labels": ((n,), np.int64),
+              "ids": ((n,), np.int64)}
+    arrays = {}
+    for part in CACHE_PARTS if train else ("images", "ids"):
+        arrays[part] = read_cached(files[part], *shapes[part])
+        if arrays[part] is None:
+            return None
+    return ImageTable(arrays["images"], arrays.get("labels"), arrays["ids"])
+
+
+def _write_cache(path: Path, files: dict[str, Path], key: str, table: ImageTable) -> None:
+    """Each array of the CSV at `path` into its .npy, then the key; then the CSV's older caches
+    go, if kaggle-vit recorded them as its own (`images.replace_stale`)."""
+    arrays = {"images": table.images, "labels": table.labels, "ids": table.ids}
+    written = [part for part in CACHE_PARTS if arrays[part] is not None]
+    files["key"].parent.mkdir(parents=True, exist_ok=True)
+    for part in written:
+        write_cached(files[part], arrays[part].shape, arrays[part].dtype, [arrays[part]])
+    write_json(files["key"], {"key": key, "rows": len(table)})
+    parts = "|".join(CACHE_PARTS)
+    replace_stale(files["key"].parent, rf"{re.escape(path.name)}\.[0-9a-f]{{16}}(\.({parts})\.npy|\.json)",
+                  [files[part] for part in (*written, "key")])
 
 
 def load_image_csv(path: str | os.PathLike[str], spec: CompetitionSpec, train: bool) -> ImageTable:
-    """Load a train/test CSV, from the validated cache when the CSV has not changed since."""
+    """Load a train/test CSV, memory-mapped from its cache when the CSV has not changed since; a
+    cache that cannot be written (a full disk) only means parsing the CSV again next time."""
     path = Path(path)
     if not path.is_file():
         raise KaggleVitError(f"{path}: file not found")
-    key, cached = _cache_key(path, spec, train), cache_path(path)
-    table = _read_cache(cached, key, train) if cached.exists() else None
+    key = _cache_key(path, spec, train)
+    files = _cache_files(path, key)
+    table = _read_cache(files, key, spec, train)
     if table is not None:
         return table
     table = parse_image_csv(path, spec, train)
-    labels = table.labels if table.labels is not None else np.zeros(0, np.int64)
     try:
-        with atomic_path(cached) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, key=np.array(key), images=table.images, labels=labels, ids=table.ids)
-    except OSError:
-        pass  # a read-only input folder (Kaggle's /kaggle/input) just means no cache
-    return table
+        _write_cache(path, files, key, table)
+    except OSError as error:
+        notice(f"{error.filename or files['key']}: cannot write the cache ({error.strerror}); "
+               f"{path.name} is parsed again next time")
+        return table
+    return _read_cache(files, key, spec, train) or table
 
 
 def check_sample_header(path: Path, spec: CompetitionSpec) -> None:

@@ -77,9 +77,18 @@ def resolve_data_config(model: nn.Module) -> DataConfig:
 Transform = Callable[..., dict]
 
 
+# Rows copied to the device at a time: the host never holds more than this many bytes of them.
+DEVICE_CHUNK_BYTES = 64 << 20
+
+
 class ImageDataset(Dataset):
     """uint8 (N, C, H, W) images → float tensors normalised as the model wants (`DataConfig`;
     default [-1, 1]), with labels when given.
+
+    The images stay where they are: `images` is a whole array (a memory-mapped cache, or a tensor on
+    the device) and `rows` the rows of it this dataset holds, in order (all when None); `extra` a
+    second array and its rows, after them (a fold's pseudo-labelled test rows). `labels` has one
+    label per row of the dataset. A batch reads only its own rows, so a fold never copies its images.
 
     `__getitems__` builds a whole batch at once (one stack, one scale), so a DataLoader built with
     `collate_fn=keep_batch` has no per-item collation overhead. An albumentations `transform`
@@ -87,23 +96,63 @@ class ImageDataset(Dataset):
     stacked as channels that share one random draw, which makes augmentation ~7× faster on the CPU.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None, transform: Transform | None = None,
-                 group: int = 1, data_config: DataConfig | None = None):
-        self.images = images
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | None = None,
+                 transform: Transform | None = None, group: int = 1, data_config: DataConfig | None = None,
+                 rows: np.ndarray | None = None, extra: tuple[np.ndarray, np.ndarray] | None = None):
+        self.images, self.rows, self.extra = images, rows, extra
         self.data_config = data_config or DataConfig(tuple(images.shape[1:]))
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
         self.transform = transform
         self.group = max(1, group)
 
-    def __len__(self) -> int:
-        return len(self.images)
+    def _own(self) -> int:
+        """How many of the dataset's rows come from `images` (the rest from `extra`)."""
+        return len(self.images) if self.rows is None else len(self.rows)
 
-    def with_augmentation(self, transform: Transform | None, group: int) -> "ImageDataset":
+    def __len__(self) -> int:
+        return self._own() + (0 if self.extra is None else len(self.extra[1]))
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the dataset's images, wherever they are."""
+        return len(self) * self.images[:1].nbytes
+
+    def with_augmentation(self, transform: Transform | None, group: int) -> ImageDataset:
         """The same images, labels and normalisation with another augmentation (a fresh draw per epoch)."""
-        return ImageDataset(self.images, self.labels, transform, group, self.data_config)
+        return ImageDataset(self.images, self.labels, transform, group, self.data_config, self.rows, self.extra)
+
+    def gather(self, indices: np.ndarray) -> np.ndarray:
+        """The uint8 images of the dataset's rows `indices`, in that order: only these rows are read."""
+        indices, own = np.asarray(indices, dtype=np.int64), self._own()
+        mine = indices if self.extra is None else indices[indices < own]
+        taken = self.images[mine if self.rows is None else self.rows[mine]]
+        if self.extra is None:
+            return taken
+        more, more_rows = self.extra
+        out = np.empty((len(indices), *self.images.shape[1:]), dtype=self.images.dtype)
+        out[indices < own] = taken
+        out[indices >= own] = more[more_rows[indices[indices >= own] - own]]
+        return out
+
+    def span(self, start: int, stop: int) -> torch.Tensor:
+        """uint8 images of the dataset's rows start..stop, as a tensor: a view of the array when the
+        dataset is a whole array (nothing copied), else those rows gathered."""
+        if self.rows is None and self.extra is None:
+            part = self.images[start:stop]
+            return part if isinstance(part, torch.Tensor) else torch.from_numpy(part)
+        return torch.from_numpy(self.gather(np.arange(start, min(stop, len(self)))))
+
+    def to_device(self, device: torch.device) -> ImageDataset:
+        """The dataset's rows copied to `device`, in order, as one uint8 tensor (a GPU keeps its training
+        and validation images), a chunk at a time so the host never holds them all."""
+        images = torch.empty((len(self), *self.images.shape[1:]), dtype=torch.uint8, device=device)
+        step = max(1, DEVICE_CHUNK_BYTES // max(1, self.images[:1].nbytes))
+        for start in range(0, len(self), step):
+            images[start : start + step] = self.span(start, start + step).to(device)
+        return ImageDataset(images, self.labels, self.transform, self.group, self.data_config)
 
     def _batch_uint8(self, indices: list[int]) -> torch.Tensor:
-        batch = self.images[np.asarray(indices)]
+        batch = self.gather(indices)
         if self.transform is not None:
             if getattr(indices, "seed", None) is not None:  # a batch from batches.EpochBatchSampler
                 self.transform.set_random_seed(indices.seed)

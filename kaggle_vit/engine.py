@@ -103,10 +103,9 @@ def maybe_compile(model: nn.Module, cfg: TrainConfig, device: torch.device) -> n
 def _batches(dataset: ImageDataset, batch_size: int, device: torch.device, pad: bool):
     """(normalised float batch on `device`, real count) pairs in order, without augmentation; with
     `pad` the last batch is padded to full size, so a compiled model sees one shape and never
-    recompiles. The images may be a NumPy array or a tensor already on the device."""
-    images = dataset.images if isinstance(dataset.images, torch.Tensor) else torch.from_numpy(dataset.images)
+    recompiles. Each batch reads only its rows (`ImageDataset.span`), from the host or the device."""
     for start in range(0, len(dataset), batch_size):
-        chunk = images[start : start + batch_size]
+        chunk = dataset.span(start, start + batch_size)
         n = len(chunk)
         if pad and n < batch_size:
             chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n,) + tuple(chunk.shape[1:]))])
@@ -351,10 +350,7 @@ def validates(epoch: int, cfg: TrainConfig) -> bool:
 
 def _on_device(dataset: ImageDataset, batches: DeviceBatches | HostBatches, device: torch.device) -> ImageDataset:
     """The validation images on the device too when the training images are (one copy, not one per epoch)."""
-    if not isinstance(batches, DeviceBatches):
-        return dataset
-    return ImageDataset(torch.from_numpy(np.ascontiguousarray(dataset.images)).to(device), dataset.labels,
-                        data_config=dataset.data_config)
+    return dataset.to_device(device) if isinstance(batches, DeviceBatches) else dataset
 
 
 def _epoch_rows(t: Trainer, seed: int, epoch: int) -> torch.Tensor | None:

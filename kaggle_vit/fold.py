@@ -38,19 +38,17 @@ def _resume_state(path: Path, fold: int, epochs: int, announce: bool = True) -> 
     return state
 
 
-def _predict(model, result: FitResult, cfg: TrainConfig, data_config, valid_images: np.ndarray,
-             test_images: np.ndarray, out) -> tuple[np.ndarray, int]:
+def _predict(model, result: FitResult, cfg: TrainConfig, valid: ImageDataset, test: ImageDataset,
+             out) -> tuple[np.ndarray, int]:
     """The best model's validation and test probabilities under cfg's test-time views (the plain
     view of the validation rows is the best epoch's validation, not computed again); the test
     probabilities are written to the fold's folder. Returns the validation probabilities and the view count."""
     device = select_device(cfg.device)
     model.load_state_dict(result.best_state)
     predictor, amp = maybe_compile(model, cfg, device), inference_amp(cfg.amp, device)
-    valid_probs = predict_probs(predictor, ImageDataset(valid_images, data_config=data_config), device, amp,
-                                cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode,
-                                plain=result.valid_probs)
-    test_probs = predict_probs(predictor, ImageDataset(test_images, data_config=data_config), device, amp,
-                               cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
+    valid_probs = predict_probs(predictor, valid, device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile,
+                                cfg.tta_mode, plain=result.valid_probs)
+    test_probs = predict_probs(predictor, test, device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
     with atomic_path(out.test_probs) as tmp, open(tmp, "wb") as fh:
         np.save(fh, test_probs)
     return valid_probs, cfg.tta
@@ -66,21 +64,23 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     spec, out, metric = data.spec, RunDir(run_dir).fold(fold), get_metric(data.spec.metric)
     out.root.mkdir(parents=True, exist_ok=True)
     state_path = out.state
+    # rows of the data's arrays, never copies of their images: a fold's memory does not grow with the data
     tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     images, labels = data.train.images, data.train.labels
-    train_images, train_labels, pseudo = images[tr], labels[tr], np.zeros(0, dtype=np.int64)
+    train_labels, pseudo = labels[tr], np.zeros(0, dtype=np.int64)
     if cfg.pseudo:  # the source run's fold `fold` labels confident test rows; validation rows stay out
         pseudo, pseudo_y = pseudo_labels(Path(cfg.pseudo), fold, cfg.pseudo_threshold)
-        train_images = np.concatenate([train_images, data.test.images[pseudo]])
         train_labels = np.concatenate([train_labels, pseudo_y.astype(labels.dtype)])
     kwargs = model_kwargs(cfg, spec)
     seed_everything(cfg.seed + fold)  # the fold's initial weights do not depend on what ran before
     model = create_model(cfg, spec)  # with cfg.pretrained's weights when given
     data_config = resolve_data_config(model)  # size, mean and std the model wants (kvit: [-1, 1])
+    train = ImageDataset(images, train_labels, data_config=data_config, rows=tr,
+                         extra=(data.test.images, pseudo) if cfg.pseudo else None)
+    valid = ImageDataset(images, labels[va], data_config=data_config, rows=va)
     progress.start_fold(fold, cfg.folds)
     try:
-        result = fit(model, ImageDataset(train_images, train_labels, data_config=data_config),
-                     ImageDataset(images[va], labels[va], data_config=data_config), cfg, seed=cfg.seed + fold,
+        result = fit(model, train, valid, cfg, seed=cfg.seed + fold,
                      state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs, not handover),
                      progress=progress, on_epoch=on_epoch, metric=metric, stop_after=until_epoch)
     except KaggleVitError as error:
@@ -97,7 +97,8 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     if validate_only:  # a tuning trial: its score is the best epoch's plain validation; no test set, no views
         valid_probs, views = result.valid_probs.astype(np.float32), 1
     else:
-        valid_probs, views = _predict(model, result, cfg, data_config, images[va], data.test.images, out)
+        test = ImageDataset(data.test.images, data_config=data_config)
+        valid_probs, views = _predict(model, result, cfg, valid, test, out)
     with atomic_path(out.valid_probs) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, rows=va, probs=valid_probs, probs_plain=result.valid_probs.astype(np.float32))
     history = pd.DataFrame(result.history)

@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,10 +89,13 @@ def cache_root(folder: Path) -> Path:
     return cache_dir() / "images" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
 
 
-def _read_cached(path: Path, n: int, shape: tuple[int, int, int]) -> np.ndarray | None:
+def read_cached(path: Path, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray | None:
+    """A cached .npy memory-mapped copy-on-write (torch takes it without a warning, nothing is
+    written back), or None, with a one-line notice, when it cannot be read or is not of `shape` and
+    `dtype`: a cache is disposable, so it is rebuilt, never fatal."""
     try:
-        array = np.load(path, mmap_mode="c")
-        if array.shape == (n, *shape) and array.dtype == np.uint8:
+        array = np.load(path, mmap_mode="c", allow_pickle=False)
+        if array.shape == shape and array.dtype == np.dtype(dtype):
             return array
         raise ValueError(f"shape {array.shape}")
     except Exception as error:  # noqa: BLE001 - a damaged cache is rebuilt, never fatal
@@ -98,7 +103,7 @@ def _read_cached(path: Path, n: int, shape: tuple[int, int, int]) -> np.ndarray 
         return None
 
 
-def _check_room(target: Path, n_bytes: int) -> None:
+def check_room(target: Path, n_bytes: int) -> None:
     """Refuse, before decoding anything, a cache larger than the free space of its disk."""
     free = shutil.disk_usage(target.parent).free
     if n_bytes > free:
@@ -106,15 +111,14 @@ def _check_room(target: Path, n_bytes: int) -> None:
                              f"free some space or choose a smaller [image] size")
 
 
-def _write_cache(tmp: Path, paths: list[Path], shape: tuple[int, int, int], split: str) -> None:
-    """Decode every file into a .npy with ordinary writes: a full disk is an OSError (a memory
-    map would die of SIGBUS instead)."""
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (len(paths), *shape)}
-    with open(tmp, "wb") as fh:
+def write_cached(target: Path, shape: tuple[int, ...], dtype: np.dtype | type, chunks: Iterable[np.ndarray]) -> None:
+    """Write a .npy atomically from `chunks` (rows in order) with ordinary writes: a full disk is
+    an OSError that names `target` (a memory map would die of SIGBUS instead)."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(int(n) for n in shape)}
+    with atomic_path(target) as tmp, open(tmp, "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, header)
-        fh.writelines(decode(path, *shape[1:], shape[0]).tobytes()
-                      for path in track(paths, f"decoding {len(paths):,} {split} images"))
+        fh.writelines(np.ascontiguousarray(chunk, dtype=dtype).data for chunk in chunks)
 
 
 def _written(root: Path) -> dict[str, list[int]]:
@@ -125,19 +129,57 @@ def _written(root: Path) -> dict[str, list[int]]:
         return {}  # no record: nothing is known to be ours, so nothing is deleted
 
 
-def _replace_stale(root: Path, split: str, target: Path) -> None:
-    """Record `target` as written by kaggle-vit and delete this split's older caches: only files
-    it recorded, still as it wrote them (same size and modification time)."""
-    record, pattern = _written(root), re.compile(rf"{split}-[0-9a-f]{{16}}\.npy")
+def replace_stale(root: Path, pattern: str, targets: list[Path]) -> None:
+    """Record `targets` as written by kaggle-vit and delete the older caches of the same source (recorded
+    names that fully match the regular expression `pattern`): only files it recorded, still as it wrote
+    them (same size and modification time)."""
+    record, names = _written(root), re.compile(pattern)
     for name, stamp in list(record.items()):
         path = root / name
-        if pattern.fullmatch(name) and path != target:
+        if names.fullmatch(name) and path not in targets:
             if path.is_file() and not path.is_symlink() and [path.stat().st_size, path.stat().st_mtime_ns] == stamp:
                 path.unlink()
             del record[name]
-    st = target.stat()
-    record[target.name] = [st.st_size, st.st_mtime_ns]
+    for target in targets:
+        st = target.stat()
+        record[target.name] = [st.st_size, st.st_mtime_ns]
     write_json(root / WRITTEN, record)
+
+
+@dataclass(frozen=True)
+class MappedRows:
+    """Rows `start`..`stop` of a memory-mapped array file: how a fold worker opens the cache the
+    parent opened (the same pages, shared), where a copy would double the memory."""
+
+    path: str
+    offset: int  # bytes before row 0 (a .npy's header)
+    dtype: str
+    shape: tuple[int, ...]  # of one row
+    start: int
+    stop: int
+
+    def open(self) -> np.ndarray:
+        """The rows, mapped copy-on-write as the cache is."""
+        row = int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        return np.memmap(self.path, self.dtype, "c", self.offset + self.start * row,
+                         (self.stop - self.start, *self.shape))
+
+
+def mapped_rows(array: np.ndarray) -> MappedRows | None:
+    """Where `array` lies in the file it is memory-mapped from, when it is a run of whole rows of it
+    (a cache, or a slice of one); None for an array in memory."""
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not isinstance(root, np.memmap) or root.filename is None or root.ndim == 0:
+        return None
+    whole_rows = array.ndim == root.ndim and array.shape[1:] == root.shape[1:] and array.dtype == root.dtype
+    if not whole_rows or not array.flags.c_contiguous:
+        return None
+    start, rest = divmod(array.ctypes.data - root.ctypes.data, max(1, root[:1].nbytes))
+    if rest or not 0 <= start <= start + len(array) <= len(root):
+        return None
+    return MappedRows(str(root.filename), root.offset, array.dtype.str, tuple(array.shape[1:]), start, start + len(array))
 
 
 def load_images(paths: list[Path], folder: Path, split: str, height: int, width: int, channels: int) -> np.ndarray:
@@ -146,18 +188,18 @@ def load_images(paths: list[Path], folder: Path, split: str, height: int, width:
     key = _key(paths, folder, height, width, channels)
     root = cache_root(folder)
     target = root / f"{split}-{key}.npy"
-    shape = (channels, height, width)
+    shape = (len(paths), channels, height, width)
     if target.exists():
-        cached = _read_cached(target, len(paths), shape)
+        cached = read_cached(target, shape, np.uint8)
         if cached is not None:
             return cached
     root.mkdir(parents=True, exist_ok=True)
-    _check_room(target, len(paths) * channels * height * width)
+    check_room(target, int(np.prod(shape)))
     try:
-        with atomic_path(target) as tmp:
-            _write_cache(tmp, paths, shape, split)
+        write_cached(target, shape, np.uint8, (decode(path, height, width, channels)
+                                               for path in track(paths, f"decoding {len(paths):,} {split} images")))
     except OSError as error:
         raise KaggleVitError(f"{target}: cannot write the image cache ({error.strerror}); it needs "
-                             f"{size_text(len(paths) * channels * height * width)}") from None
-    _replace_stale(root, split, target)
+                             f"{size_text(int(np.prod(shape)))}") from None
+    replace_stale(root, rf"{split}-[0-9a-f]{{16}}\.npy", [target])
     return np.load(target, mmap_mode="c")

@@ -85,7 +85,8 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
                  "from kaggle_vit import find_weights, load_spec\n"
                  "PRETRAINED = find_weights(KAGGLE_ROOT / 'input', skip=(load_spec(COMPETITION).slug,))\n"
                  "print('fine-tuning from', PRETRAINED) if PRETRAINED else print('training from scratch')\n"
-                 "OVERRIDES = {}  # e.g. {'epochs': 10, 'folds': 5}\n"
+                 "# e.g. {'epochs': 10, 'folds': 5}; or {'time_budget': 8 * 3600}: the epochs that fit in 8 hours, measured\n"
+                 "OVERRIDES = {}\n"
                  "MAX_TRAIN_ROWS = None  # e.g. 5000 for a quick look"),
         ("code", "# Data: Kaggle's input folder when the competition is attached, else `ensure_data` (offline build)\n"
                  "import dataclasses\n"
@@ -107,7 +108,7 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
                  "from kaggle_vit import run_cv\n"
                  "from kaggle_vit.progress import LineProgress\n"
                  "run_dir = work_dir / 'runs' / spec.name / cfg.model\n"
-                 "cv = run_cv(cfg, data, run_dir, progress=LineProgress())\n"
+                 "cv = run_cv(cfg, data, run_dir, progress=LineProgress(), on_plan=lambda plan: print(plan.line()))\n"
                  "print(f'OOF {cv.metric} {cv.oof_score:.4f}, accuracy {100 * cv.oof_acc:.2f}%')"),
         ("code", "# Curves, test predictions, OOF mistakes, confusion matrix, attention\n"
                  "from IPython.display import Image, display\n"

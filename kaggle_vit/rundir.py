@@ -83,6 +83,11 @@ class RunDir:
         return self.root / "folds.csv"
 
     @property
+    def plan(self) -> Path:
+        """The schedule the folds train to (`schedule.Plan`): kept, so a resumed run keeps it."""
+        return self.root / "plan.json"
+
+    @property
     def oof(self) -> Path:
         return self.root / "oof.csv"
 
@@ -119,7 +124,8 @@ class RunDir:
         return {k: pd.read_csv(self.fold(k).history).to_dict("records") for k in folds}
 
     def new_staging(self) -> Path:
-        """A private folder for the arrays handed to fold workers (`.arrays-PID-*`, removed after)."""
+        """A private folder for the fold workers' setup and any array no cache file holds (`.arrays-PID-*`,
+        removed after)."""
         return Path(tempfile.mkdtemp(prefix=f".arrays-{os.getpid()}-", dir=self.root))
 
     def stagings(self) -> list[tuple[int, Path]]:

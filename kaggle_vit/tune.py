@@ -28,6 +28,7 @@ from .data import CompetitionData
 from .errors import KaggleVitError
 from .io import read_toml
 from .metrics import Metric, get_metric
+from .schedule import fold_rows, plan_schedule
 
 HEADS = (2, 3, 4, 6, 8)
 
@@ -327,10 +328,15 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
              study_name: str | None = None, trials: int | None = 20, timeout: float | None = None, n_jobs: int = 1,
              tune_folds: int = 1, pruner: str = "median", space: dict | None = None) -> TuneResult:
     """Run (or resume) a study, then write best.toml and the plots into `out_dir`. Every setting is
-    checked before the study or its folder is created."""
+    checked before the study or its folder is created. The base's unset schedule is planned from
+    the data's rows, so every trial, and best.toml, trains to the same epochs and batch size."""
     check_budget(trials, timeout, n_jobs)
     if not 1 <= tune_folds <= base.folds:
         raise KaggleVitError(f"--tune-folds must be in 1..{base.folds}, got {tune_folds}")
+    if base.time_budget:
+        raise KaggleVitError("time_budget is for cv: tune gives each trial the base's epochs; --timeout stops "
+                             "starting trials")
+    base, _ = plan_schedule(base, fold_rows(len(data.train), base.folds))
     make_pruner(pruner)
     if storage:
         check_storage(storage)

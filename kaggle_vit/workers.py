@@ -10,7 +10,8 @@ torch and timm) once. It reports to the parent through its own pipe and gets seg
 
 What a user must never see from a worker, and how: a worker is a plain `python -m
 kaggle_vit.workers JOB OUT IN` process that reads its setup from a file written before it starts,
-the images from memory-mapped files, and each segment as one small message, so a parent killed
+maps the images from the competition's caches itself (the pages the parent reads, never a copy:
+`SharedData`), and gets each segment as one small message, so a parent killed
 while workers start leaves none reading half a pickle; it runs in its own session, so Ctrl-C
 reaches only the parent, which stops the workers with SIGTERM (temporary files are cleaned,
 nothing printed, even from a worker that is exiting: `stop_quietly`), as it does when it gets
@@ -34,6 +35,7 @@ import time
 import traceback
 from collections import deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -42,12 +44,14 @@ import numpy as np
 import torch
 
 from .batches import skips_rows
+from .competition import CompetitionSpec
 from .config import TrainConfig
 from .data import CompetitionData, ImageTable
 from .device import gpu_multiprocessors, shares_gpus
 from .engine import validates
 from .errors import Interrupted, KaggleVitError
 from .fold import train_fold
+from .images import MappedRows, mapped_rows
 from .io import atomic_path, is_running
 from .notices import log, notice
 from .pseudo import pseudo_labels
@@ -280,45 +284,63 @@ def watch_parent(parent: int, every: float = PARENT_POLL_S) -> None:
     threading.Thread(target=watch, name="watch-parent", daemon=True).start()
 
 
-# Arrays handed to workers as .npy files, memory-mapped copy-on-write there (writable, so torch
-# takes them without a warning).
-ARRAYS = ("train_images", "train_labels", "train_ids", "test_images", "test_ids", "folds")
+@dataclass(frozen=True)
+class SharedData:
+    """A competition's data as a worker opens it: each image array as the rows of the file the
+    parent maps it from (its cache), so every process reads the same pages; the labels, ids and
+    fold of each row, small, as they are."""
+
+    spec: CompetitionSpec
+    data_dir: Path
+    train_images: MappedRows
+    train_labels: np.ndarray
+    train_ids: np.ndarray
+    test_images: MappedRows
+    test_ids: np.ndarray
+    folds: np.ndarray
+
+    def open(self) -> tuple[CompetitionData, np.ndarray]:
+        """The data and the fold of each row, the images memory-mapped."""
+        train = ImageTable(self.train_images.open(), self.train_labels, self.train_ids)
+        test = ImageTable(self.test_images.open(), None, self.test_ids)
+        return CompetitionData(self.spec, self.data_dir, train, test), self.folds
 
 
-def _stage_arrays(data: CompetitionData, folds: np.ndarray, run_dir: Path) -> Path:
-    """Write the data for the workers into a private folder of the run (removed when they end)."""
+def _share(data: CompetitionData, folds: np.ndarray, run_dir: Path) -> tuple[Path, SharedData]:
+    """A private folder of the run for the workers' setup (removed when they end; those left by a
+    killed cv are removed first), and the data as they open it: the image arrays from their caches;
+    an array that is in memory only (not loaded from a cache) is written to the folder, once."""
     run = RunDir(run_dir)
     for pid, stale in run.stagings():  # left by a cv that was killed
         if not is_running(pid):
             shutil.rmtree(stale, ignore_errors=True)
     staging = run.new_staging()
-    arrays = (data.train.images, data.train.labels, data.train.ids, data.test.images, data.test.ids, folds)
-    for name, array in zip(ARRAYS, arrays):
-        if array.dtype == object:  # file names as ids: fixed-width text maps, Python objects do not
-            array = np.asarray(array, dtype=str)
-        with atomic_path(staging / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, array)
-    return staging
 
+    def mapped(images: np.ndarray, name: str) -> MappedRows:
+        rows = mapped_rows(images)
+        if rows is None:
+            with atomic_path(staging / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
+                np.save(fh, images)
+            rows = mapped_rows(np.load(staging / f"{name}.npy", mmap_mode="c", allow_pickle=False))
+        return rows
 
-def _load_arrays(staging: Path, data: CompetitionData) -> tuple[CompetitionData, np.ndarray]:
-    a = {name: np.load(staging / f"{name}.npy", mmap_mode="c", allow_pickle=False) for name in ARRAYS}
-    train = ImageTable(a["train_images"], np.asarray(a["train_labels"]), np.asarray(a["train_ids"]))
-    test = ImageTable(a["test_images"], None, np.asarray(a["test_ids"]))
-    return CompetitionData(data.spec, data.data_dir, train, test), np.asarray(a["folds"])
+    small = [np.asarray(a) for a in (data.train.labels, data.train.ids, data.test.ids, folds)]  # pickled as they are
+    shared = SharedData(data.spec, data.data_dir, mapped(data.train.images, "train_images"), *small[:2],
+                        mapped(data.test.images, "test_images"), *small[2:])
+    return staging, shared
 
 
 def _worker(job: Path, fd_out: int, fd_in: int) -> None:
-    """Process entry point: with the setup in `job` (written by `_start` before the process; its data
-    comes without arrays, which are read from the job's folder), train the fold segments the parent
+    """Process entry point: with the setup in `job` (written by `_start` before the process; the
+    images are mapped from the files `SharedData` names), train the fold segments the parent
     sends through the pipe `fd_in`, one after another, reporting through `fd_out`. A closed `fd_in`
     (no more work, or the parent is gone) ends the process."""
     with stop_quietly():
         outbox, inbox = Connection(fd_out), Connection(fd_in, writable=False)
-        cfg, bare, run_dir, threads, parent = pickle.loads(job.read_bytes())
+        cfg, shared, run_dir, threads, parent = pickle.loads(job.read_bytes())
         watch_parent(parent)
         torch.set_num_threads(threads)
-        data, folds = _load_arrays(job.parent, bare)
+        data, folds = shared.open()
         progress = PipeProgress(outbox, 0)
         log.addHandler(_ForwardNotices(progress))
         log.propagate = False
@@ -397,17 +419,15 @@ class _Slot:
         self.last: Segment | None = None
 
 
-def _start(cfg: TrainConfig, data: CompetitionData, staging: Path, slot: int, run_dir: Path,
+def _start(cfg: TrainConfig, shared: SharedData, staging: Path, slot: int, run_dir: Path,
            threads: int, device: str) -> _Slot:
     """Start slot `slot`'s worker on `device` in its own session (Ctrl-C goes to the parent alone),
     with the package importable as this process imports it (a notebook may have put it on sys.path);
     it trains whatever segments `_assign` sends it."""
-    bare = CompetitionData(data.spec, data.data_dir,
-                           *(ImageTable(t.images[:0], None, t.ids[:0]) for t in (data.train, data.test)))
     env, device = worker_env(device, dict(os.environ))
     job = staging / f"worker{slot}.pkl"
     with atomic_path(job) as tmp:
-        tmp.write_bytes(pickle.dumps((dataclasses.replace(cfg, device=device), bare, run_dir, threads, os.getpid())))
+        tmp.write_bytes(pickle.dumps((dataclasses.replace(cfg, device=device), shared, run_dir, threads, os.getpid())))
     from_worker, to_parent = os.pipe()
     from_parent, to_worker = os.pipe()
     package_root = str(Path(__file__).resolve().parents[1])
@@ -455,7 +475,7 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
     queues = [deque(plan) for plan in plan_segments(todo, cfg.epochs, jobs, *plan_costs(data, folds, cfg))]
     slots: dict[int, _Slot] = {}
     relay, errors, stopped, handed = FoldRelay(progress), {}, {}, set()
-    staging = _stage_arrays(data, folds, run_dir)
+    staging, shared = _share(data, folds, run_dir)
 
     def receive(slot: _Slot) -> bool:
         """Handle every message waiting from `slot`'s worker; False once the worker has closed its pipe."""
@@ -479,7 +499,7 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
         while True:
             for index, queue in enumerate(queues):
                 if index not in slots and queue and not stopped:  # started at once: it imports while others train
-                    slots[index] = _start(cfg, data, staging, index, run_dir, threads, devices[index % len(devices)])
+                    slots[index] = _start(cfg, shared, staging, index, run_dir, threads, devices[index % len(devices)])
                 slot = slots.get(index)
                 if slot is None or slot.segment is not None or slot.outbox.closed:
                     continue

@@ -79,7 +79,7 @@ def invoke(args: list[str], cwd: Path, monkeypatch) -> object:
 def comp(tmp_path: Path, small_comp: Path) -> Path:
     """A private copy of the small competition, without caches."""
     dest = tmp_path / "data" / "digit-recognizer"
-    shutil.copytree(small_comp, dest, ignore=shutil.ignore_patterns("*.kvcache.npz"))
+    shutil.copytree(small_comp, dest, ignore=shutil.ignore_patterns(".kvcache"))
     return dest
 
 

@@ -18,9 +18,7 @@ runner = CliRunner()
 @pytest.fixture
 def comp(tmp_path: Path, small_comp: Path) -> Path:
     dest = tmp_path / "data" / "digit-recognizer"
-    shutil.copytree(small_comp, dest)
-    for cached in dest.glob("*.kvcache.npz"):
-        cached.unlink()
+    shutil.copytree(small_comp, dest, ignore=shutil.ignore_patterns(".kvcache"))
     return dest
 
 
@@ -55,7 +53,7 @@ def test_bad_cells_named_exit_2(comp, tmp_path, monkeypatch, file, row, col, val
     line = result.output.strip()
     assert "\n" not in line and file in line and message in line and "Traceback" not in line
     assert (comp / file).read_bytes() == before  # nothing the user had is touched
-    assert not cache_path(comp / file).exists()
+    assert not list(comp.glob(f".kvcache/{file}.*"))
 
 
 def test_wrong_column_count(comp, tmp_path, monkeypatch):
@@ -85,7 +83,7 @@ def test_ragged_row_and_label_in_test(comp, tmp_path, monkeypatch):
 def test_cache_is_used_and_invalidated(comp, small_spec, monkeypatch):
     first = load_image_csv(comp / "train.csv", small_spec, train=True)
     assert first.images.shape == (600, 1, 28, 28) and first.images.dtype == np.uint8
-    assert cache_path(comp / "train.csv").exists()
+    assert cache_path(comp / "train.csv", small_spec, train=True).exists()
     real_parse = data_mod.parse_image_csv
     monkeypatch.setattr(data_mod, "parse_image_csv", lambda *a, **k: pytest.fail("cache not used"))
     again = load_image_csv(comp / "train.csv", small_spec, train=True)

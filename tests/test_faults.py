@@ -89,24 +89,27 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(raw[:100])
     elif how == "empty":
         path.write_bytes(b"")
-    else:  # one flipped byte in the middle of the compressed data
-        middle = len(raw) // 2
+    else:  # one flipped byte in the header that says what the array is (raw pixels carry no checksum)
+        middle = raw.index(b"shape")
         path.write_bytes(raw[:middle] + bytes([raw[middle] ^ 0xFF]) + raw[middle + 1 :])
 
 
 @pytest.mark.parametrize("how", ["truncated", "empty", "flipped"])
 def test_a_damaged_cache_is_rebuilt_with_a_notice(comp, small_spec, tmp_path, monkeypatch, how):
     first = load_image_csv(comp / "train.csv", small_spec, train=True)
-    _damage(cache_path(comp / "train.csv"), how)
+    images, labels = np.array(first.images), np.array(first.labels)  # copies: the damage is made in place
+    del first
+    cached = cache_path(comp / "train.csv", small_spec, train=True)
+    _damage(cached, how)
     before = snapshot(comp, skip=None)
     result = invoke(["data", "digit-recognizer", "--dest", comp], tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     notes = [line for line in result.output.splitlines() if line.startswith("note:")]
-    assert len(notes) == 1 and "train.csv.kvcache.npz: unreadable cache" in notes[0] and "rebuilding it" in notes[0]
+    assert len(notes) == 1 and f"{cached}: unreadable cache" in notes[0] and "rebuilding it" in notes[0]
     again = load_image_csv(comp / "train.csv", small_spec, train=True)
-    assert np.array_equal(again.images, first.images) and np.array_equal(again.labels, first.labels)
+    assert np.array_equal(again.images, images) and np.array_equal(again.labels, labels)
     changed = {p for p, d in snapshot(comp).items() if before.get(p) != d}
-    assert str(cache_path(comp / "train.csv")) in changed and all(p.endswith(".kvcache.npz") for p in changed)
+    assert str(cached) in changed and all(Path(p).parent == comp / ".kvcache" for p in changed)
 
 
 @pytest.mark.parametrize("jobs", [1, 2])
@@ -248,7 +251,7 @@ def test_score_against_a_solution_for_another_test_file(run_copy, tmp_path, monk
     run, data = run_copy
     assert invoke(["submit", run, "--data-dir", data, "--output", tmp_path / "sub.csv"], tmp_path, monkeypatch).exit_code == 0
     other = tmp_path / "other"
-    shutil.copytree(data, other, ignore=shutil.ignore_patterns("*.kvcache.npz"))
+    shutil.copytree(data, other, ignore=shutil.ignore_patterns(".kvcache"))
     for name in ("test.csv", "sample_submission.csv"):
         pd.read_csv(other / name).head(150).to_csv(other / name, index=False)
     before = snapshot(tmp_path)
@@ -296,8 +299,10 @@ def test_a_diverging_fold_stops_instead_of_scoring(tmp_path, small_spec, mnist, 
     result = invoke(["cv", "--config", tiny, "--data-dir", data, "--lr", "1e30", "--epochs", "1", "--run-dir",
                      tmp_path / "run"], tmp_path, monkeypatch)
     assert result.exit_code == 2
+    plan, error = result.output.strip().splitlines()  # the schedule, printed before the first step; then one line
+    assert plan.startswith("60 training rows per fold: 1 epoch × 1 step of 64 = 1 step (lr 1e30")
     assert re.fullmatch(r"error: fold 1: epoch 1: the (validation )?loss became (nan|inf); lower --lr, or use "
-                        r"--amp bf16 or off", one_line(result))
+                        r"--amp bf16 or off", error)
     assert not (tmp_path / "run" / "oof.csv").exists()
     assert {p: d for p, d in snapshot(data).items() if "kvcache" not in p} == before
 
@@ -384,7 +389,7 @@ def test_sigkill_while_workers_start_prints_nothing(comp, tmp_path):
     cfg.write_text(to_toml(TrainConfig(**{**TINY, "jobs": 2})))
     run = tmp_path / "run"
     proc = subprocess.Popen(_cv_command(cfg, comp, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: any(run.glob(".arrays-*/folds.npy")), proc)
+    _wait_for(lambda: any(run.glob(".arrays-*/worker*.pkl")), proc)
     proc.kill()  # the parent only, as `kill -9 PID` does; its workers are starting
     stdout, stderr = proc.communicate(timeout=120)  # returns once every worker has exited too
     assert "Traceback" not in stderr and "UnpicklingError" not in stderr and "leaked" not in stderr, stderr
@@ -443,7 +448,7 @@ def test_pinned_versions_match_what_the_code_checks():
 
 def _kill_points(data: Path, run: Path) -> dict:
     return {
-        "data loading": lambda: any(data.glob("*.kvcache.npz")) or any(data.glob(".*.tmp")),
+        "data loading": lambda: any(data.glob(".kvcache/*")),
         "mid-epoch": lambda: (run / "fold1" / "state.pt").exists(),
         "between folds": lambda: (run / "fold1" / "result.json").exists(),
         "writing predictions": lambda: (run / "fold1" / "model.safetensors").exists(),
@@ -460,7 +465,7 @@ def test_sigkill_at_any_point_then_rerun_equals_an_uninterrupted_run(tmp_path, s
     reference_data = build_small(tmp_path / "ref-data", small_spec, mnist, 600, 2000)
     subprocess.run(_cv_command(cfg, reference_data, tmp_path / "ref"), check=True, capture_output=True, timeout=600)
     data = tmp_path / "data"
-    shutil.copytree(reference_data, data, ignore=shutil.ignore_patterns("*.kvcache.npz"))
+    shutil.copytree(reference_data, data, ignore=shutil.ignore_patterns(".kvcache"))
     run = tmp_path / "run"
     log = tmp_path / "killed-run.log"
     with open(log, "w") as sink:

@@ -917,8 +917,8 @@ def test_a_worker_stopped_while_python_exits_prints_nothing(comp, tmp_path, monk
     before = {p: d for p, d in snapshot(comp).items() if "kvcache" not in p}
     run = tmp_path / "run"
     run.mkdir()
-    staging = workers._stage_arrays(data, np.ones(len(data.train), dtype=np.int64), run)
-    slot = workers._start(TrainConfig(**TINY), data, staging, 0, run, 1, "cpu")
+    staging, shared = workers._share(data, np.ones(len(data.train), dtype=np.int64), run)
+    slot = workers._start(TrainConfig(**TINY), shared, staging, 0, run, 1, "cpu")
     slot.outbox.close()  # no fold for it: the worker sets up, then ends as one that finished its folds
     started = time.monotonic()
     while not (tmp_path / "exiting").exists() and slot.proc.poll() is None and time.monotonic() - started < 120:
