@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .competition import CompetitionSpec, SpecFacts, load_spec, spec_facts
+from .competition import CompetitionSpec, SpecFacts, load_spec, shown, spec_facts
 from .errors import Interrupted, KaggleVitError
 from .notices import log
 
@@ -150,7 +150,7 @@ def _print_facts(facts: SpecFacts, n_train: int, n_test: int) -> None:
              f"(patch sizes that divide it: {', '.join(map(str, facts.patch_sizes)) or 'none'})",
              f"  layout {facts.layout}, metric {facts.metric} ({'higher' if facts.higher_is_better else 'lower'} is "
              f"better), submission {columns} ({facts.submission_form})",
-             f"  {len(classes)} classes: {', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}",
+             f"  {len(classes)} classes: {shown(classes, first=6)}",
              f"  [train] {train}"]
     for line in lines:
         out.print(line, markup=False, highlight=False)
