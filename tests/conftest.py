@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +111,14 @@ def run_copy(tmp_path: Path, finished) -> tuple[Path, Path]:
     shutil.copytree(run, tmp_path / "run")
     shutil.copytree(data, tmp_path / "d")
     return tmp_path / "run", tmp_path / "d"
+
+
+def png_bomb(path: Path, side: int) -> None:
+    """A real grey PNG of side x side black pixels: a few hundred KB that decode to side² bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), bytes(side + 1)  # each row: filter byte 0, then the pixels
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import png_bomb
 from kaggle_vit import images as images_mod
 from kaggle_vit.cli import app
 from kaggle_vit.competition import load_spec
@@ -303,3 +306,63 @@ def test_rgb_jpegs_of_another_size_train_with_kvit_and_timm(tmp_path, mnist, mon
     run = next((tmp_path / "runs" / "digits-as-files").glob(f"{model}-*"))
     ckpt = read_checkpoint(run, 1)
     assert ckpt["input_size"] == (3, 32, 32) and ckpt["kwargs"]["in_chans"] == 3
+
+
+def _four_cores(monkeypatch) -> list[str]:
+    """Pretend 4 usable cores and record which thread decoded each chunk (slowed so that all run)."""
+    decoded_by: list[str] = []
+    chunk = images_mod._decode_chunk
+
+    def recorded(*args):
+        decoded_by.append(threading.current_thread().name)
+        time.sleep(0.02)
+        return chunk(*args)
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(images_mod, "_decode_chunk", recorded)
+    return decoded_by
+
+
+def test_a_large_set_is_decoded_by_several_threads_in_file_order(tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    paths = []
+    for i in range(200):
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(paths[-1])
+    decoded_by = _four_cores(monkeypatch)
+    images = images_mod.load_images(paths, folder, "train", 8, 8, 3)
+    assert [int(image.max()) for image in images] == list(range(200)) and int(images.min(axis=(1, 2, 3)).sum()) == sum(range(200))
+    assert len(decoded_by) == 7 and len(set(decoded_by)) > 1 and all(n.startswith("kaggle-vit-decode") for n in decoded_by)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncated_image, "train/7.png: cannot decode the image"),
+    (lambda comp: png_bomb(comp / "train" / "90.png", 12000), "train/90.png: refused as a possible decompression bomb"),
+])
+def test_a_bad_file_among_threads_is_one_line_and_writes_nothing(tmp_path, mnist, monkeypatch, damage, message):
+    comp = files_competition(tmp_path / "c", mnist)
+    spec = files_spec(tmp_path)
+    damage(comp)
+    decoded_by = _four_cores(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["data", "-c", str(spec), "--dest", str(comp)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert len(set(decoded_by)) > 1 and not any((comp / ".kvcache").glob("train-*")) and not list(comp.rglob("*.tmp"))
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_size(tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    photo = np.stack([xx // 7 % 256, yy // 5 % 256, (xx + yy) // 11 % 256], -1).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "big.jpg", quality=95)
+    loaded_at: list[tuple[int, int]] = []
+    load = JpegImagePlugin.JpegImageFile.load
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", lambda self: (loaded_at.append(self.size), load(self))[1])
+    image = images_mod.decode(tmp_path / "big.jpg", 224, 224, 3)
+    assert set(loaded_at) == {(400, 300)}  # a quarter of 1600x1200: the smallest DCT scale not below 224x224
+    with Image.open(tmp_path / "big.jpg") as full:
+        reference = np.asarray(full.convert("RGB").resize((224, 224), Image.Resampling.BOX)).transpose(2, 0, 1)
+    assert image.shape == (3, 224, 224) and np.abs(image.astype(int) - reference).mean() < 3

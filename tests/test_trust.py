@@ -17,12 +17,10 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,7 @@ from kaggle_vit.data import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.fetch import write_competition_files
 
-from conftest import TINY, build_small, invoke, one_line, snapshot
+from conftest import TINY, build_small, invoke, one_line, png_bomb, snapshot
 from test_faults import immutable  # noqa: F401 - a fixture: a folder even root cannot write
 from test_layouts import NAMES, files_competition, files_spec, folders_competition, folders_spec
 
@@ -495,21 +493,10 @@ def test_a_full_disk_while_the_image_cache_is_built_is_one_line(tmp_path, mnist)
     assert snapshot(tmp_path) == before and not list(comp.rglob("*.tmp")) and not list(comp.rglob("*.npy"))
 
 
-def _png_bomb(path: Path, side: int) -> None:
-    """A real grey PNG of side x side black pixels: a few hundred KB that decode to side² bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    packer, row = zlib.compressobj(9), bytes(side + 1)  # each row: filter byte 0, then the pixels
-    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
-
-
 @pytest.mark.parametrize("side, limit", [(12000, 89478485), (20000, 178956970)])
 def test_an_image_decompression_bomb_is_refused_in_one_line(tmp_path, mnist, side, limit):
     comp, spec = files_competition(tmp_path / "c", mnist, 20, 5), files_spec(tmp_path)
-    _png_bomb(comp / "train" / "7.png", side)
+    png_bomb(comp / "train" / "7.png", side)
     before = snapshot(tmp_path)
     proc = _cli(["data", "-c", spec, "--dest", comp], tmp_path)
     assert proc.returncode == 2
