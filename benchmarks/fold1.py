@@ -45,12 +45,13 @@ def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: 
     model = create_model(cfg, spec)
     t0 = time.perf_counter()
     data_config = resolve_data_config(model)
-    result = fit(model, ImageDataset(data.train.images[tr], data.train.labels[tr], data_config=data_config),
-                 ImageDataset(data.train.images[va], data.train.labels[va], data_config=data_config), cfg, seed=cfg.seed + 1)
+    images = data.train.images  # the cache; the datasets hold rows of it, as a fold does
+    result = fit(model, ImageDataset(images, data.train.labels[tr], data_config=data_config, rows=tr),
+                 ImageDataset(images, data.train.labels[va], data_config=data_config, rows=va), cfg, seed=cfg.seed + 1)
     train_s = time.perf_counter() - t0
     model.load_state_dict(result.best_state)
     device = select_device(cfg.device)
-    valid = ImageDataset(data.train.images[va], data_config=data_config)
+    valid = ImageDataset(images, data_config=data_config, rows=va)
     views = {}
     for n in sorted({3, cfg.tta} - {1}):
         probs = predict_probs(model, valid, device, inference_amp(cfg.amp, device), cfg.eval_batch_size, n, mode=cfg.tta_mode)
