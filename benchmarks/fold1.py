@@ -19,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from kaggle_vit.competition import load_spec
 from kaggle_vit.config import TrainConfig, apply_overrides, validate_config
-from kaggle_vit.data import load_competition, load_or_make_folds
-from kaggle_vit.dataset import ImageDataset, resolve_data_config
-from kaggle_vit.device import inference_amp, select_device
-from kaggle_vit.engine import fit, predict_probs, seed_everything
-from kaggle_vit.models import create_model
-from kaggle_vit.rundir import shared_folds
+from kaggle_vit.data.folds import load_or_make_folds
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.models.factory import create_model
+from kaggle_vit.run.rundir import shared_folds
+from kaggle_vit.spec import load_spec
 from kaggle_vit.submit import read_solution
+from kaggle_vit.train.dataset import ImageDataset, resolve_data_config
+from kaggle_vit.train.device import inference_amp, select_device
+from kaggle_vit.train.engine import fit, predict_probs, seed_everything
 
 
 def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: Path = Path("runs/digit-recognizer")) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-import kaggle_vit.engine as engine
+import kaggle_vit.train.engine as engine
 from kaggle_vit.models.vit import KaggleViT
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -47,8 +47,8 @@ def _fashion() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _digits_rows(root: Path, n: int) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """digit-recognizer's layout: the offline build's first n training rows; held-out: its test rows."""
-    from kaggle_vit.competition import load_spec
-    from kaggle_vit.fetch import load_mnist, write_competition_files
+    from kaggle_vit.data.fetch import load_mnist, write_competition_files
+    from kaggle_vit.spec import load_spec
 
     spec = load_spec("digit-recognizer")
     tx, ty, vx, vy = load_mnist()
@@ -101,7 +101,7 @@ def build(name: str, root: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarr
     if kind == "digits":
         return _digits_rows(root, n)
     if kind == "mnist-png":
-        from kaggle_vit.fetch import load_mnist
+        from kaggle_vit.data.fetch import load_mnist
 
         images = load_mnist()
         names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

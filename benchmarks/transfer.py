@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from kaggle_vit.competition import load_spec
-from kaggle_vit.config import resolve_config
-from kaggle_vit.cv import run_cv
-from kaggle_vit.data import load_competition
-from kaggle_vit.schedule import fold_rows, plan_schedule
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.run.cv import run_cv
+from kaggle_vit.run.settings import resolve_config
+from kaggle_vit.spec import load_spec
+from kaggle_vit.train.schedule import fold_rows, plan_schedule
 
 SPEC = Path(__file__).with_name("optdigits.toml")
 N_TEST = 297  # the rest (1,500) is the training set the folds split

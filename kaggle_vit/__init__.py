@@ -17,18 +17,22 @@ __version__ = "0.1.0"
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 _EXPORTS = {
-    "competition": ("CompetitionSpec", "list_competitions", "load_spec"),
-    "config": ("PRESETS", "TrainConfig", "resolve_config", "save_config"),
-    "cv": ("CVResult", "default_run_dir", "run_cv"),
-    "data": ("CompetitionData", "ImageTable", "load_competition", "make_folds"),
-    "dataset": ("ImageDataset",),
-    "engine": ("FitResult", "fit"),
+    "config": ("PRESETS", "TrainConfig", "save_config"),
+    "data.fetch": ("ensure_data",),
+    "data.folds": ("make_folds",),
+    "data.layouts": ("CompetitionData", "load_competition"),
+    "data.tables": ("ImageTable",),
     "errors": ("KaggleVitError",),
-    "fetch": ("ensure_data",),
-    "models": ("KaggleViT", "create_model"),
+    "models.factory": ("create_model",),
     "models.pretrained": ("find_weights",),
+    "models.vit": ("KaggleViT",),
     "report": ("make_report", "plot_curves"),
+    "run.cv": ("CVResult", "default_run_dir", "run_cv"),
+    "run.settings": ("resolve_config",),
+    "spec": ("CompetitionSpec", "list_competitions", "load_spec"),
     "submit": ("Submission", "latest_run", "make_submission", "score_submission"),
+    "train.dataset": ("ImageDataset",),
+    "train.engine": ("FitResult", "fit"),
     "versions": ("check_versions",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

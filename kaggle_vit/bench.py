@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .batches import DeviceBatches, loader_workers, train_batches
-from .dataset import ImageDataset, resolve_data_config
-from .device import amp_for, autocast, inference_amp, select_device
-from .engine import NoProgress, make_optimizer, make_trainer, train_one_epoch
+from .train.batches import DeviceBatches, loader_workers, train_batches
+from .train.dataset import ImageDataset, resolve_data_config
+from .train.device import amp_for, autocast, inference_amp, select_device
+from .train.engine import NoProgress, make_optimizer, make_trainer, train_one_epoch
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class GpuSampler:
         self.handle = None
         if device.type == "cuda":
             try:
-                import pynvml
+                import pynvml  # lazy: optional (nvidia-ml-py), and only on a GPU
 
                 pynvml.nvmlInit()
                 self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)

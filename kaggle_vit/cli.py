@@ -1,7 +1,12 @@
-"""The `kaggle-vit` command line: parse options, call the library, render results with rich."""
+"""The `kaggle-vit` command line: parse options, call the library, render results with rich.
+
+Each command imports the library it calls when it runs (`# lazy:`), so `--help` loads no pandas and
+`data` no torch: only the modules below, which need neither, are imported here."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import os
 import signal
@@ -13,18 +18,21 @@ from typing import TYPE_CHECKING, Annotated, Callable, List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
-from .competition import CompetitionSpec, SpecFacts, load_spec, shown, spec_facts
 from .errors import Interrupted, KaggleVitError
+from .io import read_json
+from .metrics import get_metric
+from .notebook import write_notebook
 from .notices import log
+from .progress import LineProgress, RichProgress
+from .spec import CompetitionSpec, SpecFacts, load_spec, shown, spec_facts
 
 if TYPE_CHECKING:
-    from rich.table import Table
-
     from .config import TrainConfig
-    from .cv import CVResult
-    from .data import CompetitionData
-    from .schedule import Plan
+    from .data.layouts import CompetitionData
+    from .run.cv import CVResult
+    from .train.schedule import Plan
 
 app = typer.Typer(
     help="Vision Transformers for Kaggle image-classification competitions.",
@@ -128,7 +136,7 @@ def data(
     from_idx: Annotated[Optional[Path], typer.Option("--from-idx", help="Build from IDX files (train-images-idx3-ubyte.gz, ...).")] = None,
 ) -> None:
     """Get a competition's files: Kaggle API with credentials, else an offline build from real MNIST."""
-    from .fetch import ensure_data
+    from .data.fetch import ensure_data  # lazy: pandas and the readers load only for a command that reads data
 
     if name is None and competition is None:
         raise KaggleVitError("give a competition NAME or --competition SPEC")
@@ -167,7 +175,7 @@ def _parse_folds(text: Optional[str]) -> Optional[list[int]]:
 
 def load_data(spec: CompetitionSpec, data_dir: Optional[Path]):
     """Validated competition data, fetched first (and said so) when its files are missing."""
-    from .fetch import competition_files, ensure_data
+    from .data.fetch import competition_files, ensure_data  # lazy: pandas and the readers, not for --help
 
     target = data_dir_for(spec, data_dir)
     if not any((target / name).exists() for name in competition_files(spec)):
@@ -178,10 +186,8 @@ def load_data(spec: CompetitionSpec, data_dir: Optional[Path]):
     return result.data
 
 
-def fold_table(result) -> "Table":
+def fold_table(result) -> Table:
     """A rich table of per-fold scores and the OOF score."""
-    from rich.table import Table
-
     table = Table(title=f"cross-validation: {result.run_dir}")
     extra = result.metric != "accuracy"  # the competition's metric gets its own columns, named
     columns = ("fold", "best epoch", "valid acc", "no TTA") + ((f"valid {result.metric}", "no TTA") if extra else ())
@@ -240,10 +246,11 @@ def cv(
 ) -> None:
     """Train one model per stratified fold; write checkpoints, OOF and test probabilities, curves."""
     started = time.monotonic()  # a time budget counts from here
-    from .config import resolve_config
-    from .cv import default_run_dir, run_cv
-    from .progress import LineProgress, RichProgress
-    from .schedule import fold_rows, parse_duration, plan_schedule
+    # lazy: torch, timm and the training code load only for a command that trains
+    from .models.factory import create_model
+    from .run.cv import default_run_dir, run_cv
+    from .run.settings import resolve_config
+    from .train.schedule import fold_rows, parse_duration, plan_schedule
 
     budget = parse_duration(time_budget) if time_budget is not None else None
     cfg = resolve_config(preset, config, competition=competition, time_budget=budget,
@@ -252,8 +259,6 @@ def cv(
                          pseudo_threshold=pseudo_threshold, seed=seed, aug=aug, aug_group=aug_group, amp=amp,
                          device=device, num_workers=workers, jobs=jobs, devices=devices,
                          data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile, compile_mode=compile_mode)
-    from .models import create_model
-
     spec = load_spec(cfg.competition)
     create_model(cfg, spec)  # an unknown model or impossible shape fails now, before data or folders
     if seeds != 1 and run_dir is not None:
@@ -277,7 +282,7 @@ def _show_plan(plan: "Plan") -> None:
 def _show_cv(result: "CVResult", n_rows: int, tta: int) -> None:
     """A finished cv call's curves, fold table and OOF line; with a time budget, the time it took."""
     if result.folds:
-        from .report import plot_run_curves
+        from .report import plot_run_curves  # lazy: matplotlib, once there is a fold to plot
 
         plot_run_curves(result.run_dir)
     out.print(fold_table(result))
@@ -290,7 +295,7 @@ def _show_cv(result: "CVResult", n_rows: int, tta: int) -> None:
         done = [f["fold"] for f in result.folds]
         out.print(f"folds done: {done or 'none'} of {result.n_folds}; OOF scores appear when all are done")
     if result.plan is not None and result.plan.time_budget:
-        from .schedule import format_duration
+        from .train.schedule import format_duration  # lazy: train.schedule imports torch
 
         budget = result.plan.time_budget
         out.print(f"time budget {format_duration(budget)}: {format_duration(result.seconds)} used "
@@ -300,7 +305,7 @@ def _show_cv(result: "CVResult", n_rows: int, tta: int) -> None:
 
 def _cv_seeds(cfg: "TrainConfig", data: "CompetitionData", seeds: int, folds: list[int] | None, progress) -> None:
     """`cv --seeds N`: each seed's run as `cv` shows it, then the seed ensemble's OOF line."""
-    from .cv import run_cv_seeds
+    from .run.cv import run_cv_seeds  # lazy: torch and the training code
 
     result = run_cv_seeds(cfg, data, seeds, folds, progress, _show_plan)
     for run in result.runs:
@@ -312,7 +317,7 @@ def _cv_seeds(cfg: "TrainConfig", data: "CompetitionData", seeds: int, folds: li
 
 
 def _run_dir(spec: CompetitionSpec, run_dir: Optional[Path]) -> Path:
-    from .submit import latest_run
+    from .submit import latest_run  # lazy: pandas, not for --help
 
     return run_dir if run_dir is not None else latest_run(spec)
 
@@ -332,7 +337,7 @@ def submit(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Average the fold models' probabilities on test.csv and write a validated submission.csv."""
-    from .submit import check_output, make_submission, submission_runs
+    from .submit import check_output, make_submission, submission_runs  # lazy: pandas, not for --help
 
     spec = load_spec(competition or "digit-recognizer")
     check_output(output, spec, data_dir_for(spec, data_dir), force)  # before the data is fetched or read
@@ -357,9 +362,8 @@ def score(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Score a submission against a solution file: the local private leaderboard."""
-    from .io import read_json
-    from .rundir import RunDir
-    from .metrics import get_metric
+    # lazy: pandas, not for --help
+    from .run.rundir import RunDir
     from .submit import fold_scores, latest_run, run_folds, score_submission
 
     spec = load_spec(competition or "digit-recognizer")
@@ -396,7 +400,7 @@ def report(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Write PNGs into the run folder: curves, OOF confusion matrix, predictions, mistakes, attention maps."""
-    from .report import make_report
+    from .report import make_report  # lazy: torch and matplotlib
 
     spec = load_spec(competition or "digit-recognizer")
     data = load_data(spec, data_dir)
@@ -426,10 +430,8 @@ def tune(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Optuna search over patch size, depth, dropout, learning rate and width, pruning weak trials."""
-    from rich.table import Table
-
-    from .config import resolve_config
-    from .metrics import get_metric
+    # lazy: torch, optuna and the training code
+    from .run.settings import resolve_config
     from .tune import check_budget, check_storage, load_space, make_pruner, run_tune
 
     base = resolve_config(preset, config, competition=competition, epochs=epochs, folds=folds, device=device,
@@ -468,8 +470,6 @@ def notebook(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Default: notebooks/COMPETITION.ipynb.")] = None,
 ) -> None:
     """Write a Kaggle notebook that carries the whole package and runs offline: CV, plots, submission."""
-    from .notebook import write_notebook
-
     spec = load_spec(competition or "digit-recognizer")
     path = write_notebook(spec, output or Path("notebooks") / f"{spec.name}.ipynb")
     out.print(f"wrote [cyan]{path}[/] ({path.stat().st_size / 1024:.0f} KiB)")
@@ -490,16 +490,12 @@ def bench(
 ) -> None:
     """Images/s of our ViT vs timm's VisionTransformer of the same shape, of the data pipeline, and of
     cv's real training loop against the bare training step (with GPU utilisation on CUDA)."""
-    import dataclasses
-    import json
-
-    from rich.table import Table
-
+    # lazy: torch, timm and the training code
     from .bench import bench_data, bench_loop, bench_models, timm_twin
-    from .config import resolve_config
-    from .device import amp_for, select_device
-    from .models import create_model
-    from .schedule import fold_rows, plan_schedule
+    from .models.factory import create_model
+    from .run.settings import resolve_config
+    from .train.device import amp_for, select_device
+    from .train.schedule import fold_rows, plan_schedule
 
     cfg = resolve_config(preset, None, competition=competition, model=model, device=device, batch_size=batch_size,
                          compile_mode=compile_mode)

@@ -1,9 +1,10 @@
 """TrainConfig: every training choice in one dataclass; presets and their schedule budgets; TOML
-load/save; overrides.
+load/save; overrides, checked.
 
-Precedence, lowest first: the preset, then a `--config` TOML file, then command-line options. What
-none of them gives of the schedule (epochs, batch size, learning rate, warm-up) is left None, and
-planned from the training rows (`schedule.plan_schedule`) once the data is known.
+A run's config is resolved from these with the competition's spec and the weights it starts from
+(`run.settings.resolve_config`). What none of them gives of the schedule (epochs, batch size,
+learning rate, warm-up) is left None, and planned from the training rows
+(`train.schedule.plan_schedule`) once the data is known.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class TrainConfig:
     devices: str = "all"  # GPUs the folds are spread over: all visible, or indices such as "0,1"
     data_on_device: str = "auto"  # training images on the GPU, augmented there: auto (when they fit) | on | off
     num_workers: int = -1  # -1: chosen from the CPU count
-    jobs: int = 0  # folds trained at once in worker processes; 0: auto (workers.auto_jobs)
+    jobs: int = 0  # folds trained at once in worker processes; 0: auto (device.auto_jobs)
     eval_batch_size: int = 128  # measured faster than 256 with two fold workers on a CPU (benchmarks/RESULTS.md)
     tta: int = 3  # test-time views for the OOF and test predictions
     tta_mode: str = "shift"  # shift: one-pixel shifts (digits) | flip: mirror images and their shifts (photos)
@@ -178,41 +179,6 @@ def load_toml(path: Path) -> dict[str, Any]:
     """Read a run TOML (flat keys, or under [train]); 'preset' may name a preset."""
     data = read_toml(path, "config file")
     return dict(data.get("train", data))
-
-
-def resolve_config(preset: str | None = None, config_file: Path | None = None, **cli: Any) -> TrainConfig:
-    """Preset, then the competition spec's [train] table, then TOML file, then CLI options (None =
-    not given) → one TrainConfig. A photo competition's spec can so choose flips, a digit one rotation.
-    The PLANNED settings none of them gives stay None, for `schedule.plan_schedule`."""
-    from .competition import load_spec
-
-    from_file = load_toml(config_file) if config_file else {}
-    name = cli.pop("preset_name", None) or preset or from_file.pop("preset", None) or "cpu"
-    from_file.pop("preset", None)
-    if name not in PRESETS:
-        raise KaggleVitError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
-    cfg = apply_overrides(TrainConfig(**dict.fromkeys(PLANNED)), PRESETS[name], f"preset {name}")
-    competition = cli.get("competition") or from_file.get("competition") or cfg.competition
-    spec = load_spec(competition)
-    cfg = apply_overrides(cfg, dict(spec.train_defaults), f"{spec.path} [train]")
-    cfg = apply_overrides(cfg, from_file, str(config_file))
-    cfg = apply_overrides(cfg, cli, "command line")
-    validate_config(cfg)
-    return with_weights_architecture(cfg)
-
-
-def with_weights_architecture(cfg: TrainConfig) -> TrainConfig:
-    """With `pretrained` weights that name their model (a kaggle-vit fold checkpoint, or timm's
-    config.json beside the file), that model and shape: the weights decide what they fit."""
-    if not cfg.pretrained:
-        return cfg
-    from .models.pretrained import weights_architecture  # torch only when weights are asked for
-
-    named = weights_architecture(Path(cfg.pretrained))
-    if named is None:
-        return cfg
-    model, shape = named
-    return dataclasses.replace(cfg, model=model, **{**dict.fromkeys(ARCHITECTURE, None), **shape})
 
 
 def validate_config(cfg: TrainConfig) -> None:

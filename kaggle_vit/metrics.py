@@ -20,19 +20,19 @@ def clip_probs(probs: np.ndarray) -> np.ndarray:
 
 
 def _accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import accuracy_score
+    from sklearn.metrics import accuracy_score  # lazy: specs import this module, and --help and data need no sklearn
 
     return float(accuracy_score(labels, probs.argmax(1)))
 
 
 def _logloss(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import log_loss
+    from sklearn.metrics import log_loss  # lazy: specs import this module, and --help and data need no sklearn
 
     return float(log_loss(labels, clip_probs(probs), labels=np.arange(probs.shape[1])))
 
 
 def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # lazy: specs import this module, and --help and data need no sklearn
 
     if len(np.unique(labels)) < 2:
         raise KaggleVitError("ROC AUC needs rows of both classes; these rows hold one")
@@ -41,7 +41,7 @@ def _auc(labels: np.ndarray, probs: np.ndarray) -> float:
 
 def _f1(average: str) -> Callable[[np.ndarray, np.ndarray], float]:
     def score(labels: np.ndarray, probs: np.ndarray) -> float:
-        from sklearn.metrics import f1_score
+        from sklearn.metrics import f1_score  # lazy: specs import this module, and --help and data need no sklearn
 
         return float(f1_score(labels, probs.argmax(1), average=average, labels=np.arange(probs.shape[1])))
 

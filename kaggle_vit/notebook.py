@@ -12,19 +12,17 @@ import json
 import zipfile
 from pathlib import Path
 
-from .competition import CompetitionSpec
 from .io import write_text
+from .spec import CompetitionSpec, bundled_dir
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def package_files() -> list[tuple[str, bytes]]:
     """(archive name, bytes) of every module and bundled spec, sorted so the archive is reproducible."""
-    from .competition import _bundled_dir
-
     files = [(f"kaggle_vit/{p.relative_to(PACKAGE_DIR).as_posix()}", p.read_bytes())
              for p in sorted(PACKAGE_DIR.rglob("*.py")) if "__pycache__" not in p.parts]
-    files += [(f"kaggle_vit/competitions/{p.name}", p.read_bytes()) for p in sorted(_bundled_dir().glob("*.toml"))]
+    files += [(f"kaggle_vit/competitions/{p.name}", p.read_bytes()) for p in sorted(bundled_dir().glob("*.toml"))]
     return files
 
 
@@ -46,10 +44,8 @@ def _wrap(text: str, width: int = 100) -> str:
 def _spec_lines(spec: CompetitionSpec) -> str:
     """The notebook's COMPETITION: a bundled spec by name; any other spec's TOML embedded and written
     next to the notebook, so the notebook runs for a competition the package does not ship."""
-    from .competition import _bundled_dir
-
     path = Path(spec.path)
-    if path.parent.resolve() == _bundled_dir().resolve():
+    if path.parent.resolve() == bundled_dir().resolve():
         return f"COMPETITION = {spec.name!r}\n"
     return (f"SPEC_TOML = {path.read_text(encoding='utf-8')!r}  # this competition's spec, written next to the notebook\n"
             "_spec_dir = KAGGLE_ROOT / 'working' if (KAGGLE_ROOT / 'working').is_dir() else Path('.')\n"

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import track as rich_track
 
 
 T = TypeVar("T")
@@ -20,8 +21,6 @@ def track(items: Sequence[T], description: str, at_least: int = 500) -> Iterator
     if not console.is_terminal or len(items) < at_least:
         yield from items
         return
-    from rich.progress import track as rich_track
-
     yield from rich_track(items, description=description, console=console, transient=True)
 
 

@@ -7,13 +7,17 @@ from pathlib import Path
 import matplotlib
 import matplotlib.ticker
 import numpy as np
+import pandas as pd
 import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .errors import KaggleVitError  # noqa: E402
 from .io import atomic_path  # noqa: E402
-from .rundir import RunDir, model_from, read_checkpoint, read_test_probs  # noqa: E402
+from .models.factory import model_from  # noqa: E402
+from .run.rundir import RunDir, read_checkpoint, read_test_probs  # noqa: E402
+from .train.dataset import resolve_data_config  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -96,8 +100,6 @@ def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
 
 def plot_attention(model, images: np.ndarray, labels: list[str], path: Path) -> Path:
     """Each image beside its attention-rollout map over the patches (a kvit model's attention)."""
-    from .dataset import resolve_data_config
-
     model.eval()
     x = resolve_data_config(model).prepare(torch.from_numpy(images)).to(next(model.parameters()).device)
     rollout = attention_rollout(model.attention_maps(x)).float().cpu()
@@ -126,10 +128,6 @@ def plot_run_curves(run_dir: Path) -> Path:
 def make_report(run_dir: Path, data, n_images: int = 30, n_attention: int = 8) -> list[Path]:
     """Write every view of a run into its folder: curves, OOF confusion, test predictions (the fold
     ensemble, as the submission averages it), OOF mistakes, attention."""
-    import pandas as pd
-
-    from .errors import KaggleVitError
-
     names, run = list(data.spec.class_names), RunDir(run_dir)
     folds = run.finished_folds()
     if not folds:

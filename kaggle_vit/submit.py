@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .competition import CompetitionSpec, shown
-from . import rundir
 from .config import load_toml
-from .data import SPEC_PATHS, CompetitionData, read_csv, load_sample_ids
+from .data.layouts import SPEC_PATHS, CompetitionData
+from .data.tables import load_sample_ids, read_csv
 from .errors import KaggleVitError
 from .io import atomic_path, read_json
 from .metrics import clip_probs, get_metric, one_hot
-from .rundir import RunDir, runs_of
+from .run import rundir
+from .run.rundir import RunDir, runs_of
+from .spec import CompetitionSpec, shown
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +101,9 @@ def read_checkpoint(run_dir: Path, fold: int, spec: CompetitionSpec, weights: bo
 
 def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> "torch.nn.Module":
     """A fold's best model, in eval mode (its checkpoint checked against the competition)."""
-    return rundir.model_from(read_checkpoint(run_dir, fold, spec))
+    from .models.factory import model_from  # lazy: torch only to predict again; saved probabilities need none
+
+    return model_from(read_checkpoint(run_dir, fold, spec))
 
 
 def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | None = None,
@@ -113,11 +116,11 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
         probs = rundir.read_test_probs(saved)
         if probs.shape == (len(data.test), data.spec.num_classes):
             return probs
-    # Only here are torch, the model and the training code needed: a submission from saved
+    # lazy: only here are torch, the model and the training code needed: a submission from saved
     # probabilities imports none of them (torch, timm and albumentations take seconds to import).
-    from .dataset import ImageDataset, resolve_data_config
-    from .device import inference_amp, select_device
-    from .engine import predict_probs
+    from .train.dataset import ImageDataset, resolve_data_config
+    from .train.device import inference_amp, select_device
+    from .train.engine import predict_probs
 
     model, dev = load_fold_model(run_dir, fold, data.spec), select_device(device)
     model.to(dev)

@@ -20,15 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import optuna
+import sqlalchemy
+from optuna.visualization import matplotlib as ovm
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
 from .config import TrainConfig, save_config
-from .cv import run_cv
-from .data import CompetitionData
+from .data.layouts import CompetitionData
 from .errors import KaggleVitError
-from .io import read_toml
+from .io import atomic_path, read_toml
 from .metrics import Metric, get_metric
-from .schedule import fold_rows, plan_schedule
+from .run.cv import run_cv
+from .train.device import select_device
+from .train.schedule import fold_rows, plan_schedule
 
 HEADS = (2, 3, 4, 6, 8)
 
@@ -143,9 +148,6 @@ def check_storage(url: str) -> None:
     it (password masked) and what to do: not a URL, a database kaggle-vit keeps no study in, a missing
     driver, a SQLite file in a missing folder or one that is not a database, a server that does not
     answer. A server is only asked for its table names, and a new SQLite file is not created."""
-    import sqlalchemy
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
-
     shown = _shown(url)
     try:
         parsed = sqlalchemy.engine.make_url(url)
@@ -189,8 +191,6 @@ def _rdb(url: str) -> optuna.storages.RDBStorage:
 def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     """The study database, its tables created; workers that start together on an empty database
     race to create them (a unique-key error for the loser), so a database error is retried."""
-    from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-
     try:
         for _ in range(attempts - 1):
             try:
@@ -205,8 +205,6 @@ def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
 def open_study(storage: str, study_name: str, pruner: str, seed: int, direction: str = "maximize") -> optuna.Study:
     """Create or resume a study that optimises the competition's metric in its `direction`; its
     storage's heartbeat fails trials whose worker died."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     rdb = _storage(storage)
     try:
         return optuna.create_study(study_name=study_name, storage=rdb, direction=direction, load_if_exists=True,
@@ -290,11 +288,6 @@ def write_outputs(study: optuna.Study, base: TrainConfig, out_dir: Path) -> tupl
 
 
 def _plots(study: optuna.Study, out_dir: Path, n_complete: int) -> list[Path]:
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
-
-    from .io import atomic_path
-
     plots = []
     makers = [("optimization_history.png", ovm.plot_optimization_history)]
     if n_complete >= 2:
@@ -345,8 +338,6 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
     study_name = study_name or f"kvit-{data.spec.name}"
     study = open_study(storage, study_name, pruner, base.seed, get_metric(data.spec.metric).direction)
     study.set_user_attr("competition", data.spec.name)
-    from .device import select_device
-
     device = str(select_device(base.device))
     obj = objective(data, base, space or default_space(data, device, bool(base.pretrained)), list(range(1, tune_folds + 1)), out_dir / "trials",
                     out_dir.parent)

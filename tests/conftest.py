@@ -14,10 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
-from kaggle_vit.competition import CompetitionSpec, load_spec
 from kaggle_vit.config import TrainConfig, to_toml
-from kaggle_vit.data import load_competition
-from kaggle_vit.fetch import load_mnist, write_competition_files
+from kaggle_vit.data.fetch import load_mnist, write_competition_files
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.spec import CompetitionSpec, load_spec
 
 torch.set_num_threads(2)
 
@@ -95,8 +95,8 @@ def tiny(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory, small_comp) -> tuple[Path, Path]:
     """A finished 2-fold run on the small competition (copy before changing): (run folder, data)."""
-    from kaggle_vit.cv import run_cv
-    from kaggle_vit.competition import load_spec
+    from kaggle_vit.run.cv import run_cv
+    from kaggle_vit.spec import load_spec
 
     root = tmp_path_factory.mktemp("finished")
     data = root / "data"

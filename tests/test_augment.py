@@ -3,10 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from kaggle_vit.augment import affine_warps, aug_ranges, augment_on_device, sample_params, train_transform, tta_views, warp
-from kaggle_vit.config import TrainConfig, resolve_config
-from kaggle_vit.dataset import ImageDataset
+from kaggle_vit.config import TrainConfig
 from kaggle_vit.errors import KaggleVitError
+from kaggle_vit.run.settings import resolve_config
+from kaggle_vit.train.augment import (affine_warps, aug_ranges, augment_on_device, sample_params, train_transform,
+                                      tta_views, warp)
+from kaggle_vit.train.dataset import ImageDataset
 
 
 def _photo() -> np.ndarray:
@@ -42,10 +44,10 @@ def test_flip_views_are_the_image_then_its_mirror():
 
 
 def test_a_spec_train_table_sets_the_competition_default(tmp_path):
-    from kaggle_vit.competition import _bundled_dir
+    from kaggle_vit.spec import bundled_dir
 
     spec = tmp_path / "photos.toml"
-    spec.write_text((_bundled_dir() / "digit-recognizer.toml").read_text() + '\n[train]\naug = "flip"\ntta_mode = "flip"\n')
+    spec.write_text((bundled_dir() / "digit-recognizer.toml").read_text() + '\n[train]\naug = "flip"\ntta_mode = "flip"\n')
     cfg = resolve_config(competition=str(spec))
     assert (cfg.aug, cfg.tta_mode) == ("flip", "flip")
     assert resolve_config(competition=str(spec), aug="crop").aug == "crop"  # the command line still wins

@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from kaggle_vit.batches import DeviceBatches, HostBatches, skip_easy_rows, train_batches
 from kaggle_vit.config import TrainConfig
-from kaggle_vit.dataset import ImageDataset
-from kaggle_vit.engine import fit
+from kaggle_vit.train.batches import DeviceBatches, HostBatches, skip_easy_rows, train_batches
+from kaggle_vit.train.dataset import ImageDataset
+from kaggle_vit.train.engine import fit
 
 CFG = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=50,
                   lr=2e-3, aug="affine", num_workers=0, device="cpu")
@@ -85,8 +85,8 @@ def test_auto_keeps_a_cpu_on_albumentations(digits):
 def test_fit_learns_from_device_batches(mnist):
     train = ImageDataset(mnist[0][:2000, None], mnist[1][:2000])
     valid = ImageDataset(mnist[0][2000:2500, None], mnist[1][2000:2500])
-    from kaggle_vit.competition import load_spec
-    from kaggle_vit.models import create_model
+    from kaggle_vit.models.factory import create_model
+    from kaggle_vit.spec import load_spec
 
     cfg = TrainConfig(epochs=3, batch_size=32, num_workers=0, device="cpu", data_on_device="on")
     torch.manual_seed(0)

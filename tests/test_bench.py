@@ -1,12 +1,11 @@
 import json
 
 import pytest
-
 from typer.testing import CliRunner
 
 from kaggle_vit.bench import timm_twin
 from kaggle_vit.cli import app
-from kaggle_vit.models import KaggleViT
+from kaggle_vit.models.vit import KaggleViT
 
 runner = CliRunner()
 

@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
-from kaggle_vit.competition import CompetitionSpec, list_competitions, load_spec
 from kaggle_vit.metrics import EPS
+from kaggle_vit.spec import CompetitionSpec, list_competitions, load_spec
 
 runner = CliRunner()
 BUNDLED = ["Kannada-MNIST", "cifar-10", "aerial-cactus-identification", "histopathologic-cancer-detection",

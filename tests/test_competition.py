@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from kaggle_vit.competition import list_competitions, load_spec
 from kaggle_vit.errors import KaggleVitError
+from kaggle_vit.spec import list_competitions, load_spec
 
 
 def test_bundled_specs_describe_kaggle_layout():

@@ -9,15 +9,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from kaggle_vit import workers
 from kaggle_vit.cli import app
-from kaggle_vit.config import TrainConfig, resolve_config, to_toml
-from kaggle_vit.cv import default_run_dir, run_cv
-from kaggle_vit.data import load_competition
+from kaggle_vit.config import TrainConfig, to_toml
+from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import plot_run_curves
-from kaggle_vit.rundir import read_checkpoint
-from kaggle_vit.workers import Segment, plan_costs, plan_segments
+from kaggle_vit.run import workers
+from kaggle_vit.run.cv import default_run_dir, run_cv
+from kaggle_vit.run.rundir import read_checkpoint
+from kaggle_vit.run.settings import resolve_config
+from kaggle_vit.run.workers import Segment, plan_costs, plan_segments
 
 runner = CliRunner()
 TINY = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=1, batch_size=64,

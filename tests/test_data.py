@@ -7,10 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kaggle_vit import data as data_mod
 from kaggle_vit.cli import app
-from kaggle_vit.data import cache_path, load_competition, load_image_csv, load_or_make_folds
-from kaggle_vit.dataset import ImageDataset, keep_batch
+from kaggle_vit.data import tables as data_mod
+from kaggle_vit.data.folds import load_or_make_folds
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.data.tables import cache_path, load_image_csv
+from kaggle_vit.train.dataset import ImageDataset, keep_batch
 
 runner = CliRunner()
 
@@ -74,7 +76,7 @@ def test_ragged_row_and_label_in_test(comp, tmp_path, monkeypatch):
     frame = pd.read_csv(comp / "test.csv")
     pd.concat([pd.DataFrame({"label": 0}, index=frame.index), frame], axis=1).to_csv(comp / "test.csv", index=False)
     from kaggle_vit.errors import KaggleVitError
-    from kaggle_vit.competition import load_spec
+    from kaggle_vit.spec import load_spec
 
     with pytest.raises(KaggleVitError, match="test.csv: row 0, column 'label': the test file must not have a label column"):
         load_image_csv(comp / "test.csv", load_spec("digit-recognizer"), train=False)
@@ -119,8 +121,8 @@ def test_folds_stratified_and_saved(comp, small_spec, tmp_path):
 
 
 def test_grouped_augmentation_shares_one_draw_per_group(comp, small_spec):
-    from kaggle_vit.augment import train_transform
     from kaggle_vit.config import TrainConfig
+    from kaggle_vit.train.augment import train_transform
 
     image = load_competition(small_spec, comp).train.images[:1]
     same = np.repeat(image, 10, axis=0)  # ten copies of one digit
@@ -137,8 +139,8 @@ def test_grouped_augmentation_shares_one_draw_per_group(comp, small_spec):
 def test_normalisation_comes_from_the_model():
     import timm
 
-    import kaggle_vit.models  # noqa: F401  (registers the kvit_* family with timm)
-    from kaggle_vit.dataset import DataConfig, resolve_data_config
+    import kaggle_vit.models.vit  # noqa: F401  (registers the kvit_* family with timm)
+    from kaggle_vit.train.dataset import DataConfig, resolve_data_config
 
     kvit = resolve_data_config(timm.create_model("kvit_pico_patch4_28", num_classes=10, in_chans=1))
     assert (kvit.mean, kvit.std, kvit.input_size) == ((0.5,), (0.5,), (1, 28, 28))

@@ -5,21 +5,21 @@ import torch
 import torch.nn.functional as F
 
 from kaggle_vit.config import TrainConfig
-from kaggle_vit.data import load_competition
-from kaggle_vit.dataset import DataConfig, ImageDataset
-from kaggle_vit.augment import shift, tta_shifts
-from kaggle_vit import device as device_module
-from kaggle_vit.device import Amp, amp_for
-from kaggle_vit.engine import (NoProgress, fit, make_optimizer, make_scheduler, make_trainer, maybe_compile, predict_logits,
-                               predict_probs, read_state, train_one_epoch, validates)
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.train import device as device_module
+from kaggle_vit.train.augment import shift, tta_shifts
+from kaggle_vit.train.dataset import DataConfig, ImageDataset
+from kaggle_vit.train.device import Amp, amp_for
+from kaggle_vit.train.engine import (NoProgress, fit, make_optimizer, make_scheduler, make_trainer, maybe_compile,
+                                     predict_logits, predict_probs, read_state, train_one_epoch, validates)
 
 TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=2, batch_size=32,
                    lr=2e-3, aug="rotate", num_workers=0, device="cpu")
 
 
 def _model(cfg=TINY):
-    from kaggle_vit.competition import load_spec
-    from kaggle_vit.models import create_model
+    from kaggle_vit.models.factory import create_model
+    from kaggle_vit.spec import load_spec
 
     torch.manual_seed(0)
     return create_model(cfg, load_spec("digit-recognizer"))
@@ -56,7 +56,7 @@ def test_schedule_warms_up_then_decays():
 def test_a_shorter_epoch_keeps_its_place_in_the_schedule():
     """An epoch trained on fewer rows (skip_easy) ends where a full epoch ends in the schedule, and with
     equal epochs the schedule's position is the step itself."""
-    from kaggle_vit.engine import WarmupCosine
+    from kaggle_vit.train.engine import WarmupCosine
 
     cfg = dataclasses.replace(TINY, epochs=3, warmup_epochs=0.5)
     full, short = WarmupCosine(3, 0.5, 10), WarmupCosine(3, 0.5, 10)

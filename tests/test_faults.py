@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FILES, TINY, invoke, one_line, snapshot
 
 from kaggle_vit.config import TrainConfig, to_toml
-from kaggle_vit.data import cache_path, load_competition, load_image_csv
-
-from conftest import FILES, TINY, invoke, one_line, snapshot
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.data.tables import cache_path, load_image_csv
 
 # 1. `data` never writes over a user's files; it reads what Kaggle ships.
 
@@ -114,8 +114,8 @@ def test_a_damaged_cache_is_rebuilt_with_a_notice(comp, small_spec, tmp_path, mo
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_an_unreadable_state_restarts_its_fold(comp, tiny, finished, tmp_path, monkeypatch, jobs):
-    from kaggle_vit.competition import load_spec
-    from kaggle_vit.cv import run_cv
+    from kaggle_vit.run.cv import run_cv
+    from kaggle_vit.spec import load_spec
 
     class Stop(Exception):
         pass
@@ -209,10 +209,10 @@ def test_unreadable_csv_is_one_line(comp, tmp_path, monkeypatch, damage, message
     (('metric = "accuracy"', 'metric = "auc"'), "metric = 'auc' scores two classes, but num_classes = 10"),
 ])
 def test_spec_values_are_checked_when_loaded(comp, tmp_path, monkeypatch, edit, message):
-    from kaggle_vit.competition import _bundled_dir
+    from kaggle_vit.spec import bundled_dir
 
     spec = tmp_path / "spec.toml"
-    spec.write_text((_bundled_dir() / "digit-recognizer.toml").read_text().replace(*edit))
+    spec.write_text((bundled_dir() / "digit-recognizer.toml").read_text().replace(*edit))
     before = snapshot(tmp_path)
     result = invoke(["data", "--competition", spec, "--dest", comp], tmp_path, monkeypatch)
     assert result.exit_code == 2 and message in one_line(result)
@@ -372,7 +372,7 @@ def test_sigterm_stops_the_run_and_its_workers_as_ctrl_c_does(comp, tmp_path):
 
 def test_a_worker_stops_soon_after_its_parent_is_killed_whatever_it_is_doing():
     # The worker sleeps where a long prediction would run: it reports nothing the parent's death could be noticed by.
-    worker = ("import os, sys, time; from kaggle_vit.workers import watch_parent; watch_parent(os.getppid()); "
+    worker = ("import os, sys, time; from kaggle_vit.run.workers import watch_parent; watch_parent(os.getppid()); "
               "print('watching', flush=True); time.sleep(60)")
     parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)

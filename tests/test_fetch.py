@@ -7,9 +7,9 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
-from kaggle_vit.competition import load_spec
-from kaggle_vit.data import load_competition
-from kaggle_vit.fetch import ensure_data, kaggle_credentials_present
+from kaggle_vit.data.fetch import ensure_data, kaggle_credentials_present
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.spec import load_spec
 
 runner = CliRunner()
 
@@ -84,7 +84,7 @@ def test_kaggle_api_used_only_with_credentials(tmp_path: Path, monkeypatch, smal
     for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     assert not kaggle_credentials_present()
-    import kaggle_vit.fetch as fetch
+    import kaggle_vit.data.fetch as fetch
 
     calls = []
     monkeypatch.setattr(fetch, "kaggle_credentials_present", lambda: True)

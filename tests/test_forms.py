@@ -10,10 +10,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
-from kaggle_vit.competition import _bundled_dir, load_spec
+from kaggle_vit.data.fetch import write_competition_files
 from kaggle_vit.errors import KaggleVitError
-from kaggle_vit.fetch import write_competition_files
 from kaggle_vit.metrics import EPS, clip_probs
+from kaggle_vit.spec import bundled_dir, load_spec
 
 runner = CliRunner()
 TINY = """
@@ -42,7 +42,7 @@ FORMS = {
 
 
 def _spec_text(form: str) -> str:
-    text = (_bundled_dir() / "digit-recognizer.toml").read_text()
+    text = (bundled_dir() / "digit-recognizer.toml").read_text()
     for old, new in FORMS[form][0].items():
         assert old in text
         text = text.replace(old, new)

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import png_bomb
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import png_bomb
-from kaggle_vit import images as images_mod
 from kaggle_vit.cli import app
-from kaggle_vit.competition import load_spec
 from kaggle_vit.config import TrainConfig, to_toml
-from kaggle_vit.data import load_competition
+from kaggle_vit.data import images as images_mod
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.spec import load_spec
 
 runner = CliRunner()
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -266,7 +266,8 @@ def test_files_layout_end_to_end_through_the_cli(tmp_path, mnist, monkeypatch):
 
 def test_the_same_digits_as_png_files_or_a_pixel_csv_train_the_same(tmp_path, mnist, small_spec):
     from conftest import build_small
-    from kaggle_vit.cv import run_cv
+
+    from kaggle_vit.run.cv import run_cv
 
     tx, ty, vx, _ = mnist
     csv_dir = build_small(tmp_path / "csv", small_spec, mnist, 600, 20)
@@ -301,7 +302,7 @@ def test_rgb_jpegs_of_another_size_train_with_kvit_and_timm(tmp_path, mnist, mon
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["cv", "-c", str(spec), "--config", str(cfg), "--data-dir", str(comp), "-q"])
     assert result.exit_code == 0, result.output
-    from kaggle_vit.rundir import read_checkpoint
+    from kaggle_vit.run.rundir import read_checkpoint
 
     run = next((tmp_path / "runs" / "digits-as-files").glob(f"{model}-*"))
     ckpt = read_checkpoint(run, 1)

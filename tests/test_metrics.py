@@ -9,12 +9,12 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
-from kaggle_vit.competition import _bundled_dir, load_spec
 from kaggle_vit.config import TrainConfig
-from kaggle_vit.dataset import ImageDataset
-from kaggle_vit.engine import fit
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.metrics import EPS, METRICS, clip_probs, get_metric
+from kaggle_vit.spec import bundled_dir, load_spec
+from kaggle_vit.train.dataset import ImageDataset
+from kaggle_vit.train.engine import fit
 
 LABELS = np.array([0, 1, 2, 2, 1, 0, 2])
 PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.3, 0.5], [0.5, 0.1, 0.4], [0.3, 0.3, 0.4],
@@ -45,7 +45,7 @@ def test_directions_and_clipping():
 
 
 def _spec(tmp_path, metric: str, extra: str = ""):
-    text = (_bundled_dir() / "digit-recognizer.toml").read_text().replace('metric = "accuracy"', f'metric = "{metric}"')
+    text = (bundled_dir() / "digit-recognizer.toml").read_text().replace('metric = "accuracy"', f'metric = "{metric}"')
     path = tmp_path / f"digits-{metric}.toml"
     path.write_text(text + extra)
     return path
@@ -58,7 +58,7 @@ def test_a_binary_metric_needs_two_classes(tmp_path):
 
 def test_the_best_epoch_is_the_metrics_best(mnist):
     train, valid = ImageDataset(mnist[0][:600, None], mnist[1][:600]), ImageDataset(mnist[0][600:800, None], mnist[1][600:800])
-    from kaggle_vit.models import create_model
+    from kaggle_vit.models.factory import create_model
 
     cfg = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=3, batch_size=32,
                       device="cpu", num_workers=0, lr=3e-2)  # a high rate: validation goes up and down

@@ -3,10 +3,11 @@ import timm
 import torch
 
 import kaggle_vit  # noqa: F401  (registers the kvit family)
-from kaggle_vit.competition import load_spec
 from kaggle_vit.config import TrainConfig
 from kaggle_vit.errors import KaggleVitError
-from kaggle_vit.models import KaggleViT, create_model, fitting_patch_size
+from kaggle_vit.models.factory import create_model, fitting_patch_size
+from kaggle_vit.models.vit import KaggleViT
+from kaggle_vit.spec import load_spec
 
 
 @pytest.mark.parametrize("patch, chans, size", [(2, 1, 28), (4, 1, 28), (7, 3, 28), (14, 1, 28), (4, 3, 32), (8, 1, 32)])

@@ -11,20 +11,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-import kaggle_vit.fold as fold_module
-from kaggle_vit import data as data_mod
-from kaggle_vit import workers
-from kaggle_vit.competition import load_spec
-from kaggle_vit.config import TrainConfig
-from kaggle_vit.cv import run_cv
-from kaggle_vit.data import load_competition, load_image_csv
-from kaggle_vit.engine import NoProgress
-
 from conftest import TINY, snapshot
 from test_faults import immutable  # noqa: F401 - a fixture: a folder even root cannot write
 from test_layouts import TINY as FILES_TINY
 from test_layouts import files_competition, files_spec
+
+import kaggle_vit.run.fold as fold_module
+from kaggle_vit.config import TrainConfig
+from kaggle_vit.data import tables as data_mod
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.data.tables import load_image_csv
+from kaggle_vit.run import workers
+from kaggle_vit.run.cv import run_cv
+from kaggle_vit.spec import load_spec
+from kaggle_vit.train.engine import NoProgress
 
 
 class _Stopped(Exception):
@@ -168,7 +168,7 @@ def test_fold_workers_map_the_cache_and_the_run_gets_no_copy_of_it(pixels, tmp_p
 
 
 def test_a_worker_maps_the_rows_it_was_given_and_stages_only_arrays_in_memory(pixels, tmp_path):
-    from kaggle_vit.images import mapped_rows
+    from kaggle_vit.data.cache import mapped_rows
 
     comp, data, _ = pixels
     first_rows = dataclasses.replace(data.train, images=data.train.images[:400], labels=data.train.labels[:400],

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from kaggle_vit.competition import load_spec
 from kaggle_vit.notebook import build_notebook
+from kaggle_vit.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

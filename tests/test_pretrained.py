@@ -12,15 +12,16 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-import kaggle_vit.models  # noqa: F401  (registers the kvit_* family with timm)
+import kaggle_vit.models.vit  # noqa: F401  (registers the kvit_* family with timm)
 from kaggle_vit.cli import app
-from kaggle_vit.competition import load_spec
-from kaggle_vit.config import TrainConfig, resolve_config
-from kaggle_vit.dataset import resolve_data_config
+from kaggle_vit.config import TrainConfig
 from kaggle_vit.errors import KaggleVitError
-from kaggle_vit.models import create_model, model_kwargs
-from kaggle_vit.models.pretrained import create_pretrained, find_weights, read_weights
-from kaggle_vit.rundir import save_checkpoint
+from kaggle_vit.models.checkpoint import save_checkpoint
+from kaggle_vit.models.factory import create_model, create_pretrained, model_kwargs
+from kaggle_vit.models.pretrained import find_weights, read_weights
+from kaggle_vit.run.settings import resolve_config
+from kaggle_vit.spec import load_spec
+from kaggle_vit.train.dataset import resolve_data_config
 
 runner = CliRunner()
 SMALL_KVIT = dict(embed_dim=32, depth=1, num_heads=2)

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-import kaggle_vit.fold as fold_module
+import kaggle_vit.run.fold as fold_module
 from kaggle_vit.cli import app
 from kaggle_vit.config import TrainConfig, validate_config
-from kaggle_vit.cv import run_cv
-from kaggle_vit.data import load_competition
+from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.errors import KaggleVitError
+from kaggle_vit.run.cv import run_cv
 
 runner = CliRunner()
 TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=1, batch_size=64,

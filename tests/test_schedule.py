@@ -11,15 +11,16 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from kaggle_vit import schedule
 from kaggle_vit.cli import app
-from kaggle_vit.competition import load_spec
-from kaggle_vit.config import TrainConfig, resolve_config, to_toml
-from kaggle_vit.cv import default_run_dir, run_cv
-from kaggle_vit.data import load_competition
+from kaggle_vit.config import TrainConfig, to_toml
+from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.errors import KaggleVitError
-from kaggle_vit.schedule import (BUDGET_SHARE, MIN_BATCH, MIN_STEPS_PER_EPOCH, Throughput, Workload, fit_epochs,
-                                 fold_rows, parse_duration, plan_schedule)
+from kaggle_vit.run.cv import default_run_dir, run_cv
+from kaggle_vit.run.settings import resolve_config
+from kaggle_vit.spec import load_spec
+from kaggle_vit.train import schedule
+from kaggle_vit.train.schedule import (BUDGET_SHARE, MIN_BATCH, MIN_STEPS_PER_EPOCH, Throughput, Workload, fit_epochs,
+                                       fold_rows, parse_duration, plan_schedule)
 
 runner = CliRunner()
 TINY = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, folds=2, device="cpu", num_workers=0,

@@ -10,11 +10,12 @@ from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
 from kaggle_vit.config import TrainConfig
-from kaggle_vit.cv import run_cv
-from kaggle_vit.data import load_competition
+from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.errors import KaggleVitError
+from kaggle_vit.models.checkpoint import checkpoint_header, save_checkpoint
 from kaggle_vit.report import attention_rollout, make_report
-from kaggle_vit.rundir import checkpoint_header, read_checkpoint, save_checkpoint
+from kaggle_vit.run.cv import run_cv
+from kaggle_vit.run.rundir import read_checkpoint
 from kaggle_vit.submit import make_submission
 
 runner = CliRunner()

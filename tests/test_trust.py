@@ -27,18 +27,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
-
-from kaggle_vit.competition import _bundled_dir, load_spec
-from kaggle_vit.config import TrainConfig, to_toml
-from kaggle_vit.data import load_competition
-from kaggle_vit.errors import KaggleVitError
-from kaggle_vit.fetch import write_competition_files
-
 from conftest import TINY, build_small, invoke, one_line, png_bomb, snapshot
+from PIL import Image
 from test_faults import immutable  # noqa: F401 - a fixture: a folder even root cannot write
 from test_layouts import NAMES, files_competition, files_spec, folders_competition, folders_spec
 
+from kaggle_vit.config import TrainConfig, to_toml
+from kaggle_vit.data.fetch import write_competition_files
+from kaggle_vit.data.layouts import load_competition
+from kaggle_vit.errors import KaggleVitError
+from kaggle_vit.spec import bundled_dir, load_spec
 
 # 1. Opening a file never runs code: run folders, --pretrained weights, --pseudo sources.
 
@@ -160,12 +158,12 @@ def test_a_crafted_pickle_runs_nothing(run_copy, tiny, tmp_path, monkeypatch, ca
 
 
 def test_a_fold_checkpoint_round_trips_and_its_header_is_read_without_torch(run_copy, tmp_path):
-    from kaggle_vit.models import build
-    from kaggle_vit.rundir import model_from, read_checkpoint
+    from kaggle_vit.models.factory import build, model_from
+    from kaggle_vit.run.rundir import read_checkpoint
 
     run, _ = run_copy
     path = run / "fold1" / "model.safetensors"
-    code = ("import json, sys\nfrom pathlib import Path\nfrom kaggle_vit.rundir import checkpoint_header\n"
+    code = ("import json, sys\nfrom pathlib import Path\nfrom kaggle_vit.models.checkpoint import checkpoint_header\n"
             f"h = checkpoint_header(Path({str(path)!r}))\n"
             "print(json.dumps([h['model'], h['fold'], h['kwargs']['img_size'], h['input_size'], "
             "sorted(m for m in ('torch', 'safetensors') if m in sys.modules)]))")
@@ -448,7 +446,7 @@ def test_an_id_that_is_a_path_is_refused(tmp_path, mnist, monkeypatch):
 
 def test_a_killed_cache_build_leaves_a_file_the_next_run_removes(tmp_path, mnist, monkeypatch):
     comp, spec = files_competition(tmp_path / "c", mnist, 60, 10), files_spec(tmp_path)
-    slow = ("import time\nfrom kaggle_vit import images\nfast = images.decode\n"
+    slow = ("import time\nfrom kaggle_vit.data import images\nfast = images.decode\n"
             "images.decode = lambda *a: (time.sleep(0.1), fast(*a))[1]\n")  # time for the kill to land mid-build
     code = (f"import sys\n{slow}from kaggle_vit.cli import main\n"
             f"sys.argv = ['kaggle-vit', 'data', '-c', {str(spec)!r}, '--dest', {str(comp)!r}]\nmain()\n")
@@ -652,7 +650,7 @@ def test_a_read_only_folder_names_the_file_being_written(run_copy, tmp_path, mon
 
 # 3. A spec means what it says.
 
-DIGITS = (_bundled_dir() / "digit-recognizer.toml").read_text()
+DIGITS = (bundled_dir() / "digit-recognizer.toml").read_text()
 FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -893,7 +891,7 @@ atexit.register(_slow_exit)
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_worker_stopped_while_python_exits_prints_nothing(comp, tmp_path, monkeypatch, capfd, signum):
-    from kaggle_vit import workers
+    from kaggle_vit.run import workers
 
     site = tmp_path / "site"
     site.mkdir()
@@ -929,7 +927,7 @@ def test_a_stop_signal_inside_a_callback_still_ends_the_worker_quietly(tmp_path)
     # Python prints and ignores an exception raised in a weakref callback (or a __del__, an atexit
     # callback), so a SIGTERM that lands there must end the worker some other way.
     code = ("import sys, time, weakref\n"
-            "from kaggle_vit.workers import stop_quietly\n"
+            "from kaggle_vit.run.workers import stop_quietly\n"
             "class Held: pass\n"
             "with stop_quietly():\n"
             "    held = Held()\n"

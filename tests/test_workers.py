@@ -9,7 +9,8 @@ import pytest
 
 from kaggle_vit.config import TrainConfig, validate_config
 from kaggle_vit.errors import KaggleVitError
-from kaggle_vit.workers import Segment, auto_jobs, plan_costs, plan_segments, visible_devices, worker_env
+from kaggle_vit.run.workers import Segment, plan_costs, plan_segments, worker_env
+from kaggle_vit.train.device import auto_jobs, visible_devices
 
 
 def test_five_folds_on_two_workers_cut_one_fold_between_them():
@@ -36,7 +37,7 @@ def test_epochs_of_different_costs_are_cut_where_their_costs_balance():
 
 
 def test_plan_costs_count_validation_only_in_validated_epochs(small_comp, small_spec):
-    from kaggle_vit.data import load_competition
+    from kaggle_vit.data.layouts import load_competition
 
     data, folds = load_competition(small_spec, small_comp), np.arange(100) % 5 + 1
     cfg = TrainConfig(epochs=5, folds=5, tta=3, skip_easy=0.0, valid_every=2)

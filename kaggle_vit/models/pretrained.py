@@ -1,12 +1,7 @@
 """Local pretrained weights (`--pretrained PATH`): a timm checkpoint (.safetensors, .pth, .bin) or a
 kaggle-vit fold checkpoint (model.safetensors; an older kaggle-vit's model.pt is read weights-only),
-loaded through timm's own pretrained path, offline. Nothing here unpickles anything but tensors.
-
-timm does the fitting: `create_model(name, pretrained=True, pretrained_cfg_overlay=...)` runs the
-model family's checkpoint filter (a ViT's position embedding resampled to the new patch grid) and
-adapts the first convolution to the channel count. Here the file is read once, checked, and a head
-whose class count differs is replaced by the new model's freshly initialised one, so the load stays
-strict: any other tensor that does not fit is an error, never a silently random layer.
+read offline, checked, and the model they name; `factory.create_pretrained` loads them through
+timm's own pretrained path. Nothing here unpickles anything but tensors.
 """
 from __future__ import annotations
 
@@ -16,11 +11,13 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..config import ARCHITECTURE
 from ..errors import KaggleVitError
-from ..rundir import METADATA_KEY
+from . import vit  # noqa: F401  (registers the kvit_* family with timm: weights may be named after one)
+from .checkpoint import METADATA_KEY
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 
@@ -48,8 +45,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _fold_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
     """The model name and keywords in a kaggle-vit fold checkpoint's safetensors header (JSON); None
     for safetensors weights without them (timm's)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as weights:
             text = (weights.metadata() or {}).get(METADATA_KEY)
@@ -97,7 +92,7 @@ def weights_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
     return (named, {}) if named else None
 
 
-def _fresh_head(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def fresh_head(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The weights with the classifier replaced by `model`'s own (just initialised) when the class
     count differs: the head is re-initialised, and every other tensor must still fit exactly."""
     names = model.pretrained_cfg.get("classifier") or ()
@@ -110,33 +105,13 @@ def _fresh_head(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
     return out
 
 
-def _source_channels(state: dict[str, torch.Tensor], model: nn.Module) -> int:
+def source_channels(state: dict[str, torch.Tensor], model: nn.Module) -> int:
     """The channel count the weights were trained on, from their first convolution."""
     first = model.pretrained_cfg.get("first_conv")
     weight = state.get(f"{first}.weight") if isinstance(first, str) else None
     if weight is not None and weight.ndim == 4:
         return int(weight.shape[1])
     return int((model.pretrained_cfg.get("input_size") or (3,))[0])
-
-
-def create_pretrained(name: str, kwargs: dict[str, Any], path: Path) -> nn.Module:
-    """`name` built with `kwargs` and the weights in `path` loaded into it by timm (position
-    embedding resized, input convolution adapted, head re-initialised when the classes differ)."""
-    from . import build  # the package's builder and its one-line error (imported here: it imports this module)
-
-    state = read_weights(path)
-    model = build(name, kwargs)  # its fresh head, if the classes differ
-    state = _fresh_head(state, model)
-    channels = kwargs.get("in_chans", 3) if name.startswith("kvit") else _source_channels(state, model)
-    size = tuple(model.pretrained_cfg.get("input_size") or (channels, 224, 224))
-    overlay = {"state_dict": state, "num_classes": kwargs.get("num_classes", model.num_classes),
-               "input_size": (channels, *size[1:])}
-    try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except (RuntimeError, ValueError, KeyError) as error:
-        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error).strip())
-        detail = detail if len(detail) <= 160 else detail[:157] + "..."
-        raise KaggleVitError(f"--pretrained {path}: the weights do not fit {name}: {detail}") from None
 
 
 def find_weights(root: Path, skip: tuple[str, ...] = ()) -> Path | None:

@@ -25,16 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batches import batches_per_epoch, skips_rows, train_batches
-from .config import BUDGETS, Budget, TrainConfig, validate_config
-from .data import CompetitionData
+from ..config import BUDGETS, Budget, TrainConfig, validate_config
+from ..data.layouts import CompetitionData
+from ..errors import KaggleVitError
+from ..io import read_json, write_json
+from ..models.factory import create_model
+from .batches import batches_per_epoch, easy_share, skips_rows, train_batches
 from .dataset import ImageDataset, resolve_data_config
-from .device import inference_amp, select_device
+from .device import auto_jobs, inference_amp, select_device, visible_devices
 from .engine import NoProgress, make_trainer, predict_probs, seed_everything, train_one_epoch, validates
-from .errors import KaggleVitError
-from .io import read_json, write_json
-from .models import create_model
-from .workers import auto_jobs, easy_share, visible_devices
 
 # The rules, in one table.
 MIN_STEPS_PER_EPOCH = 16  # the batch is halved while an epoch would have fewer steps than this ...

@@ -1,4 +1,6 @@
-"""Read, validate and cache Kaggle image CSVs; stratified folds (the torch side is `dataset`).
+"""Kaggle's CSVs read and validated: any CSV (one line naming file and row for every way it can
+fail), pixel CSVs as image tables cached memory-mapped, and the sample submission's columns
+(the torch side is `train.dataset`).
 
 Rows are numbered from 1 for the first data row (the header is row 0), as a spreadsheet
 shows them after its header line; errors name file, row and column.
@@ -16,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .competition import CompetitionSpec, is_inside
-from .errors import KaggleVitError
-from .images import cache_root, read_cached, replace_stale, write_cached
-from .io import atomic_path, read_json, write_json
-from .notices import notice
+from ..errors import KaggleVitError
+from ..io import read_json, write_json
+from ..notices import notice
+from ..spec import CompetitionSpec
+from .cache import cache_root, read_cached, replace_stale, write_cached
 
 CACHE_VERSION = 2
 
@@ -205,7 +207,7 @@ CACHE_PARTS = ("images", "labels", "ids")
 
 def _cache_files(path: Path, key: str) -> dict[str, Path]:
     """A CSV's cache: one .npy per array, and a JSON with the key and row count, written last (its
-    presence says the arrays are complete). In the image cache folder (`images.cache_root`)."""
+    presence says the arrays are complete). In the cache folder (`cache.cache_root`)."""
     stem = cache_root(path.parent) / f"{path.name}.{key}"
     return {**{part: stem.with_name(f"{stem.name}.{part}.npy") for part in CACHE_PARTS},
             "key": stem.with_name(f"{stem.name}.json")}
@@ -242,7 +244,7 @@ def _read_cache(files: dict[str, Path], key: str, spec: CompetitionSpec, train: 
 
 def _write_cache(path: Path, files: dict[str, Path], key: str, table: ImageTable) -> None:
     """Each array of the CSV at `path` into its .npy, then the key; then the CSV's older caches
-    go, if kaggle-vit recorded them as its own (`images.replace_stale`)."""
+    go, if kaggle-vit recorded them as its own (`cache.replace_stale`)."""
     arrays = {"images": table.images, "labels": table.labels, "ids": table.ids}
     written = [part for part in CACHE_PARTS if arrays[part] is not None]
     files["key"].parent.mkdir(parents=True, exist_ok=True)
@@ -301,109 +303,3 @@ def load_sample_ids(path: Path, spec: CompetitionSpec) -> np.ndarray:
     ids = _numeric(path, frame[[spec.id_column]])
     _check_values(path, ids, [spec.id_column], -(2**62), 2**62, "id")
     return ids[:, 0].astype(np.int64)
-
-
-# the spec's files and folders: (CompetitionSpec field, [files] key)
-SPEC_PATHS = (("train_file", "train"), ("test_file", "test"), ("sample_submission_file", "sample_submission"),
-              ("solution_file", "solution"), ("train_images", "train_images"), ("test_images", "test_images"))
-
-
-def confine(spec: CompetitionSpec, data_dir: Path) -> None:
-    """Refuse a spec file or folder outside the competition folder (an absolute path, or '..'
-    climbing out), before anything is read or written: a spec never reaches another file."""
-    for field, key in SPEC_PATHS:
-        value = getattr(spec, field)
-        if not is_inside(value):
-            raise KaggleVitError(f"{spec.path} [files]: {key} = '{value}' is outside the competition folder "
-                                 f"{data_dir}; give a path inside it")
-
-
-@dataclass(frozen=True)
-class CompetitionData:
-    """A competition's validated training and test tables and where they came from."""
-
-    spec: CompetitionSpec
-    data_dir: Path
-    train: ImageTable
-    test: ImageTable
-
-
-def load_competition(spec: CompetitionSpec, data_dir: str | os.PathLike[str]) -> CompetitionData:
-    """Load and validate train, test and sample submission: the checks every command runs first.
-    For image files, the spec that comes back carries the class labels (the spec's, or discovered)."""
-    data_dir = Path(data_dir)
-    confine(spec, data_dir)
-    if spec.layout != "pixels":
-        from .layouts import load_image_layout
-
-        train, test, spec = load_image_layout(spec, data_dir)
-        return CompetitionData(spec, data_dir, train, test)
-    train = load_image_csv(data_dir / spec.train_file, spec, train=True)
-    test = load_image_csv(data_dir / spec.test_file, spec, train=False)
-    sample_path = data_dir / spec.sample_submission_file
-    sample_ids = load_sample_ids(sample_path, spec)
-    if len(sample_ids) != len(test):
-        raise KaggleVitError(f"{sample_path}: {len(sample_ids)} rows, but {spec.test_file} has {len(test)}")
-    mismatch = sample_ids != test.ids
-    if mismatch.any():
-        r = int(np.argmax(mismatch))
-        raise KaggleVitError(
-            f"{sample_path}: row {r + 1}, column '{spec.id_column}': id {sample_ids[r]} does not match "
-            f"{spec.test_file} row {r + 1} (id {test.ids[r]})"
-        )
-    return CompetitionData(spec, data_dir, train, test)
-
-
-def make_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Stratified, shuffled, seeded fold number (1..n_folds) for every row."""
-    from sklearn.model_selection import StratifiedKFold
-
-    if n_folds < 2:
-        raise KaggleVitError(f"--folds must be at least 2, got {n_folds}")
-    counts = np.bincount(labels)
-    if counts[counts > 0].min() < n_folds:
-        raise KaggleVitError(f"the rarest class has {counts[counts > 0].min()} rows, fewer than {n_folds} folds")
-    folds = np.full(len(labels), -1, dtype=np.int64)
-    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, valid) in enumerate(skf.split(np.zeros(len(labels)), labels)):
-        folds[valid] = k + 1
-    return folds
-
-
-def save_folds(path: Path, folds: np.ndarray, labels: np.ndarray) -> Path:
-    """Save the fold assignment as CSV (row, label, fold) atomically."""
-    frame = pd.DataFrame({"row": np.arange(len(folds)), "label": labels, "fold": folds})
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-    return path
-
-
-def _read_folds(path: Path) -> pd.DataFrame | None:
-    """A saved fold assignment, or None when it cannot be read (it is remade from the seed)."""
-    try:
-        frame = pd.read_csv(path)
-        frame["fold"].to_numpy(np.int64), frame["label"].to_numpy(np.int64)
-        return frame
-    except Exception as error:  # noqa: BLE001 - the file is derived from labels and seed: remake it
-        notice(f"{path}: unreadable ({type(error).__name__}); making the folds again from the seed")
-        return None
-
-
-def split_folds(path: Path, labels: np.ndarray, n_folds: int, seed: int) -> tuple[np.ndarray, bool]:
-    """The split saved at `path` when it matches the data, else a new one, and whether it is new
-    (still to be saved): a caller can check what depends on the split before writing anything."""
-    frame = _read_folds(path) if path.exists() else None
-    if frame is not None:
-        same = len(frame) == len(labels) and np.array_equal(frame["label"].to_numpy(), labels)
-        if same and frame["fold"].max() == n_folds:
-            return frame["fold"].to_numpy(np.int64), False
-        raise KaggleVitError(f"{path}: saved folds do not match the data or --folds {n_folds}; delete it to re-split")
-    return make_folds(labels, n_folds, seed), True
-
-
-def load_or_make_folds(path: Path, labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Reuse saved folds when they match the data; otherwise make and save them."""
-    folds, new = split_folds(path, labels, n_folds, seed)
-    if new:
-        save_folds(path, folds, labels)
-    return folds

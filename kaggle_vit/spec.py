@@ -128,7 +128,7 @@ def shown(values: tuple[str, ...] | list[str], first: int = 5) -> str:
     return ", ".join(values[:first]) + (", ..." if len(values) > first else "")
 
 
-def _bundled_dir() -> Path:
+def bundled_dir() -> Path:
     """Bundled specs: inside the installed package, or the checkout's top-level competitions/."""
     here = Path(__file__).resolve().parent
     installed = here / "competitions"
@@ -137,12 +137,12 @@ def _bundled_dir() -> Path:
 
 def list_competitions() -> list[str]:
     """Names of the competitions shipped with the package."""
-    return sorted(p.stem for p in _bundled_dir().glob("*.toml"))
+    return sorted(p.stem for p in bundled_dir().glob("*.toml"))
 
 
 def is_bundled(spec: CompetitionSpec) -> bool:
     """Whether the package ships this spec: commands then name it alone, others need `-c PATH`."""
-    return bool(spec.path) and Path(spec.path).resolve() == (_bundled_dir() / f"{spec.name}.toml").resolve()
+    return bool(spec.path) and Path(spec.path).resolve() == (bundled_dir() / f"{spec.name}.toml").resolve()
 
 
 SPLITS = ("official", "resplit")
@@ -399,7 +399,7 @@ def load_spec(name_or_path: str | Path) -> CompetitionSpec:
     if candidate.suffix == ".toml" or candidate.exists():
         path = candidate
     else:
-        path = _bundled_dir() / f"{name_or_path}.toml"
+        path = bundled_dir() / f"{name_or_path}.toml"
         if not path.exists():
             known = ", ".join(list_competitions())
             raise KaggleVitError(f"unknown competition '{name_or_path}' (bundled: {known}; or give a path to a spec .toml)")

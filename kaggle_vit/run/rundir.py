@@ -1,30 +1,21 @@
 """The cv run folder: every file name in it is spelled here and nowhere else, with the readers
 that decide whether a fold is usable, so `cv` (deciding what is finished) and `submit`/`report`
-(using it) read a damaged file the same way."""
+(using it) read a damaged file the same way (a fold checkpoint's format: `models.checkpoint`)."""
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
-from .errors import KaggleVitError
-from .io import atomic_path
+from ..errors import KaggleVitError
+from ..models.checkpoint import checkpoint_header
 
-if TYPE_CHECKING:
-    import torch
-
-CHECKPOINT_KEYS = ("model", "kwargs", "input_size", "num_classes", "sha256")
-METADATA_KEY = "kaggle_vit"  # the safetensors metadata entry holding a checkpoint's JSON
-MAX_HEADER = 100_000_000  # safetensors' own bound on the header
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 OLD_FORMAT = "in the old pickle format, which is never loaded (a pickle can run code)"
 METRICS = "metrics.json"
 
@@ -119,8 +110,6 @@ class RunDir:
 
     def histories(self, folds: list[int]) -> dict[int, list[dict]]:
         """Every epoch's record of each fold (history.csv), for the curves."""
-        import pandas as pd
-
         return {k: pd.read_csv(self.fold(k).history).to_dict("records") for k in folds}
 
     def new_staging(self) -> Path:
@@ -147,64 +136,6 @@ def shared_folds(run_dir: Path, competition: str, n_folds: int, seed: int, runs_
 def runs_of(competition_runs: Path) -> list[Path]:
     """The run folders under runs/COMPETITION (those that wrote metrics)."""
     return [p.parent for p in competition_runs.glob(f"*/{METRICS}")]
-
-
-def _checked(meta: Any) -> dict:
-    if not (isinstance(meta, dict) and set(CHECKPOINT_KEYS) <= set(meta) and isinstance(meta["kwargs"], dict)):
-        raise ValueError("not a kaggle-vit fold checkpoint")
-    # JSON has no tuples: the keywords (img_size) and the image size come back as they were saved
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["kwargs"].items()}
-    return {**meta, "kwargs": kwargs, "input_size": tuple(meta["input_size"])}
-
-
-def _digest(chunks: Iterable[bytes]) -> str:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_table(tensors: dict, data_bytes: int) -> None:
-    """The tensor table covers the data exactly: each tensor's bytes fit its dtype and shape, end to end."""
-    end = 0
-    for entry in sorted(tensors.values(), key=lambda e: e["data_offsets"]):
-        start, stop = entry["data_offsets"]
-        if start != end or stop - start != math.prod(entry["shape"]) * DTYPE_BYTES[entry["dtype"]]:
-            raise ValueError("the tensor table does not match the data")
-        end = stop
-    if end != data_bytes:
-        raise ValueError(f"{data_bytes} bytes of data, the tensor table gives {end}")
-
-
-def checkpoint_header(path: Path) -> dict:
-    """A fold checkpoint's metadata (model, keywords, image size, classes), read as JSON from its
-    safetensors header without torch and without resolving anything: reading it runs no code. The
-    tensor table is checked against the file, and the tensor bytes against their digest, so a
-    truncated or damaged file is refused here as loading it would refuse it."""
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        length = int.from_bytes(fh.read(8), "little")
-        if not 2 <= length <= min(size - 8, MAX_HEADER):
-            raise ValueError("not a safetensors file")
-        header = json.loads(fh.read(length))
-        meta = _checked(json.loads(header.pop("__metadata__")[METADATA_KEY]))
-        _check_table(header, size - 8 - length)
-        if _digest(iter(lambda: fh.read(1 << 20), b"")) != meta["sha256"]:
-            raise ValueError("the tensor bytes do not match their digest")
-    return meta
-
-
-def save_checkpoint(path: Path, state_dict: "dict[str, torch.Tensor]", meta: dict) -> None:
-    """Write a fold's best weights as safetensors (tensors only: no code), with `meta` (the
-    CHECKPOINT_KEYS and more) and the tensor bytes' digest as JSON in its header."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    bare = save(tensors)  # the data section does not depend on the metadata: its digest is the file's
-    digest = _digest([memoryview(bare)[8 + int.from_bytes(bare[:8], "little"):]])
-    del bare
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps({**meta, "sha256": digest})}))
 
 
 def _load_arrays(path: Path) -> None:
@@ -257,7 +188,7 @@ def read_checkpoint(run_dir: Path, fold: int, weights: bool = True) -> dict:
     files = RunDir(run_dir).fold(fold)
     ckpt, problem = _read(files, "model")
     if not problem and weights:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: torch for the weights only; saved probabilities need none
 
         try:
             ckpt = {**ckpt, "state_dict": load_file(files.model)}
@@ -267,15 +198,6 @@ def read_checkpoint(run_dir: Path, fold: int, weights: bool = True) -> dict:
         raise KaggleVitError(f"fold {fold}'s checkpoint {problem}: rerun `kaggle-vit cv` with the same settings "
                              f"to retrain it")
     return ckpt
-
-
-def model_from(ckpt: dict) -> "torch.nn.Module":
-    """The model a fold checkpoint describes, with its best weights, in eval mode."""
-    from .models import build
-
-    model = build(ckpt["model"], ckpt["kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
 
 
 def fold_problem(run_dir: Path, fold: int) -> str | None:

@@ -14,8 +14,8 @@ import cv2
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
-from .errors import KaggleVitError
+from ..config import TrainConfig
+from ..errors import KaggleVitError
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from ..config import TrainConfig
+from ..errors import KaggleVitError
+from ..io import atomic_path
+from ..metrics import Metric, get_metric
 from .augment import tta_views
 from .batches import DeviceBatches, HostBatches, skip_easy_rows, skips_rows, train_batches
-from .config import TrainConfig
 from .dataset import ImageDataset
 from .device import Amp, amp_for, autocast, can_compile, inference_amp, select_device
-from .errors import KaggleVitError
-from .io import atomic_path
-from .metrics import Metric, get_metric
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -1,7 +1,7 @@
 """The torch side of the data: uint8 images → float batches, with albumentations augmentation.
 
-Kept apart from `data` (reading and validating files) so that commands which only read files
-(`kaggle-vit data`) never import torch.
+Kept apart from the `data` layer (reading and validating files) so that commands which only read
+files (`kaggle-vit data`) never import torch.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import resolve_data_config as timm_resolve
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -67,8 +68,6 @@ def _built_input(model: nn.Module, cfg_size: tuple[int, ...]) -> tuple[int, int,
 def resolve_data_config(model: nn.Module) -> DataConfig:
     """The data config of a model: mean, std and interpolation of its (pretrained) config, as timm's
     `resolve_data_config` gives them, and the image size it was built for."""
-    from timm.data import resolve_data_config as timm_resolve
-
     found = timm_resolve({}, model=model)
     return DataConfig(_built_input(model, tuple(found["input_size"])), tuple(found["mean"]), tuple(found["std"]),
                       str(found.get("interpolation", "bilinear")))

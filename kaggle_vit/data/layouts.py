@@ -1,23 +1,25 @@
-"""Competitions shipped as image files: a labels CSV beside an image folder (`files`), or one
-folder per class (`folders`). Each becomes the same validated ImageTable as a pixel CSV, with
-labels as class indices and the class labels the competition writes in its submissions."""
+"""A competition's files in its layout → CompetitionData (`load_competition`), every path confined
+to the competition folder. `pixels`: pixel CSVs (`tables`); image files: a labels CSV beside an
+image folder (`files`), or one folder per class (`folders`). Each becomes the same validated
+ImageTable as a pixel CSV, with labels as class indices and the class labels the competition
+writes in its submissions."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .competition import CompetitionSpec, shown
-from .errors import KaggleVitError
+from ..errors import KaggleVitError
+from ..spec import CompetitionSpec, is_inside, shown
 from .images import IMAGE_EXTENSIONS, load_images
+from .tables import ImageTable, check_sample_header, load_image_csv, load_sample_ids, read_csv
 
 
 def _text_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     """A CSV read as text (ids and labels stay as written), with the named columns, no empty cell."""
-    from .data import read_csv
-
     frame = read_csv(path, text=True)  # ids such as 0012 keep their zeros
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -101,8 +103,6 @@ def class_indices(labels: list[str], names: tuple[str, ...], source: Path, colum
 
 def sample_ids(spec: CompetitionSpec, data_dir: Path) -> list[str]:
     """The test ids, in the order the sample submission lists them."""
-    from .data import check_sample_header
-
     path = data_dir / spec.sample_submission_file
     check_sample_header(path, spec)
     frame = _text_csv(path, (spec.submission_columns[0],))
@@ -156,8 +156,6 @@ def read_folders_layout(spec: CompetitionSpec, data_dir: Path):
 def load_image_layout(spec: CompetitionSpec, data_dir: Path):
     """Train and test ImageTables of an image-file competition, and the spec with its class labels
     (the spec's, or discovered from the training labels)."""
-    from .data import ImageTable, check_sample_header
-
     reader = read_files_layout if spec.layout == "files" else read_folders_layout
     (ids, paths, labels), (test_ids, test_paths) = reader(spec, data_dir)
     source = data_dir / (spec.train_file if spec.layout == "files" else spec.train_images)
@@ -176,3 +174,52 @@ def load_image_layout(spec: CompetitionSpec, data_dir: Path):
     train = ImageTable(load_images(paths, data_dir, "train", *size), indices, np.asarray(ids, dtype=object))
     test = ImageTable(load_images(test_paths, data_dir, "test", *size), None, np.asarray(test_ids, dtype=object))
     return train, test, spec
+
+
+# the spec's files and folders: (CompetitionSpec field, [files] key)
+SPEC_PATHS = (("train_file", "train"), ("test_file", "test"), ("sample_submission_file", "sample_submission"),
+              ("solution_file", "solution"), ("train_images", "train_images"), ("test_images", "test_images"))
+
+
+def confine(spec: CompetitionSpec, data_dir: Path) -> None:
+    """Refuse a spec file or folder outside the competition folder (an absolute path, or '..'
+    climbing out), before anything is read or written: a spec never reaches another file."""
+    for field, key in SPEC_PATHS:
+        value = getattr(spec, field)
+        if not is_inside(value):
+            raise KaggleVitError(f"{spec.path} [files]: {key} = '{value}' is outside the competition folder "
+                                 f"{data_dir}; give a path inside it")
+
+
+@dataclass(frozen=True)
+class CompetitionData:
+    """A competition's validated training and test tables and where they came from."""
+
+    spec: CompetitionSpec
+    data_dir: Path
+    train: ImageTable
+    test: ImageTable
+
+
+def load_competition(spec: CompetitionSpec, data_dir: str | os.PathLike[str]) -> CompetitionData:
+    """Load and validate train, test and sample submission: the checks every command runs first.
+    For image files, the spec that comes back carries the class labels (the spec's, or discovered)."""
+    data_dir = Path(data_dir)
+    confine(spec, data_dir)
+    if spec.layout != "pixels":
+        train, test, spec = load_image_layout(spec, data_dir)
+        return CompetitionData(spec, data_dir, train, test)
+    train = load_image_csv(data_dir / spec.train_file, spec, train=True)
+    test = load_image_csv(data_dir / spec.test_file, spec, train=False)
+    sample_path = data_dir / spec.sample_submission_file
+    sample_ids = load_sample_ids(sample_path, spec)
+    if len(sample_ids) != len(test):
+        raise KaggleVitError(f"{sample_path}: {len(sample_ids)} rows, but {spec.test_file} has {len(test)}")
+    mismatch = sample_ids != test.ids
+    if mismatch.any():
+        r = int(np.argmax(mismatch))
+        raise KaggleVitError(
+            f"{sample_path}: row {r + 1}, column '{spec.id_column}': id {sample_ids[r]} does not match "
+            f"{spec.test_file} row {r + 1} (id {test.ids[r]})"
+        )
+    return CompetitionData(spec, data_dir, train, test)

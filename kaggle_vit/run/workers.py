@@ -9,7 +9,7 @@ two cores busy to the end). One process per slot, not per fold, pays the imports
 torch and timm) once. It reports to the parent through its own pipe and gets segments through another.
 
 What a user must never see from a worker, and how: a worker is a plain `python -m
-kaggle_vit.workers JOB OUT IN` process that reads its setup from a file written before it starts,
+kaggle_vit.run.workers JOB OUT IN` process that reads its setup from a file written before it starts,
 maps the images from the competition's caches itself (the pages the parent reads, never a copy:
 `SharedData`), and gets each segment as one small message, so a parent killed
 while workers start leaves none reading half a pickle; it runs in its own session, so Ctrl-C
@@ -43,60 +43,22 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .batches import skips_rows
-from .competition import CompetitionSpec
-from .config import TrainConfig
-from .data import CompetitionData, ImageTable
-from .device import gpu_multiprocessors, shares_gpus
-from .engine import validates
-from .errors import Interrupted, KaggleVitError
+from ..config import TrainConfig
+from ..data.cache import MappedRows, mapped_rows
+from ..data.layouts import CompetitionData
+from ..data.tables import ImageTable
+from ..errors import Interrupted, KaggleVitError
+from ..io import atomic_path, is_running
+from ..notices import log, notice
+from ..spec import CompetitionSpec
+from ..train.batches import easy_share, skips_rows
+from ..train.engine import validates
 from .fold import train_fold
-from .images import MappedRows, mapped_rows
-from .io import atomic_path, is_running
-from .notices import log, notice
 from .pseudo import pseudo_labels
 from .rundir import RunDir
 
 STEP_EVERY = 25  # steps between progress messages from a worker
 PARENT_POLL_S = 0.2  # how often a worker checks that its parent is alive
-
-
-def visible_devices(cfg: TrainConfig, gpu_count: int | None = None) -> list[str]:
-    """The devices folds are spread over: ["cpu"] on a CPU; the one GPU that `--device cuda:N`
-    names; else `--devices` (all visible GPUs, or indices such as "0,1"). `gpu_count` overrides
-    asking CUDA (for tests)."""
-    count = torch.cuda.device_count() if gpu_count is None else gpu_count
-    if cfg.device == "cpu" or (cfg.device == "auto" and count == 0):
-        return ["cpu"]
-    if cfg.device.startswith("cuda:"):
-        return [cfg.device]
-    if cfg.devices == "all":
-        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
-    wanted = [int(part) for part in cfg.devices.split(",")]  # checked by config.validate_config
-    bad = [i for i in wanted if not 0 <= i < count]
-    if bad:
-        raise KaggleVitError(f"--devices {cfg.devices}: GPU {bad[0]} is not visible ({count} GPU(s) are: 0..{count - 1})")
-    return [f"cuda:{i}" for i in dict.fromkeys(wanted)]
-
-
-def auto_jobs(cfg: TrainConfig, devices: list[str], folds_to_run: int, pixels: int,
-              multiprocessors: list[int] | None = None, cores: int | None = None) -> int:
-    """How many folds to train at once: `cfg.jobs` when set; 2 on a CPU with 2+ cores; one per GPU,
-    or all the folds when one fold of these `pixels`-pixel images cannot fill the GPUs
-    (`device.shares_gpus`), with a worker per two cores at most (one issues its kernels, one
-    compiles and feeds it). `multiprocessors` and `cores` override asking the machine (for tests)."""
-    if cfg.jobs > 0:
-        return min(cfg.jobs, max(1, folds_to_run))
-    cores = cores or os.cpu_count() or 1
-    if devices == ["cpu"]:
-        return 2 if cores >= 2 and folds_to_run > 1 else 1
-    jobs = len(devices)
-    if shares_gpus(pixels, multiprocessors if multiprocessors is not None else gpu_multiprocessors(devices)):
-        jobs = max(jobs, min(folds_to_run, cores // 2))
-        if jobs > len(devices):
-            notice(f"{jobs} folds train at once on {len(devices)} GPU(s): one fold of images this small cannot "
-                   f"fill them (--jobs 1: one fold at a time)")
-    return max(1, min(jobs, folds_to_run))
 
 
 class Segment(NamedTuple):
@@ -147,17 +109,6 @@ def plan_segments(todo: list[int], epochs: int, jobs: int, epoch_cost: float | S
 # A training image costs about this many inference passes (forward, backward, optimiser), as
 # measured in cv on a CPU (docs/training.md, "Folds in parallel").
 TRAIN_PASSES = 3.5
-
-
-# With `skip_easy`, the share of a fold's training rows whose loss is below the mean (those a middle
-# epoch may leave out) before epochs 2, 3, 4 and 5 on, as measured on digit-recognizer
-# (docs/training.md): it depends on how far the model has trained, not on the schedule's length.
-EASY_SHARES = (0.67, 0.81, 0.87, 0.93)
-
-
-def easy_share(epoch: int) -> float:
-    """The expected share of rows below the mean loss before epoch `epoch` (2 or later)."""
-    return EASY_SHARES[min(epoch - 2, len(EASY_SHARES) - 1)]
 
 
 def plan_costs(data: CompetitionData, folds: np.ndarray, cfg: TrainConfig) -> tuple[list[float], float]:
@@ -430,10 +381,10 @@ def _start(cfg: TrainConfig, shared: SharedData, staging: Path, slot: int, run_d
         tmp.write_bytes(pickle.dumps((dataclasses.replace(cfg, device=device), shared, run_dir, threads, os.getpid())))
     from_worker, to_parent = os.pipe()
     from_parent, to_worker = os.pipe()
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "kaggle_vit.workers", str(job), str(to_parent), str(from_parent)],
+        proc = subprocess.Popen([sys.executable, "-m", "kaggle_vit.run.workers", str(job), str(to_parent), str(from_parent)],
                                 pass_fds=(to_parent, from_parent), start_new_session=True, env=env)
     except BaseException:
         os.close(from_worker)

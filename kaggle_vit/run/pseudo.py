@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import KaggleVitError
+from ..errors import KaggleVitError
 from .rundir import RunDir
 
 

@@ -1,15 +1,18 @@
 """Where and in what precision a model runs: the device, and the autocast policy of training and
-prediction (bf16 where the GPU has it, fp16 with a GradScaler where it does not, fp32 on a CPU)."""
+prediction (bf16 where the GPU has it, fp16 with a GradScaler where it does not, fp32 on a CPU);
+which devices a run's folds are spread over, and how many folds train at once."""
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import KaggleVitError
-from .notices import notice
+from ..config import TrainConfig
+from ..errors import KaggleVitError
+from ..notices import notice
 
 # torch.compile's GPU code generator (Triton) needs CUDA capability 7.0 or newer: not a P100 (6.0).
 TRITON_MIN_CAPABILITY = (7, 0)
@@ -38,6 +41,44 @@ def shares_gpus(pixels: int, multiprocessors: list[int]) -> bool:
     """Whether one fold of `pixels`-pixel images cannot fill these GPUs, so that several folds
     should share each: small images on GPUs that are all large."""
     return pixels <= SHARED_GPU_MAX_PIXELS and min(multiprocessors) >= SHARED_GPU_MIN_SMS
+
+
+def visible_devices(cfg: TrainConfig, gpu_count: int | None = None) -> list[str]:
+    """The devices folds are spread over: ["cpu"] on a CPU; the one GPU that `--device cuda:N`
+    names; else `--devices` (all visible GPUs, or indices such as "0,1"). `gpu_count` overrides
+    asking CUDA (for tests)."""
+    count = torch.cuda.device_count() if gpu_count is None else gpu_count
+    if cfg.device == "cpu" or (cfg.device == "auto" and count == 0):
+        return ["cpu"]
+    if cfg.device.startswith("cuda:"):
+        return [cfg.device]
+    if cfg.devices == "all":
+        return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    wanted = [int(part) for part in cfg.devices.split(",")]  # checked by config.validate_config
+    bad = [i for i in wanted if not 0 <= i < count]
+    if bad:
+        raise KaggleVitError(f"--devices {cfg.devices}: GPU {bad[0]} is not visible ({count} GPU(s) are: 0..{count - 1})")
+    return [f"cuda:{i}" for i in dict.fromkeys(wanted)]
+
+
+def auto_jobs(cfg: TrainConfig, devices: list[str], folds_to_run: int, pixels: int,
+              multiprocessors: list[int] | None = None, cores: int | None = None) -> int:
+    """How many folds to train at once: `cfg.jobs` when set; 2 on a CPU with 2+ cores; one per GPU,
+    or all the folds when one fold of these `pixels`-pixel images cannot fill the GPUs
+    (`shares_gpus`), with a worker per two cores at most (one issues its kernels, one
+    compiles and feeds it). `multiprocessors` and `cores` override asking the machine (for tests)."""
+    if cfg.jobs > 0:
+        return min(cfg.jobs, max(1, folds_to_run))
+    cores = cores or os.cpu_count() or 1
+    if devices == ["cpu"]:
+        return 2 if cores >= 2 and folds_to_run > 1 else 1
+    jobs = len(devices)
+    if shares_gpus(pixels, multiprocessors if multiprocessors is not None else gpu_multiprocessors(devices)):
+        jobs = max(jobs, min(folds_to_run, cores // 2))
+        if jobs > len(devices):
+            notice(f"{jobs} folds train at once on {len(devices)} GPU(s): one fold of images this small cannot "
+                   f"fill them (--jobs 1: one fold at a time)")
+    return max(1, min(jobs, folds_to_run))
 
 
 @dataclass(frozen=True)

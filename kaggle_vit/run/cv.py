@@ -20,21 +20,23 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .competition import CompetitionSpec
-from .config import TrainConfig, load_toml, save_config, to_toml
-from .data import CompetitionData, save_folds, split_folds
-from .engine import NoProgress, Progress
-from .errors import Interrupted, KaggleVitError
-from .io import atomic_path, read_json, write_json
-from .metrics import get_metric
-from .models import create_model
+from .. import __version__
+from ..config import TrainConfig, load_toml, save_config, to_toml
+from ..data.folds import save_folds, split_folds
+from ..data.layouts import CompetitionData
+from ..errors import Interrupted, KaggleVitError
+from ..io import atomic_path, read_json, write_json
+from ..metrics import get_metric
+from ..models.factory import create_model
+from ..notices import notice
+from ..spec import CompetitionSpec
+from ..train.device import auto_jobs, visible_devices
+from ..train.engine import NoProgress, Progress
+from ..train.schedule import Plan, budget_plan, fold_rows, plan_schedule, read_plan, write_plan
 from .fold import train_fold
-from .notices import notice
 from .pseudo import check_source
 from .rundir import RunDir, fold_problem, shared_folds
-from .schedule import Plan, budget_plan, fold_rows, plan_schedule, read_plan, write_plan
-from .workers import auto_jobs, train_folds_parallel, visible_devices
+from .workers import train_folds_parallel
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
            validate_only: bool = False, started: float | None = None,
            on_plan: Callable[[Plan], None] | None = None) -> CVResult:
     """Train every fold not yet finished (or only `only_folds`), then write OOF scores and metrics.
-    Folds train as many at a time as `workers.auto_jobs` picks, in worker processes (`workers`),
+    Folds train as many at a time as `device.auto_jobs` picks, in worker processes (`workers`),
     or in this process when one at a time or when `on_epoch` (tune's pruning hook) must see every
     epoch. `validate_only` (a tuning trial) skips the test predictions and test-time views. The
     schedule's unset settings are planned first, and the plan handed to `on_plan` before the first

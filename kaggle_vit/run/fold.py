@@ -9,18 +9,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import TrainConfig
-from .data import CompetitionData
-from .dataset import ImageDataset, resolve_data_config
-from .device import inference_amp, select_device
-from .engine import FitResult, Progress, fit, maybe_compile, predict_probs, read_state, seed_everything
-from .errors import KaggleVitError
-from .io import atomic_path, write_json
-from .metrics import get_metric
-from .models import create_model, model_kwargs
-from .notices import notice
+from ..config import TrainConfig
+from ..data.layouts import CompetitionData
+from ..errors import KaggleVitError
+from ..io import atomic_path, write_json
+from ..metrics import get_metric
+from ..models.checkpoint import save_checkpoint
+from ..models.factory import create_model, model_kwargs
+from ..notices import notice
+from ..train.dataset import ImageDataset, resolve_data_config
+from ..train.device import inference_amp, select_device
+from ..train.engine import FitResult, Progress, fit, maybe_compile, predict_probs, read_state, seed_everything
 from .pseudo import pseudo_labels
-from .rundir import RunDir, save_checkpoint
+from .rundir import RunDir
 
 
 def _resume_state(path: Path, fold: int, epochs: int, announce: bool = True) -> dict | None:
