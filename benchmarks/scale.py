@@ -206,12 +206,13 @@ def mb(n: int) -> str:
     return f"{n / 1e6:,.0f} MB"
 
 
-def set_spec(out: Path, name: str, jpeg_count: int) -> tuple[Path, Path, str]:
-    """One set built (or reused): its spec, data folder and a description."""
+def set_spec(out: Path, name: str, jpeg_count: int) -> tuple[Path, Path, int, str]:
+    """One set built (or reused): its spec, data folder, training images and a description."""
     jpeg = name == "jpeg"
     n = jpeg_count if jpeg else SIZES[name]
     set_name = f"jpeg-{n}" if jpeg else f"png-{name}"
-    return build(out / "sets", set_name, n, jpeg), out / "sets" / set_name, f"{n:,} {'800×600 JPEG → 224' if jpeg else '96×96 PNG'}"
+    what = f"{n:,} {'800×600 JPEG → 224' if jpeg else '96×96 PNG'}"
+    return build(out / "sets", set_name, n, jpeg), out / "sets" / set_name, n, what
 
 
 def loads(spec: Path, data: Path) -> tuple[float, float]:
@@ -222,7 +223,7 @@ def loads(spec: Path, data: Path) -> tuple[float, float]:
 
 def measure_loads(out: Path, name: str, jpeg_count: int, repeats: int = 3) -> str:
     """One set's loads, `repeats` times: a markdown row of each figure's runs."""
-    spec, data, what = set_spec(out, name, jpeg_count)
+    spec, data, _, what = set_spec(out, name, jpeg_count)
     runs = [loads(spec, data) for _ in range(repeats)]
     return (f"| {what} | {', '.join(f'{first:.2f}' for first, _ in runs)} s | "
             f"{', '.join(f'{cached:.2f}' for _, cached in runs)} s |")
@@ -230,7 +231,7 @@ def measure_loads(out: Path, name: str, jpeg_count: int, repeats: int = 3) -> st
 
 def measure(out: Path, name: str, jpeg_count: int, extra: list[str]) -> tuple[str, dict]:
     """One set: build (or reuse), time both loads, run cv; its markdown row and raw figures."""
-    spec, data, what = set_spec(out, name, jpeg_count)
+    spec, data, n, what = set_spec(out, name, jpeg_count)
     first, cached = loads(spec, data)
     cache = folder_bytes(data / ".kvcache")[0]
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -239,7 +240,7 @@ def measure(out: Path, name: str, jpeg_count: int, extra: list[str]) -> tuple[st
     row = (f"| {what} | {mb(cache)} | {first:.1f} s | {cached:.2f} s | {mb(p['uss'])} / {mb(p['pss'])} ({mb(p['anon'])}) "
            f"| {mb(w['uss'])} / {mb(w['pss'])} ({mb(w['anon'])}) | {mb(cv['run_peak'][0])} ({cv['run_peak'][2]} "
            f"{mb(cv['run_peak'][1])}) / {mb(cv['run_bytes'])} ({cv['largest'][1]} {mb(cv['largest'][0])}) | {cv['images_per_s']:,.0f} |")
-    return row, {"set": data.name, "n": len(pd.read_csv(data / "train.csv")), "cache_bytes": cache, "first_load_s": first, "cached_load_s": cached, **cv}
+    return row, {"set": data.name, "n": n, "cache_bytes": cache, "first_load_s": first, "cached_load_s": cached, **cv}
 
 
 def main() -> None:

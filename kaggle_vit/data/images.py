@@ -1,9 +1,10 @@
 """Image files → one uint8 (N, C, H, W) array, decoded once and cached memory-mapped.
 
 Files are decoded with Pillow (PNG, JPEG, BMP, TIFF; a damaged file raises, where OpenCV prints
-library warnings and goes on), converted to the spec's channel count and resized to its size: by
-several threads for a large set (Pillow decodes and resizes without the GIL), and a large JPEG at reduced size (Pillow's draft mode decodes
-1/2, 1/4 or 1/8 of it directly, never below the target size). The array is written once as a `.npy` and memory-mapped afterwards, so a set larger than RAM works and
+library warnings and goes on), converted to the spec's channel count and resized to its size: by one
+thread per core (Pillow decodes and resizes without the GIL), and a large JPEG at reduced size
+(Pillow's draft mode decodes 1/2, 1/4 or 1/8 of it directly, never below the target size). The
+array is written once as a `.npy` and memory-mapped afterwards, so a set larger than RAM works and
 later epochs and commands never decode a file again. The cache is keyed by every file's path
 (relative to the data folder, however that is spelt), size and modification time: adding, removing
 or changing a file rebuilds it.
@@ -82,11 +83,7 @@ def decode_all(paths: list[Path], height: int, width: int, channels: int, descri
     """Every file decoded, in order, as arrays of whole images, by `decode_threads` threads. Threads,
     not processes: measured faster (no start-up, no copies back; see benchmarks/RESULTS.md), and
     nothing re-imports the caller's script."""
-    threads = decode_threads(len(paths))
-    if threads == 1:
-        yield from (decode(path, height, width, channels) for path in track(paths, description))
-        return
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="kaggle-vit-decode")
+    pool = ThreadPoolExecutor(decode_threads(len(paths)), thread_name_prefix="kaggle-vit-decode")
     try:
         tasks = [pool.submit(_decode_chunk, paths[i:i + DECODE_CHUNK], height, width, channels)
                  for i in range(0, len(paths), DECODE_CHUNK)]
@@ -114,18 +111,19 @@ def load_images(paths: list[Path], folder: Path, split: str, height: int, width:
     root = cache_root(folder)
     target = root / f"{split}-{key}.npy"
     shape = (len(paths), channels, height, width)
+    n_bytes = int(np.prod(shape))
     if target.exists():
         cached = read_cached(target, shape, np.uint8)
         if cached is not None:
             return cached
     root.mkdir(parents=True, exist_ok=True)
-    check_room(target, int(np.prod(shape)))
+    check_room(target, n_bytes)
     try:
         with bombs_refused():
             write_cached(target, shape, np.uint8,
                          decode_all(paths, height, width, channels, f"decoding {len(paths):,} {split} images"))
     except OSError as error:
         raise KaggleVitError(f"{target}: cannot write the image cache ({error.strerror}); it needs "
-                             f"{size_text(int(np.prod(shape)))}") from None
+                             f"{size_text(n_bytes)}") from None
     replace_stale(root, rf"{split}-[0-9a-f]{{16}}\.npy", [target])
     return np.load(target, mmap_mode="c")
