@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import pickle
 import shutil
 import struct
 import zlib
@@ -122,3 +123,27 @@ def png_bomb(path: Path, side: int) -> None:
     pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+class PoolSpy:
+    """Records each process pool `cv` opens, then opens it: its size, what its workers are sent
+    (pickled bytes), the files of the run's private folder at that moment, and the folds submitted."""
+
+    def __init__(self, monkeypatch):
+        from kaggle_vit.run import jobs
+
+        self.pools, self.tasks, real, spy = [], [], jobs.cf.ProcessPoolExecutor, self
+
+        class Pool(real):
+            def __init__(self, max_workers, **kwargs):
+                run_dir = kwargs["initargs"][2]
+                staging = next(Path(run_dir).glob(".arrays-*"))
+                spy.pools.append({"size": max_workers, "sent": len(pickle.dumps(kwargs["initargs"][:5])),
+                                  "files": {p.name: p.stat().st_size for p in staging.iterdir()}})
+                super().__init__(max_workers, **kwargs)
+
+            def submit(self, fn, *args, **kwargs):
+                spy.tasks.append(args)
+                return super().submit(fn, *args, **kwargs)
+
+        monkeypatch.setattr(jobs.cf, "ProcessPoolExecutor", Pool)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from conftest import PoolSpy
 from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
@@ -14,11 +15,9 @@ from kaggle_vit.config import TrainConfig, to_toml
 from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import plot_run_curves
-from kaggle_vit.run import workers
 from kaggle_vit.run.cv import default_run_dir, run_cv
 from kaggle_vit.run.rundir import read_checkpoint
 from kaggle_vit.run.settings import resolve_config
-from kaggle_vit.run.workers import Segment, plan_costs, plan_segments
 
 runner = CliRunner()
 TINY = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=1, batch_size=64,
@@ -90,25 +89,20 @@ def test_a_fold_trains_the_same_alone_or_after_others(small_comp, small_spec, tm
 
 
 def test_parallel_folds_train_as_in_one_process(small_comp, small_spec, tmp_path, caplog, monkeypatch):
-    # Two worker processes (one thread each, as --jobs 2 gives on two cores) train each fold exactly
-    # as this process does with one thread: same probabilities, every artifact, OOF scored. Three
-    # folds on two workers: fold 2 is cut between them, its second epoch taken over from its state
-    # file by the other worker, silently (a planned hand-over is no resume to report). Each worker
-    # process trains both segments of its slot: two processes start, not four.
+    # A pool of two processes (one thread each, as --jobs 2 gives on two cores) trains each fold,
+    # whole, exactly as this process does with one thread: same probabilities, every artifact, OOF
+    # scored. Three folds on two processes: each process lives for several folds.
     data = load_competition(small_spec, small_comp)
     cfg = TrainConfig(**{**TINY, "folds": 3, "epochs": 2})
-    folds = np.arange(len(data.train.labels)) % 3 + 1
-    plan = plan_segments([1, 2, 3], 2, 2, *plan_costs(data, folds, cfg))
-    assert plan == [[Segment(1, 1, 2), Segment(2, 2, 2)], [Segment(2, 1, 1), Segment(3, 1, 2)]]
-    started, start = [], workers._start
-    monkeypatch.setattr(workers, "_start", lambda *a, **k: started.append(a[3]) or start(*a, **k))
+    spy = PoolSpy(monkeypatch)
     with caplog.at_level("WARNING", logger="kaggle_vit"):
         parallel = run_cv(dataclasses.replace(cfg, jobs=2), data, tmp_path / "parallel")
     assert parallel.complete and parallel.trained == [1, 2, 3]
-    assert started == [0, 1]
+    assert [pool["size"] for pool in spy.pools] == [2] and spy.tasks == [(1,), (2,), (3,)]
     assert not [r for r in caplog.records if "resuming" in r.getMessage()]
     history = pd.read_csv(tmp_path / "parallel" / "fold2" / "history.csv")
-    assert list(history["epoch"]) == [1, 2]  # both segments' epochs, in one history
+    assert list(history["epoch"]) == [1, 2]
+    assert not list((tmp_path / "parallel").glob(".arrays-*"))  # the workers' private folder is gone
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

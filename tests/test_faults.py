@@ -22,6 +22,7 @@ from conftest import FILES, TINY, invoke, one_line, snapshot
 from kaggle_vit.config import TrainConfig, to_toml
 from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.data.tables import cache_path, load_image_csv
+from kaggle_vit.io import is_running
 
 # 1. `data` never writes over a user's files; it reads what Kaggle ships.
 
@@ -370,9 +371,39 @@ def test_sigterm_stops_the_run_and_its_workers_as_ctrl_c_does(comp, tmp_path):
     assert not list(run.rglob("*.tmp")) and not list(run.glob(".arrays-*")) and not (run / "fold1" / "result.json").exists()
 
 
+def _pool_workers(parent: int) -> list[int]:
+    """The pids of `parent`'s fold workers (the pool's spawned processes, not its resource tracker)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [int(pid) for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_a_worker_killed_by_the_system_is_one_line_and_the_rerun_resumes(comp, tmp_path):
+    # The kernel's OOM killer ends a worker with SIGKILL: the pool breaks; cv names the folds that
+    # were training, stops the other worker, keeps what was written, and the same command goes on.
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(to_toml(TrainConfig(**{**TINY, "epochs": 4, "jobs": 2})))
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cv_command(cfg, comp, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (run / "fold1" / "state.pt").exists(), proc)
+    workers = _pool_workers(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("fold ")]
+    assert len(lines) == 1 and "Traceback" not in stderr and "leaked" not in stderr, stderr
+    assert re.fullmatch(r"error: a worker process stopped during fold 1( and fold 2)?.*; the same command resumes",
+                        lines[0]), lines[0]
+    assert not list(run.glob(".arrays-*")) and all(not is_running(pid) for pid in workers)
+    done = subprocess.run(_cv_command(cfg, comp, run), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "note: fold 1: resuming after epoch" in done.stderr
+
+
 def test_a_worker_stops_soon_after_its_parent_is_killed_whatever_it_is_doing():
     # The worker sleeps where a long prediction would run: it reports nothing the parent's death could be noticed by.
-    worker = ("import os, sys, time; from kaggle_vit.run.workers import watch_parent; watch_parent(os.getppid()); "
+    worker = ("import os, sys, time; from kaggle_vit.run.jobs import watch_parent; watch_parent(os.getppid()); "
               "print('watching', flush=True); time.sleep(60)")
     parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
     proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
@@ -389,7 +420,7 @@ def test_sigkill_while_workers_start_prints_nothing(comp, tmp_path):
     cfg.write_text(to_toml(TrainConfig(**{**TINY, "jobs": 2})))
     run = tmp_path / "run"
     proc = subprocess.Popen(_cv_command(cfg, comp, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: any(run.glob(".arrays-*/worker*.pkl")), proc)
+    _wait_for(lambda: any(run.glob(".arrays-*/workers.log")), proc)  # the pool is starting
     proc.kill()  # the parent only, as `kill -9 PID` does; its workers are starting
     stdout, stderr = proc.communicate(timeout=120)  # returns once every worker has exited too
     assert "Traceback" not in stderr and "UnpicklingError" not in stderr and "leaked" not in stderr, stderr

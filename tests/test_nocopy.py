@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, snapshot
+from conftest import TINY, PoolSpy, snapshot
 from test_faults import immutable  # noqa: F401 - a fixture: a folder even root cannot write
 from test_layouts import TINY as FILES_TINY
 from test_layouts import files_competition, files_spec
@@ -21,7 +21,7 @@ from kaggle_vit.config import TrainConfig
 from kaggle_vit.data import tables as data_mod
 from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.data.tables import load_image_csv
-from kaggle_vit.run import workers
+from kaggle_vit.run import jobs
 from kaggle_vit.run.cv import run_cv
 from kaggle_vit.spec import load_spec
 from kaggle_vit.train.engine import NoProgress
@@ -145,14 +145,12 @@ def test_a_read_only_data_folder_gets_its_pixel_cache_in_the_users_cache(pixels,
 def test_fold_workers_map_the_cache_and_the_run_gets_no_copy_of_it(pixels, tmp_path, monkeypatch):
     comp, data, cfg = pixels
     cfg = dataclasses.replace(cfg, epochs=1)
-    staged, start = [], workers._start
-    monkeypatch.setattr(workers, "_start", lambda *a, **k: staged.append(
-        {p.name: p.stat().st_size for p in a[2].iterdir()}) or start(*a, **k))  # the workers' folder as they start
+    spy = PoolSpy(monkeypatch)
     parallel = run_cv(dataclasses.replace(cfg, jobs=2), data, tmp_path / "parallel")
-    assert parallel.complete and len(staged) == 2
-    for files_there in staged:  # each worker's setup only, a few KB: no array of images
-        assert not any(name.endswith(".npy") for name in files_there), files_there
-        assert sum(files_there.values()) < data.train.images.nbytes / 10, files_there
+    assert parallel.complete and len(spy.pools) == 1
+    sent, files_there = spy.pools[0]["sent"], spy.pools[0]["files"]
+    assert sent < data.train.images.nbytes / 10  # the rows' labels, ids and folds; no array of images
+    assert not any(name.endswith(".npy") for name in files_there), files_there
     assert not list((tmp_path / "parallel").glob(".arrays-*"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a worker's one thread
@@ -174,7 +172,7 @@ def test_a_worker_maps_the_rows_it_was_given_and_stages_only_arrays_in_memory(pi
     first_rows = dataclasses.replace(data.train, images=data.train.images[:400], labels=data.train.labels[:400],
                                      ids=data.train.ids[:400])  # a notebook's MAX_TRAIN_ROWS
     in_memory = dataclasses.replace(data.test, images=np.array(data.test.images))
-    staging, shared = workers._share(dataclasses.replace(data, train=first_rows, test=in_memory),
+    staging, shared = jobs._share(dataclasses.replace(data, train=first_rows, test=in_memory),
                                      np.ones(400, dtype=np.int64), tmp_path)
     opened, folds = shared.open()
     assert Path(opened.train.images.filename) == Path(data.train.images.filename)  # the cache itself

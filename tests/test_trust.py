@@ -891,7 +891,10 @@ atexit.register(_slow_exit)
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_worker_stopped_while_python_exits_prints_nothing(comp, tmp_path, monkeypatch, capfd, signum):
-    from kaggle_vit.run import workers
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from kaggle_vit.run import jobs
 
     site = tmp_path / "site"
     site.mkdir()
@@ -902,23 +905,28 @@ def test_a_worker_stopped_while_python_exits_prints_nothing(comp, tmp_path, monk
     before = {p: d for p, d in snapshot(comp).items() if "kvcache" not in p}
     run = tmp_path / "run"
     run.mkdir()
-    staging, shared = workers._share(data, np.ones(len(data.train), dtype=np.int64), run)
-    slot = workers._start(TrainConfig(**TINY), shared, staging, 0, run, 1, "cpu")
-    slot.outbox.close()  # no fold for it: the worker sets up, then ends as one that finished its folds
+    staging, shared = jobs._share(data, np.ones(len(data.train), dtype=np.int64), run)
+    ctx = mp.get_context("spawn")
+    devices, events = ctx.Queue(), ctx.Queue()
+    devices.put("cpu")
+    pool = cf.ProcessPoolExecutor(1, mp_context=ctx, initializer=jobs._start_worker,
+                                  initargs=(TrainConfig(**TINY), shared, run, 1, os.getpid(), devices, events))
+    pid = pool.submit(os.getpid).result(timeout=120)  # the worker has set up
+    (worker,) = [p for p in mp.active_children() if p.pid == pid]
+    pool.shutdown(wait=False)  # no fold for it: it ends as one that finished its folds
     started = time.monotonic()
-    while not (tmp_path / "exiting").exists() and slot.proc.poll() is None and time.monotonic() - started < 120:
+    while not (tmp_path / "exiting").exists() and worker.is_alive() and time.monotonic() - started < 120:
         time.sleep(0.02)
-    assert (tmp_path / "exiting").exists(), f"the worker never reached its exit (status {slot.proc.poll()})"
+    assert (tmp_path / "exiting").exists(), f"the worker never reached its exit (status {worker.exitcode})"
     if signum == signal.SIGTERM:
-        workers._stop([slot.proc])  # what `cv` does to its workers on Ctrl-C or SIGTERM
+        jobs._stop([worker])  # what `cv` does to its workers on Ctrl-C or SIGTERM
     else:
-        slot.proc.send_signal(signum)
-        slot.proc.wait(timeout=20)
-    slot.inbox.close()
+        os.kill(pid, signum)
+        worker.join(timeout=20)
     shutil.rmtree(staging)
     captured = capfd.readouterr()
     assert captured.err == "" and captured.out == "", captured.err
-    assert slot.proc.returncode == 128 + signum
+    assert worker.exitcode == 128 + signum
     assert not list(run.rglob("*.tmp"))
     assert {p: d for p, d in snapshot(comp).items() if "kvcache" not in p} == before
 
@@ -926,14 +934,15 @@ def test_a_worker_stopped_while_python_exits_prints_nothing(comp, tmp_path, monk
 def test_a_stop_signal_inside_a_callback_still_ends_the_worker_quietly(tmp_path):
     # Python prints and ignores an exception raised in a weakref callback (or a __del__, an atexit
     # callback), so a SIGTERM that lands there must end the worker some other way.
-    code = ("import sys, time, weakref\n"
-            "from kaggle_vit.run.workers import stop_quietly\n"
+    code = ("import sys, time, types, weakref\n"
+            "from kaggle_vit.run import jobs\n"
+            "jobs.stop_quietly()\n"
+            "jobs._worker = types.SimpleNamespace(in_fold=True)  # in a fold: a stop signal unwinds\n"
             "class Held: pass\n"
-            "with stop_quietly():\n"
-            "    held = Held()\n"
-            "    ref = weakref.ref(held, lambda _: (print('in callback', flush=True), time.sleep(30)))\n"
-            "    del held\n"
-            "    print('went on', flush=True)\n")
+            "held = Held()\n"
+            "ref = weakref.ref(held, lambda _: (print('in callback', flush=True), time.sleep(30)))\n"
+            "del held\n"
+            "print('went on', flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "in callback\n"
     proc.terminate()

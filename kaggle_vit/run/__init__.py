@@ -1,2 +1,2 @@
 """A cv run: its settings resolved (`settings`), its folder (`rundir`), one fold trained (`fold`),
-folds in worker processes (`workers`), and the run as a whole (`cv`), with pseudo-labels (`pseudo`)."""
+folds in a process pool (`jobs`), and the run as a whole (`cv`), with pseudo-labels (`pseudo`)."""

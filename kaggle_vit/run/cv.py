@@ -36,7 +36,7 @@ from ..train.schedule import Plan, budget_plan, fold_rows, plan_schedule, read_p
 from .fold import train_fold
 from .pseudo import check_source
 from .rundir import RunDir, fold_problem, shared_folds
-from .workers import train_folds_parallel
+from .jobs import train_folds_parallel
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
            validate_only: bool = False, started: float | None = None,
            on_plan: Callable[[Plan], None] | None = None) -> CVResult:
     """Train every fold not yet finished (or only `only_folds`), then write OOF scores and metrics.
-    Folds train as many at a time as `device.auto_jobs` picks, in worker processes (`workers`),
+    Folds train as many at a time as `device.auto_jobs` picks, in a process pool (`jobs`),
     or in this process when one at a time or when `on_epoch` (tune's pruning hook) must see every
     epoch. `validate_only` (a tuning trial) skips the test predictions and test-time views. The
     schedule's unset settings are planned first, and the plan handed to `on_plan` before the first
