@@ -16,6 +16,7 @@ from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import plot_run_curves
 from kaggle_vit.run.cv import default_run_dir, run_cv
+from kaggle_vit.run.jobs import Segment, plan_costs, plan_segments
 from kaggle_vit.run.rundir import read_checkpoint
 from kaggle_vit.run.settings import resolve_config
 
@@ -89,16 +90,21 @@ def test_a_fold_trains_the_same_alone_or_after_others(small_comp, small_spec, tm
 
 
 def test_parallel_folds_train_as_in_one_process(small_comp, small_spec, tmp_path, caplog, monkeypatch):
-    # A pool of two processes (one thread each, as --jobs 2 gives on two cores) trains each fold,
-    # whole, exactly as this process does with one thread: same probabilities, every artifact, OOF
-    # scored. Three folds on two processes: each process lives for several folds.
+    # A pool of two processes (one thread each, as --jobs 2 gives on two cores) trains each fold
+    # exactly as this process does with one thread: same probabilities, every artifact, OOF scored.
+    # Three folds on two processes: fold 2 is cut between them, its second epoch taken over from
+    # its state file, silently (a planned hand-over is no resume to report).
     data = load_competition(small_spec, small_comp)
     cfg = TrainConfig(**{**TINY, "folds": 3, "epochs": 2})
+    folds = np.arange(len(data.train.labels)) % 3 + 1
+    plan = plan_segments([1, 2, 3], 2, 2, *plan_costs(data, folds, cfg))
+    assert plan == [[Segment(1, 1, 2), Segment(2, 2, 2)], [Segment(2, 1, 1), Segment(3, 1, 2)]]
     spy = PoolSpy(monkeypatch)
     with caplog.at_level("WARNING", logger="kaggle_vit"):
         parallel = run_cv(dataclasses.replace(cfg, jobs=2), data, tmp_path / "parallel")
     assert parallel.complete and parallel.trained == [1, 2, 3]
-    assert [pool["size"] for pool in spy.pools] == [2] and spy.tasks == [(1,), (2,), (3,)]
+    assert [pool["size"] for pool in spy.pools] == [2]
+    assert sorted(spy.tasks) == sorted((s,) for plan_ in plan for s in plan_)  # every segment, once
     assert not [r for r in caplog.records if "resuming" in r.getMessage()]
     history = pd.read_csv(tmp_path / "parallel" / "fold2" / "history.csv")
     assert list(history["epoch"]) == [1, 2]

@@ -24,8 +24,9 @@ from .pseudo import pseudo_labels
 from .rundir import RunDir
 
 
-def _resume_state(path: Path, fold: int, epochs: int) -> dict | None:
-    """A fold's saved training state, saying that it resumes; an unreadable one restarts the fold."""
+def _resume_state(path: Path, fold: int, epochs: int, announce: bool = True) -> dict | None:
+    """A fold's saved training state, saying that it resumes (unless `announce` is off: a planned
+    hand-over between workers); an unreadable one restarts the fold."""
     if not path.exists():
         return None
     try:
@@ -33,7 +34,8 @@ def _resume_state(path: Path, fold: int, epochs: int) -> dict | None:
     except Exception as error:  # noqa: BLE001 - a damaged state file costs the fold's epochs, not the run
         notice(f"fold {fold}: {path} is unreadable ({type(error).__name__}); restarting the fold from its first epoch")
         return None
-    notice(f"fold {fold}: resuming after epoch {state['state']['epoch']} of {epochs}")
+    if announce:
+        notice(f"fold {fold}: resuming after epoch {state['state']['epoch']} of {epochs}")
     return state
 
 
@@ -54,9 +56,12 @@ def _predict(model, result: FitResult, cfg: TrainConfig, valid: ImageDataset, te
 
 
 def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
-               progress: Progress, on_epoch=None, validate_only: bool = False) -> dict:
+               progress: Progress, on_epoch=None, validate_only: bool = False,
+               until_epoch: int | None = None, handover: bool = False) -> dict | None:
     """Train one fold and write its checkpoint, history, validation and (unless `validate_only`, as
-    a tuning trial asks) test probabilities under the test-time views, and return its summary."""
+    a tuning trial asks) test probabilities under the test-time views, and return its summary.
+    With `until_epoch` below cfg.epochs it trains that far and returns None, leaving the fold's
+    state for a later call (`handover`: that call is planned, so it resumes without a notice)."""
     spec, out, metric = data.spec, RunDir(run_dir).fold(fold), get_metric(data.spec.metric)
     out.root.mkdir(parents=True, exist_ok=True)
     state_path = out.state
@@ -77,10 +82,12 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     progress.start_fold(fold, cfg.folds)
     try:
         result = fit(model, train, valid, cfg, seed=cfg.seed + fold,
-                     state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs),
-                     progress=progress, on_epoch=on_epoch, metric=metric)
+                     state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs, not handover),
+                     progress=progress, on_epoch=on_epoch, metric=metric, stop_after=until_epoch)
     except KaggleVitError as error:
         raise KaggleVitError(f"fold {fold}: {error}") from None
+    if len(result.history) < cfg.epochs:  # stopped at until_epoch: state.pt carries the fold on
+        return None
     save_checkpoint(out.model, result.best_state,
                     {"model": cfg.model, "kwargs": kwargs, "fold": fold, "competition": spec.name,
                      "input_size": (spec.channels, spec.height, spec.width), "num_classes": spec.num_classes,

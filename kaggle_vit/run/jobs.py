@@ -2,9 +2,12 @@
 
 On a small CPU, two single-threaded processes train more images per second between them than one
 process with two threads (small matrices leave the second thread idle much of the time). A
-`concurrent.futures.ProcessPoolExecutor` (spawn) maps `fold.train_fold` over the folds, each fold
-whole, exactly as the sequential loop trains it: one process per GPU, or one per two cores, each
-living for the whole run, so the imports (seconds of torch and timm) are paid once per process.
+`concurrent.futures.ProcessPoolExecutor` (spawn) maps `fold.train_fold` over the folds' segments:
+one process per GPU, or one per two cores, each living for the whole run, so the imports (seconds
+of torch and timm) are paid once per process. `plan_segments` shares the work out in equal parts,
+cutting a fold between two processes at an epoch boundary where five folds would otherwise leave
+one process idle at the end; the cut fold passes on through its state file, the same exact resume
+that survives a kill, so every fold's numbers are those of the sequential loop.
 
 What a user must never see from a worker, and how:
 - Each worker maps the images from the competition's caches itself (`SharedData`: the pages the
@@ -17,7 +20,7 @@ What a user must never see from a worker, and how:
   (`watch_parent`), so a killed `cv` leaves no orphan training, predicting or writing into the run.
 - What the workers and the pool's resource tracker would print (a parent killed while they start
   makes the pool's own code complain) goes to `workers.log` in the run's private folder, never to
-  the user's terminal; a worker that dies names its fold and the log's last line.
+  the user's terminal; a worker that dies names the folds then training and the log's last line.
 """
 from __future__ import annotations
 
@@ -32,10 +35,11 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -48,12 +52,102 @@ from ..errors import Interrupted, KaggleVitError
 from ..io import atomic_path, is_running
 from ..notices import log, notice
 from ..spec import CompetitionSpec
+from ..train.batches import easy_share, skips_rows
+from ..train.engine import validates
 from .fold import train_fold
+from .pseudo import pseudo_labels
 from .rundir import RunDir
 
 STEP_EVERY = 25  # steps between progress messages from a worker
 PARENT_POLL_S = 0.2  # how often a worker checks that its parent is alive
 WORKERS_LOG = "workers.log"
+
+
+class Segment(NamedTuple):
+    """Epochs `first`..`last` of one fold, trained by one process; the segment that reaches the
+    fold's last epoch also predicts with the best model."""
+
+    fold: int
+    first: int
+    last: int
+
+
+def plan_segments(todo: list[int], epochs: int, jobs: int, epoch_cost: float | Sequence[float] = 1.0,
+                  predict_cost: float = 1.0) -> list[list[Segment]]:
+    """Spread the folds over `jobs` processes so that each gets an equal share of the work, cutting
+    at most one fold per process at an epoch boundary (McNaughton's wrap-around rule): folds are laid
+    end to end, each with its last epochs and prediction first, and cut at every multiple of the
+    share, moved to the nearest epoch boundary. A cut fold's tail closes one process's list and its
+    head opens the next one's, so the head runs first. Costs are relative: an epoch's (one for
+    all, or one per epoch when epochs differ, as with `skip_easy`) and a fold's final prediction's.
+    Cuts are placed from absolute positions, so rounding never piles up on the last process."""
+    costs = _epoch_costs(epoch_cost, epochs)
+    fold_cost = sum(costs) + predict_cost
+    share = len(todo) * fold_cost / jobs
+    # offsets inside a fold where a process may stop: before it, after a tail of t = 1..epochs-1
+    # epochs and the prediction, or after all of it
+    stops = [0.0] + [predict_cost + sum(costs[epochs - t:]) for t in range(1, epochs)] + [fold_cost]
+    cuts: dict[int, int] = {}  # fold index -> epochs of its tail left to the process before the cut
+    for w in range(1, jobs):
+        index = min(int(w * share // fold_cost), len(todo) - 1)
+        offset = w * share - index * fold_cost
+        tail = min(range(len(stops)), key=lambda t: abs(stops[t] - offset))
+        if tail == epochs:  # after the whole fold: the next fold opens the next process
+            index, tail = index + 1, 0
+        cuts[index] = tail
+    plans: list[list[Segment]] = [[]]
+    for index, fold in enumerate(todo):
+        tail = cuts.get(index)
+        if tail:
+            plans[-1].append(Segment(fold, epochs - tail + 1, epochs))
+            plans.append([Segment(fold, 1, epochs - tail)])
+            continue
+        if tail == 0:
+            plans.append([])
+        plans[-1].append(Segment(fold, 1, epochs))
+    return plans
+
+
+def _epoch_costs(epoch_cost: float | Sequence[float], epochs: int) -> list[float]:
+    return [float(epoch_cost)] * epochs if isinstance(epoch_cost, (int, float)) else [float(c) for c in epoch_cost]
+
+
+def dispatch_order(plans: list[list[Segment]], epoch_cost: float | Sequence[float] = 1.0,
+                   predict_cost: float = 1.0) -> list[Segment]:
+    """The plan's segments in the order of their planned start: handed to the pool's processes in
+    this order, each to the first one free, they run as `plan_segments` laid them out."""
+    epochs = max(segment.last for plan in plans for segment in plan)
+    costs = _epoch_costs(epoch_cost, epochs)
+    starts = []
+    for worker, plan in enumerate(plans):
+        clock = 0.0
+        for segment in plan:
+            starts.append((clock, worker, segment))
+            clock += sum(costs[segment.first - 1:segment.last]) + (predict_cost if segment.last == epochs else 0.0)
+    return [segment for _, _, segment in sorted(starts)]
+
+
+# A training image costs about this many inference passes (forward, backward, optimiser), as
+# measured in cv on a CPU (benchmarks/RESULTS.md, "Folds in parallel").
+TRAIN_PASSES = 3.5
+
+
+def plan_costs(data: CompetitionData, folds: np.ndarray, cfg: TrainConfig) -> tuple[list[float], float]:
+    """Each epoch's and a final prediction's cost in inference passes: a training image (pseudo-labelled
+    test rows included) costs TRAIN_PASSES, a validation image one, and prediction one per view of
+    every test image and of every validation image but the plain one. With `skip_easy`, the middle
+    epochs train on the rows they keep (`easy_share`); with `valid_every`, only the epochs
+    `engine.validates` names pay for validation."""
+    n_valid = len(folds) / cfg.folds
+    n_pseudo = (np.mean([len(pseudo_labels(Path(cfg.pseudo), k, cfg.pseudo_threshold)[0]) for k in range(1, cfg.folds + 1)])
+                if cfg.pseudo else 0.0)
+    n_train = len(folds) - n_valid + n_pseudo
+    epochs = range(1, cfg.epochs + 1)
+    kept = [1.0 - cfg.skip_easy * easy_share(epoch) if skips_rows(epoch, cfg) else 1.0 for epoch in epochs]
+    checked = [n_valid if validates(epoch, cfg) else 0.0 for epoch in epochs]
+    # the validation rows' plain view is the best epoch's validation (fold._predict)
+    return ([TRAIN_PASSES * n_train * k + v for k, v in zip(kept, checked)],
+            cfg.tta * len(data.test.images) + (cfg.tta - 1) * n_valid)
 
 
 def worker_env(device: str, environ: dict[str, str]) -> tuple[dict[str, str], str]:
@@ -228,19 +322,22 @@ def _start_worker(cfg: TrainConfig, shared: SharedData, run_dir: Path, threads: 
     _worker = _Worker(dataclasses.replace(cfg, device=device), data, folds, run_dir, progress)
 
 
-def _train(fold: int) -> None:
-    """Pool task: train one whole fold in this worker; an error is one line naming the fold."""
+def _train(segment: Segment) -> None:
+    """Pool task: train one segment of a fold in this worker (a later segment takes the fold on from
+    its state file, silently: a planned hand-over is no resume to report); an error is one line
+    naming the fold."""
     w = _worker
-    w.progress.begin(fold)
+    w.progress.begin(segment.fold)
     w.in_fold = True
     try:
-        train_fold(w.cfg, w.data, w.folds, fold, w.run_dir, w.progress)
+        train_fold(w.cfg, w.data, w.folds, segment.fold, w.run_dir, w.progress, until_epoch=segment.last,
+                   handover=segment.first > 1)
     except SystemExit as stop:  # stopped by the parent: unwound, now gone before the pool's loop goes on
         os._exit(stop.code if isinstance(stop.code, int) else 1)
     except KaggleVitError:
         raise
     except Exception as error:  # noqa: BLE001 - a bug: its last line goes to the parent, which names the fold
-        raise KaggleVitError(f"fold {fold}: {type(error).__name__}: {error}") from None
+        raise KaggleVitError(f"fold {segment.fold}: {type(error).__name__}: {error}") from None
     finally:
         w.in_fold = False
 
@@ -278,6 +375,11 @@ class FoldRelay:
                 self.progress.step(loss, images if i == 0 else 0)
         elif fold == self.shown and kind == "end_epoch":
             self.progress.end_epoch(payload)
+
+    def pause(self, fold: int) -> None:
+        """A fold's first segment ended: it leaves the display until a process takes it on."""
+        self.running.pop(fold, None)
+        self.shown = None if fold == self.shown else self.shown
 
     def drain(self, events: "mp.Queue") -> None:
         """Handle every event the workers have sent so far."""
@@ -325,10 +427,10 @@ def _last_line(path: Path) -> str:
     return f" ({lines[-1].strip()})" if lines else ""
 
 
-def _error(futures: dict[cf.Future, int], staging: Path, running: dict[int, tuple[int, int]]) -> KaggleVitError | None:
+def _error(futures: dict[cf.Future, Segment], staging: Path, running: dict[int, tuple[int, int]]) -> KaggleVitError | None:
     """The first failed fold's error (by fold number), or None. A worker that died (killed by the
-    system, out of memory) breaks the pool: the folds then running are named, with the workers' last words."""
-    failed = sorted((fold, f.exception()) for f, fold in futures.items()
+    system, out of memory) breaks the pool: the folds then training are named, with the workers' last words."""
+    failed = sorted((segment.fold, f.exception()) for f, segment in futures.items()
                     if f.done() and not f.cancelled() and f.exception() is not None)
     if not failed:
         return None
@@ -340,14 +442,46 @@ def _error(futures: dict[cf.Future, int], staging: Path, running: dict[int, tupl
                           f"the same command resumes")
 
 
+class _Dispatch:
+    """Hands the segments to the pool in `dispatch_order`, one per free process (so each goes to the
+    first process free), a fold's later segment only once its earlier one has ended."""
+
+    def __init__(self, pool: cf.ProcessPoolExecutor, order: list[Segment], jobs: int, epochs: int):
+        self.pool, self.order, self.jobs, self.epochs = pool, deque(order), jobs, epochs
+        self.futures: dict[cf.Future, Segment] = {}
+        self.running: set[cf.Future] = set()
+        self.handed: set[int] = set()  # folds whose first segment has ended
+
+    def fill(self) -> None:
+        """Submit ready segments while a process is free."""
+        while len(self.running) < self.jobs:
+            segment = next((s for s in self.order if s.first == 1 or s.fold in self.handed), None)
+            if segment is None:
+                return
+            self.order.remove(segment)
+            future = self.pool.submit(_train, segment)
+            self.futures[future] = segment
+            self.running.add(future)
+
+    def wait(self) -> list[Segment]:
+        """Wait a moment for segments to end; returns the first segments of folds that ended, now handed on."""
+        done, self.running = cf.wait(self.running, timeout=0.2, return_when=cf.FIRST_COMPLETED)
+        ended = [self.futures[f] for f in done if f.exception() is None and self.futures[f].last < self.epochs]
+        self.handed.update(segment.fold for segment in ended)
+        return ended
+
+
 def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, todo: list[int], run_dir: Path,
                          jobs: int, progress, devices: list[str] | None = None) -> None:
-    """Train the `todo` folds in a pool of `jobs` processes, worker i on devices[i % n] with an equal
-    share of the cores; each fold whole, so its numbers do not depend on which worker trains it.
-    Raises KaggleVitError naming the first failed fold (the others running finish first), and
-    Interrupted (after stopping the workers) on Ctrl-C."""
+    """Train the `todo` folds in a pool of `jobs` processes, as `plan_segments` shares them out (a
+    fold cut between two processes moves through its state file), worker i on devices[i % n] with an
+    equal share of the cores. The plan and the thread counts, and so every fold's numbers, do not
+    depend on timing. Raises KaggleVitError naming the first failed fold (the segments running
+    finish first), and Interrupted (after stopping the workers) on Ctrl-C."""
     devices, jobs = devices or ["cpu"], max(1, min(jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    costs = plan_costs(data, folds, cfg)
+    order = dispatch_order(plan_segments(todo, cfg.epochs, jobs, *costs), *costs)
     relay = FoldRelay(progress)
     staging, shared = _share(data, folds, run_dir)
     ctx = mp.get_context("spawn")
@@ -361,9 +495,10 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
                 slots.put(devices[i % len(devices)])
             pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start_worker,
                                           initargs=(cfg, shared, run_dir, threads, os.getpid(), slots, events))
-            futures = {pool.submit(_train, fold): fold for fold in todo}  # a spawn pool starts its processes here
+            dispatch = _Dispatch(pool, order, jobs, cfg.epochs)
+            dispatch.fill()  # the first segment of each process: a spawn pool starts its processes here
             procs = [p for p in mp.active_children() if p not in before]
-        error = _run(futures, events, relay, staging)
+        error = _run(dispatch, events, relay, staging)
     except KeyboardInterrupt:
         if procs:
             relay.drain(events)  # events not yet read say where each fold is
@@ -378,15 +513,14 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
         raise error
 
 
-def _run(futures: dict[cf.Future, int], events: "mp.Queue", relay: FoldRelay, staging: Path) -> KaggleVitError | None:
-    """Relay the workers' events until every fold is done; after a failure, cancel the folds not
-    yet started (those running finish). Returns the first failed fold's error, or None."""
-    pending = set(futures)
-    while pending:
-        _, pending = cf.wait(pending, timeout=0.2, return_when=cf.FIRST_EXCEPTION)
+def _run(dispatch: _Dispatch, events: "mp.Queue", relay: FoldRelay, staging: Path) -> KaggleVitError | None:
+    """Relay the workers' events and hand out segments until all have ended; after a failure, hand
+    out no more (those running finish). Returns the first failed fold's error, or None."""
+    while dispatch.running:
+        for segment in dispatch.wait():
+            relay.pause(segment.fold)
         relay.drain(events)
-        if _error(futures, staging, relay.running) is not None:
-            for future in pending:
-                future.cancel()
+        if _error(dispatch.futures, staging, relay.running) is None:
+            dispatch.fill()
     relay.drain(events)
-    return _error(futures, staging, relay.running)
+    return _error(dispatch.futures, staging, relay.running)
