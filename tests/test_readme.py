@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.main import get_command
 
 from kaggle_vit.cli import app
@@ -134,6 +135,7 @@ def test_every_command_in_readme_is_accepted_by_the_command_line():
     assert not refused, "README shows commands the command line refuses:\n" + "\n".join(refused)
 
 
+@pytest.mark.slow  # it trains: cv, tune, then submit, report and score in fresh processes
 def test_quick_start_runs_as_written(comp: Path):
     """README's quick start, extracted from its ```bash block under `## Quick start`, run in order in a
     fresh folder whose data/digit-recognizer already holds a real-MNIST competition in Kaggle's files
