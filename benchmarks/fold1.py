@@ -63,8 +63,8 @@ def main(overrides: dict, data_dir: Path = Path("data/digit-recognizer"), runs: 
         probs = predict_probs(model, ImageDataset(data.test.images, data_config=data_config), device,
                               inference_amp(cfg.amp, device), cfg.eval_batch_size, 3, mode=cfg.tta_mode)
         views["held-out"] = (probs.argmax(1) == truth).mean() * 100
-    accs = " ".join(f"{h['valid_acc'] * 100:.2f}" for h in result.history)
-    rate = np.median([h["images_per_s"] for h in result.history])
+    accs = " ".join(f"{h.valid_acc * 100:.2f}" for h in result.history)
+    rate = np.median([h.images_per_s for h in result.history])
     with_views = ", ".join(f"{acc:.3f}% on the held-out rows with 3 views" if n == "held-out" else f"{acc:.2f}% with {n} views"
                            for n, acc in views.items())
     print(f"{cfg.model} {json.dumps(overrides)}: valid % per epoch [{accs}], {with_views}; "

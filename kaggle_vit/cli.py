@@ -21,7 +21,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import Interrupted, KaggleVitError
-from .io import read_json
 from .metrics import get_metric
 from .notebook import write_notebook
 from .notices import log
@@ -186,23 +185,23 @@ def load_data(spec: CompetitionSpec, data_dir: Optional[Path]):
     return result.data
 
 
-def fold_table(result) -> Table:
-    """A rich table of per-fold scores and the OOF score."""
+def fold_table(result: "CVResult") -> Table:
+    """A rich table of per-fold scores and the OOF score: with the run's test-time views, and plain ("no TTA")."""
+    m = result.metrics
     table = Table(title=f"cross-validation: {result.run_dir}")
-    extra = result.metric != "accuracy"  # the competition's metric gets its own columns, named
-    columns = ("fold", "best epoch", "valid acc", "no TTA") + ((f"valid {result.metric}", "no TTA") if extra else ())
+    extra = m.metric != "accuracy"  # the competition's metric gets its own columns, named
+    columns = ("fold", "best epoch", "valid acc", "no TTA") + ((f"valid {m.metric}", "no TTA") if extra else ())
     for col in columns + ("valid loss", "train time", "img/s", "amp"):
         table.add_column(col, justify="right")
-    for f in result.folds:
-        plain = f.get("valid_acc_plain", f["valid_acc"])
-        scores = (f"{f['valid_score']:.4f}", f"{f['valid_score_plain']:.4f}") if extra else ()
-        table.add_row(str(f["fold"]), str(f["best_epoch"]), f"{100 * f['valid_acc']:.2f}%", f"{100 * plain:.2f}%",
-                      *scores, f"{f['valid_loss']:.4f}", f"{f['train_seconds']:.0f}s", f"{f['images_per_s']:.0f}", f["amp"])
-    if result.complete:
+    for f in m.folds:
+        scores = (f"{f.valid_score_views:.4f}", f"{f.valid_score:.4f}") if extra else ()
+        table.add_row(str(f.fold), str(f.best_epoch), f"{100 * f.valid_acc_views:.2f}%", f"{100 * f.valid_acc:.2f}%",
+                      *scores, f"{f.valid_loss:.4f}", f"{f.train_seconds:.0f}s", f"{f.images_per_s:.0f}", f.amp)
+    if m.complete:
         table.add_section()
-        scores = (f"{result.oof_score:.4f}", f"{result.oof_score_plain:.4f}") if extra else ()
-        table.add_row("OOF", "", f"{100 * result.oof_acc:.2f}%", f"{100 * result.oof_acc_plain:.2f}%", *scores,
-                      f"{result.oof_loss:.4f}", f"{sum(f['train_seconds'] for f in result.folds):.0f}s", "", "")
+        scores = (f"{m.oof_score_views:.4f}", f"{m.oof_score:.4f}") if extra else ()
+        table.add_row("OOF", "", f"{100 * m.oof_acc_views:.2f}%", f"{100 * m.oof_acc:.2f}%", *scores,
+                      f"{m.oof_loss_views:.4f}", f"{m.train_seconds:.0f}s", "", "")
     return table
 
 
@@ -281,19 +280,20 @@ def _show_plan(plan: "Plan") -> None:
 
 def _show_cv(result: "CVResult", n_rows: int, tta: int) -> None:
     """A finished cv call's curves, fold table and OOF line; with a time budget, the time it took."""
-    if result.folds:
+    if result.metrics.folds:
         from .report import plot_run_curves  # lazy: matplotlib, once there is a fold to plot
 
         plot_run_curves(result.run_dir)
     out.print(fold_table(result))
-    if result.complete:
-        if result.metric != "accuracy":
-            out.print(f"OOF {result.metric} {result.oof_score:.4f} ({result.oof_score_plain:.4f} without test-time views)")
-        out.print(f"OOF accuracy {100 * result.oof_acc:.2f}% over {n_rows:,} rows with {tta} test-time "
-                  f"view(s) ({100 * result.oof_acc_plain:.2f}% without); run in [cyan]{result.run_dir}[/]")
+    m = result.metrics
+    if m.complete:
+        if m.metric != "accuracy":
+            out.print(f"OOF {m.metric} {m.oof_score_views:.4f} ({m.oof_score:.4f} without test-time views)")
+        out.print(f"OOF accuracy {100 * m.oof_acc_views:.2f}% over {n_rows:,} rows with {tta} test-time "
+                  f"view(s) ({100 * m.oof_acc:.2f}% without); run in [cyan]{result.run_dir}[/]")
     else:
-        done = [f["fold"] for f in result.folds]
-        out.print(f"folds done: {done or 'none'} of {result.n_folds}; OOF scores appear when all are done")
+        done = [f.fold for f in m.folds]
+        out.print(f"folds done: {done or 'none'} of {m.n_folds}; OOF scores appear when all are done")
     if result.plan is not None and result.plan.time_budget:
         from .train.schedule import format_duration  # lazy: train.schedule imports torch
 
@@ -310,10 +310,11 @@ def _cv_seeds(cfg: "TrainConfig", data: "CompetitionData", seeds: int, folds: li
     result = run_cv_seeds(cfg, data, seeds, folds, progress, _show_plan)
     for run in result.runs:
         _show_cv(run, len(data.train), cfg.tta)
-    if result.oof_acc is not None:
-        score = "" if result.metric == "accuracy" else f"OOF {result.metric} {result.oof_score:.4f}, "
-        out.print(f"seed ensemble ({seeds} runs): {score}OOF accuracy {100 * result.oof_acc:.2f}%; "
-                  f"`kaggle-vit submit` averages all {sum(r.n_folds for r in result.runs)} fold models")
+    ensemble = result.ensemble
+    if ensemble is not None:
+        score = "" if result.metric == "accuracy" else f"OOF {result.metric} {ensemble.oof_score_views:.4f}, "
+        out.print(f"seed ensemble ({seeds} runs): {score}OOF accuracy {100 * ensemble.oof_acc_views:.2f}%; "
+                  f"`kaggle-vit submit` averages all {sum(r.metrics.n_folds for r in result.runs)} fold models")
 
 
 def _run_dir(spec: CompetitionSpec, run_dir: Optional[Path]) -> Path:
@@ -379,7 +380,8 @@ def score(
         run = None  # no run to compare with: the score alone
     if run is not None:
         n_folds, done = run_folds(run)
-        oof = read_json(RunDir(run).metrics).get("oof_score" if spec.metric != "accuracy" else "oof_acc")
+        metrics = RunDir(run).read_metrics()  # the run's predictor: with its test-time views
+        oof = metrics.oof_score_views if spec.metric != "accuracy" else metrics.oof_acc_views
         if oof is not None:
             lines.append(f"  OOF {spec.metric} of {run}: {shown(oof)} ({len(done)} folds)")
         if done:

@@ -2,7 +2,6 @@
 and a bar for long loops such as decoding image files."""
 from __future__ import annotations
 
-import math
 import time
 from typing import Iterator, Sequence, TypeVar
 
@@ -10,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.progress import track as rich_track
 
+from .records import EpochRecord, FoldResult
 
 T = TypeVar("T")
 
@@ -24,10 +24,10 @@ def track(items: Sequence[T], description: str, at_least: int = 500) -> Iterator
     yield from rich_track(items, description=description, console=console, transient=True)
 
 
-def fold_line(summary: dict) -> str:
-    """One finished fold in a line: its accuracy, best epoch and training time."""
-    return (f"fold {summary['fold']}: valid acc {100 * summary['valid_acc']:.2f}% (epoch {summary['best_epoch']}), "
-            f"{summary['train_seconds']:.0f}s")
+def fold_line(summary: FoldResult) -> str:
+    """One finished fold in a line: its accuracy (with the test-time views), best epoch and training time."""
+    return (f"fold {summary.fold}: valid acc {100 * summary.valid_acc_views:.2f}% (epoch {summary.best_epoch}), "
+            f"{summary.train_seconds:.0f}s")
 
 
 class RichProgress:
@@ -61,20 +61,20 @@ class RichProgress:
         ips = self.images / max(1e-9, time.perf_counter() - self.t0)
         self.bar.update(self.task, advance=1, ips=ips, **({} if loss is None else {"loss": loss}))
 
-    def end_epoch(self, record: dict) -> None:
-        self.last_loss = record["train_loss"]
+    def end_epoch(self, record: EpochRecord) -> None:
+        self.last_loss = record.train_loss
         valid = "not validated"  # an epoch `--valid-every` leaves out
-        if not math.isnan(record["valid_acc"]):
-            self.last_acc = f"{100 * record['valid_acc']:.2f}%"
-            valid = f"valid loss {record['valid_loss']:.4f} acc {self.last_acc}"
+        if record.validated:
+            self.last_acc = f"{100 * record.valid_acc:.2f}%"
+            valid = f"valid loss {record.valid_loss:.4f} acc {self.last_acc}"
         self.console.print(
-            f"fold {self.fold} epoch {record['epoch']}: train loss {record['train_loss']:.4f} "
-            f"acc {100 * record['train_acc']:.2f}% | {valid} | {record['images_per_s']:.0f} img/s, {record['seconds']:.1f}s",
+            f"fold {self.fold} epoch {record.epoch}: train loss {record.train_loss:.4f} "
+            f"acc {100 * record.train_acc:.2f}% | {valid} | {record.images_per_s:.0f} img/s, {record.seconds:.1f}s",
             highlight=False,
         )
 
-    def end_fold(self, summary: dict) -> None:
-        if summary["fold"] != self.fold:  # a fold that trained beside the one shown (cv --jobs)
+    def end_fold(self, summary: FoldResult) -> None:
+        if summary.fold != self.fold:  # a fold that trained beside the one shown (cv --jobs)
             self.console.print(fold_line(summary), highlight=False)
             return
         if self.task is not None:
@@ -92,7 +92,7 @@ class LineProgress:
     def start_fold(self, fold: int, folds: int) -> None: ...
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
     def step(self, loss: float | None, images: int) -> None: ...
-    def end_epoch(self, record: dict) -> None: ...
+    def end_epoch(self, record: EpochRecord) -> None: ...
 
-    def end_fold(self, summary: dict) -> None:
+    def end_fold(self, summary: FoldResult) -> None:
         self.console.print(fold_line(summary), highlight=False)

@@ -1,7 +1,6 @@
 """Plots a competitor looks at: curves, confusion matrix, prediction grids, attention rollout."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import matplotlib
@@ -15,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .errors import KaggleVitError  # noqa: E402
 from .io import atomic_path  # noqa: E402
-from .models.factory import model_from  # noqa: E402
-from .run.rundir import RunDir, read_checkpoint, read_test_probs  # noqa: E402
+from .records import EpochRecord  # noqa: E402
+from .run.rundir import RunDir  # noqa: E402
 from .train.dataset import resolve_data_config  # noqa: E402
 
 
@@ -27,18 +26,18 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def plot_curves(histories: dict[int, list[dict]], path: Path) -> Path:
+def plot_curves(histories: dict[int, list[EpochRecord]], path: Path) -> Path:
     """Training loss and accuracy per epoch (dashed) and validation at the epochs that validated (points,
     joined), one colour per fold."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for fold, history in sorted(histories.items()):
-        epochs = [r["epoch"] for r in history]
-        validated = [r for r in history if not math.isnan(r["valid_acc"])]  # `--valid-every` skips some
-        line = ax_loss.plot(epochs, [r["train_loss"] for r in history], "--", alpha=0.6)[0]
-        ax_loss.plot([r["epoch"] for r in validated], [r["valid_loss"] for r in validated], "o-", markersize=4,
+        epochs = [r.epoch for r in history]
+        validated = [r for r in history if r.validated]  # `--valid-every` skips some
+        line = ax_loss.plot(epochs, [r.train_loss for r in history], "--", alpha=0.6)[0]
+        ax_loss.plot([r.epoch for r in validated], [r.valid_loss for r in validated], "o-", markersize=4,
                      color=line.get_color(), label=f"fold {fold}")
-        ax_acc.plot(epochs, [100 * r["train_acc"] for r in history], "--", color=line.get_color(), alpha=0.6)
-        ax_acc.plot([r["epoch"] for r in validated], [100 * r["valid_acc"] for r in validated], "o-", markersize=4,
+        ax_acc.plot(epochs, [100 * r.train_acc for r in history], "--", color=line.get_color(), alpha=0.6)
+        ax_acc.plot([r.epoch for r in validated], [100 * r.valid_acc for r in validated], "o-", markersize=4,
                     color=line.get_color(), label=f"fold {fold}")
     ax_loss.set(title="loss (dashed: train; points: validation)", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="accuracy (dashed: train; points: validation)", xlabel="epoch", ylabel="accuracy (%)")
@@ -133,8 +132,8 @@ def make_report(run_dir: Path, data, n_images: int = 30, n_attention: int = 8) -
     if not folds:
         raise KaggleVitError(f"{run_dir}: no finished folds yet; run kaggle-vit cv first")
     # every file read (and a damaged or old-format one refused) before any plot is written
-    test_probs = np.mean([read_test_probs(run.fold(k).test_probs) for k in folds], axis=0)
-    model = model_from(read_checkpoint(run_dir, folds[0]))
+    test_probs = np.mean([run.fold(k).read_test_probs() for k in folds], axis=0)
+    model = run.fold(folds[0]).read_model(data.spec)
     written = [plot_run_curves(run_dir)]
     pred = test_probs.argmax(1)[:n_images]
     titles = [f"id {i}: {names[p]} ({100 * test_probs[j, p]:.0f}%)" for j, (i, p) in enumerate(zip(data.test.ids, pred))]

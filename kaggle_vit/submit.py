@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -13,14 +12,11 @@ from .config import load_toml
 from .data.layouts import SPEC_PATHS, CompetitionData
 from .data.tables import load_sample_ids, read_csv
 from .errors import KaggleVitError
-from .io import atomic_path, read_json
+from .io import atomic_path
 from .metrics import clip_probs, get_metric, one_hot
-from .run import rundir
+from .records import FoldResult
 from .run.rundir import RunDir, runs_of
 from .spec import CompetitionSpec, shown
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True)
@@ -54,27 +50,19 @@ def submission_runs(spec: CompetitionSpec, given: list[Path] | None, runs_root: 
     if given:
         return list(given)
     latest = latest_run(spec, runs_root)
-    try:
-        group = read_json(RunDir(latest).metrics).get("seed_runs") or []
-    except (OSError, ValueError):
-        group = []
-    return [Path(p) for p in group] if group and all(Path(p).is_dir() for p in group) else [latest]
+    seeds = RunDir(latest).read_metrics().seed_ensemble
+    group = [Path(p) for p in seeds.runs] if seeds is not None else []
+    return group if group and all(p.is_dir() for p in group) else [latest]
 
 
-def run_folds(run_dir: Path) -> tuple[int, dict[int, dict]]:
-    """Fold count of a run and the summaries of its finished folds."""
+def run_folds(run_dir: Path) -> tuple[int, dict[int, FoldResult]]:
+    """Fold count of a run and the results of its finished folds."""
     run = RunDir(run_dir)
-    n_folds, done = run.n_folds(), {}
-    for k in run.finished_folds(n_folds):
-        try:
-            done[k] = read_json(run.fold(k).result)
-        except ValueError:
-            raise KaggleVitError(f"{run.fold(k).result}: unreadable; rerun `kaggle-vit cv` with the same settings to "
-                                 f"retrain fold {k}") from None
-    return n_folds, done
+    n_folds = run.read_metrics().n_folds
+    return n_folds, {k: run.fold(k).read_result() for k in run.finished_folds(n_folds)}
 
 
-def choose_folds(run_dir: Path, wanted: list[int] | None, allow_missing: bool) -> dict[int, dict]:
+def choose_folds(run_dir: Path, wanted: list[int] | None, allow_missing: bool) -> dict[int, FoldResult]:
     """The finished folds to ensemble; a missing one is an error unless `allow_missing`."""
     n_folds, done = run_folds(run_dir)
     wanted = wanted or list(range(1, n_folds + 1))
@@ -88,32 +76,14 @@ def choose_folds(run_dir: Path, wanted: list[int] | None, allow_missing: bool) -
     return chosen
 
 
-def read_checkpoint(run_dir: Path, fold: int, spec: CompetitionSpec, weights: bool = True) -> dict:
-    """A fold's checkpoint (without tensors or torch unless `weights`), refusing a damaged one or one
-    trained for another image size or class count."""
-    ckpt = rundir.read_checkpoint(run_dir, fold, weights)
-    want = ((spec.channels, spec.height, spec.width), spec.num_classes)
-    if (tuple(ckpt["input_size"]), ckpt["num_classes"]) != want:
-        raise KaggleVitError(f"{RunDir(run_dir).fold(fold).model}: trained on {tuple(ckpt['input_size'])} images "
-                             f"with {ckpt['num_classes']} classes, but {spec.name} has {want[0]} and {want[1]}")
-    return ckpt
-
-
-def load_fold_model(run_dir: Path, fold: int, spec: CompetitionSpec) -> "torch.nn.Module":
-    """A fold's best model, in eval mode (its checkpoint checked against the competition)."""
-    from .models.factory import model_from  # lazy: torch only to predict again; saved probabilities need none
-
-    return model_from(read_checkpoint(run_dir, fold, spec))
-
-
 def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | None = None,
                     device: str = "auto") -> np.ndarray:
     """A fold model's test probabilities: as cv saved them (with the run's test-time views), or,
     when `tta` is given (or none were saved, or for another test set), recomputed. A damaged file is
     one line: it is never silently replaced by a new prediction."""
-    saved = RunDir(run_dir).fold(fold).test_probs
-    if tta is None and saved.exists():
-        probs = rundir.read_test_probs(saved)
+    files = RunDir(run_dir).fold(fold)
+    if tta is None and files.test_probs.exists():
+        probs = files.read_test_probs()
         if probs.shape == (len(data.test), data.spec.num_classes):
             return probs
     # lazy: only here are torch, the model and the training code needed: a submission from saved
@@ -122,7 +92,7 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
     from .train.device import inference_amp, select_device
     from .train.engine import predict_probs
 
-    model, dev = load_fold_model(run_dir, fold, data.spec), select_device(device)
+    model, dev = files.read_model(data.spec), select_device(device)
     model.to(dev)
     saved_cfg = load_toml(RunDir(run_dir).config)
     views = tta if tta is not None else int(saved_cfg.get("tta", 1))
@@ -240,17 +210,18 @@ def make_submission(run_dirs: Path | list[Path], data: CompetitionData, output: 
                     weighting: str = "mean", tta: int | None = None, allow_missing: bool = False,
                     device: str = "auto", force: bool = False) -> Submission:
     """Average the chosen folds' test probabilities, of one run or of several (seeds, models), each
-    fold model weighted equally or by its validation accuracy (`oof`), and write the submission
-    (`force`: over an existing file; see `check_output`)."""
+    fold model weighted equally or (`oof`) by its validation accuracy under the run's test-time
+    views, the predictor whose test probabilities it averages; and write the submission (`force`:
+    over an existing file; see `check_output`)."""
     spec = data.spec
     check_output(output, spec, data.data_dir, force)
     if weighting not in ("mean", "oof"):
         raise KaggleVitError(f"--weighting must be mean or oof, got '{weighting}'")
     runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    chosen = {(Path(run), k): summary for run in runs for k, summary in choose_folds(Path(run), folds, allow_missing).items()}
+    chosen = {(Path(run), k): result for run in runs for k, result in choose_folds(Path(run), folds, allow_missing).items()}
     for run, k in chosen:
-        read_checkpoint(run, k, spec, weights=False)  # refuses mismatched image sizes or class counts before any work
-    raw = np.array([chosen[m]["valid_acc"] if weighting == "oof" else 1.0 for m in chosen], dtype=np.float64)
+        RunDir(run).fold(k).read_checkpoint(spec)  # refuses mismatched image sizes or class counts before any work
+    raw = np.array([chosen[m].valid_acc_views if weighting == "oof" else 1.0 for m in chosen], dtype=np.float64)
     weights = raw / raw.sum()
     probs = sum(w * fold_test_probs(run, k, data, tta, device) for w, (run, k) in zip(weights, chosen))
     labels = probs.argmax(1)

@@ -31,6 +31,7 @@ from .data.layouts import CompetitionData
 from .errors import KaggleVitError
 from .io import atomic_path, read_toml
 from .metrics import Metric, get_metric
+from .records import EpochRecord
 from .run.cv import run_cv
 from .train.device import select_device
 from .train.schedule import fold_rows, plan_schedule
@@ -236,15 +237,15 @@ class FoldMeanReporter:
         self.current: float | None = None
         self.step, self.epoch = 0, 0
 
-    def __call__(self, record: dict) -> None:
-        if record["epoch"] <= self.epoch and self.current is not None:  # a new fold began
+    def __call__(self, record: EpochRecord) -> None:
+        if record.epoch <= self.epoch and self.current is not None:  # a new fold began
             self.finished.append(self.current)
             self.current = None
-        self.epoch = record["epoch"]
-        if math.isnan(record["valid_score"]):  # an epoch `valid_every` leaves unvalidated: nothing to report
+        self.epoch = record.epoch
+        if math.isnan(record.valid_score):  # an epoch `valid_every` leaves unvalidated: nothing to report
             return
-        if self.metric.better(record["valid_score"], self.current):
-            self.current = record["valid_score"]
+        if self.metric.better(record.valid_score, self.current):
+            self.current = record.valid_score
         self.trial.report(sum(self.finished + [self.current]) / (len(self.finished) + 1), self.step)
         self.step += 1
         if self.trial.should_prune():
@@ -264,7 +265,7 @@ def objective(data: CompetitionData, base: TrainConfig, space: dict, tune_folds:
         cfg = dataclasses.replace(sample_config(trial, base, space, patch_sizes), valid_every=1)
         result = run_cv(cfg, data, trials_dir / f"trial{trial.number}", only_folds=tune_folds,
                         on_epoch=FoldMeanReporter(trial, metric), runs_root=runs_root, validate_only=True)
-        scores = [f["valid_score"] for f in result.folds if f["fold"] in tune_folds]
+        scores = [f.valid_score for f in result.metrics.folds if f.fold in tune_folds]  # plain: no views in a trial
         return sum(scores) / len(scores)
 
     return run

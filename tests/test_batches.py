@@ -91,7 +91,7 @@ def test_fit_learns_from_device_batches(mnist):
     cfg = TrainConfig(epochs=3, batch_size=32, num_workers=0, device="cpu", data_on_device="on")
     torch.manual_seed(0)
     result = fit(create_model(cfg, load_spec("digit-recognizer")), train, valid, cfg, seed=1)
-    assert result.history[-1]["valid_acc"] > 0.8 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1].valid_acc > 0.8 and result.history[-1].train_loss < result.history[0].train_loss
 
 
 @pytest.mark.parametrize("option,value,message", [

@@ -17,7 +17,7 @@ from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.report import plot_run_curves
 from kaggle_vit.run.cv import default_run_dir, run_cv
 from kaggle_vit.run.jobs import Segment, plan_costs, plan_segments
-from kaggle_vit.run.rundir import read_checkpoint
+from kaggle_vit.run.rundir import RunDir
 from kaggle_vit.run.settings import resolve_config
 
 runner = CliRunner()
@@ -36,7 +36,7 @@ def test_fold_loop_writes_every_artifact(small_comp, small_spec, tmp_path):
     data = load_competition(small_spec, small_comp)
     run = tmp_path / "run"
     result = run_cv(TrainConfig(**TINY), data, run)
-    assert result.complete and result.trained == [1, 2] and 0.0 <= result.oof_acc <= 1.0
+    assert result.complete and result.trained == [1, 2] and 0.0 <= result.metrics.oof_acc <= 1.0
     for name in ("config.toml", "folds.csv", "oof.csv", "metrics.json"):
         assert (run / name).is_file(), name
     for k in (1, 2):
@@ -46,17 +46,30 @@ def test_fold_loop_writes_every_artifact(small_comp, small_spec, tmp_path):
         assert np.load(run / f"fold{k}" / "test_probs.npy").shape == (200, 10)
     oof = pd.read_csv(run / "oof.csv")
     assert len(oof) == 600 and set(oof["fold"]) == {1, 2}
-    assert np.isclose((oof["pred"] == oof["label"]).mean(), result.oof_acc)
+    assert np.isclose((oof["pred"] == oof["label"]).mean(), result.metrics.oof_acc_views)  # the run's predictor
     assert np.allclose(oof[[f"prob_{c}" for c in range(10)]].sum(axis=1), 1, atol=1e-4)
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["oof_acc"] == result.oof_acc and len(metrics["folds"]) == 2
-    # OOF is scored with the run's test-time views; the score without them is kept beside it.
+    assert metrics["oof_acc_views"] == result.metrics.oof_acc_views and len(metrics["folds"]) == 2
+    # OOF is scored with the run's test-time views; the plain score (one view) is kept beside it.
     plain = np.zeros(600, dtype=int)
     for k in (1, 2):
         with np.load(run / f"fold{k}" / "valid_probs.npz") as z:
-            assert z["probs"].shape == z["probs_plain"].shape and not np.allclose(z["probs"], z["probs_plain"])
-            plain[z["rows"]] = z["probs_plain"].argmax(1)
-    assert np.isclose(metrics["oof_acc_plain"], (plain == oof["label"]).mean()) and metrics["tta"] == 3
+            assert z["probs"].shape == z["probs_views"].shape and not np.allclose(z["probs"], z["probs_views"])
+            plain[z["rows"]] = z["probs"].argmax(1)
+    assert np.isclose(metrics["oof_acc"], (plain == oof["label"]).mean()) and metrics["tta"] == 3
+    # one name per quantity: each fold's `valid_acc` is plain in result.json as in history.csv and the
+    # checkpoint, `valid_acc_views` is with the views; here the views change some predictions
+    differ = []
+    for k in (1, 2):
+        result = json.loads((run / f"fold{k}" / "result.json").read_text())
+        best = pd.read_csv(run / f"fold{k}" / "history.csv")["valid_acc"][result["best_epoch"] - 1]
+        assert result["valid_acc"] == best == RunDir(run).fold(k).read_checkpoint().valid_acc
+        with np.load(run / f"fold{k}" / "valid_probs.npz") as z:
+            truth = data.train.labels[z["rows"]]
+            assert np.isclose(result["valid_acc"], (z["probs"].argmax(1) == truth).mean())
+            assert result["valid_acc_views"] == (z["probs_views"].argmax(1) == truth).mean()
+        differ.append(result["valid_acc"] != result["valid_acc_views"])
+    assert any(differ)
     assert Image.open(plot_run_curves(run)).size[0] > 400 and (run / "curves.png").is_file()  # what cv's CLI draws
     # The saved config reproduces the run.
     assert resolve_config(config_file=run / "config.toml") == TrainConfig(**TINY)
@@ -119,7 +132,7 @@ def test_parallel_folds_train_as_in_one_process(small_comp, small_spec, tmp_path
         for k in (1, 2, 3):
             a, b = (np.load(tmp_path / d / f"fold{k}" / name) for d in ("parallel", "one"))
             np.testing.assert_allclose(a, b, atol=1e-6)
-    assert parallel.oof_acc == json.loads((tmp_path / "one" / "metrics.json").read_text())["oof_acc"]
+    assert parallel.metrics.oof_acc_views == json.loads((tmp_path / "one" / "metrics.json").read_text())["oof_acc_views"]
 
 
 def test_a_failing_worker_is_reported_with_its_fold(small_comp, small_spec, tmp_path):
@@ -139,8 +152,8 @@ def test_cli_cv_quiet(small_comp, tiny_toml, tmp_path, monkeypatch):
     assert "OOF accuracy" in result.output
     runs = list((tmp_path / "runs" / "digit-recognizer").glob("vit_tiny_patch16_224-*"))
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
-    ckpt = read_checkpoint(runs[0], 1)
-    assert ckpt["kwargs"]["patch_size"] == 4 and ckpt["state_dict"]["pos_embed"].shape == (1, 50, 192)
+    fold = RunDir(runs[0]).fold(1)
+    assert fold.read_checkpoint().kwargs["patch_size"] == 4 and fold.read_model().pos_embed.shape == (1, 50, 192)
     bad = runner.invoke(app, ["cv", "--config", str(tiny_toml), "--data-dir", str(small_comp), "--fold", "7"])
     assert bad.exit_code == 2 and "folds are numbered 1..2" in bad.output
 

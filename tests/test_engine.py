@@ -76,14 +76,14 @@ def test_skip_easy_trains_middle_epochs_on_fewer_rows_and_resumes_exactly(small_
     train, valid = ImageDataset(d.train.images[:480], d.train.labels[:480]), ImageDataset(d.train.images[480:], d.train.labels[480:])
     cfg = dataclasses.replace(TINY, epochs=4, skip_easy=0.7)
     straight = fit(_model(cfg), train, valid, cfg, seed=1)
-    images = [r["images"] for r in straight.history]
+    images = [r.images for r in straight.history]
     assert images[0] == images[-1] == 480 and all(n < 480 for n in images[1:-1])  # first and last epochs see every row
     state = tmp_path / "state.pt"
     fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, stop_after=2)
     assert read_state(state)["row_loss"].shape == (480,)
     resumed = fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, resume=read_state(state))
-    assert [r["images"] for r in resumed.history] == images
-    assert resumed.history[-1]["valid_loss"] == straight.history[-1]["valid_loss"]
+    assert [r.images for r in resumed.history] == images
+    assert resumed.history[-1].valid_loss == straight.history[-1].valid_loss
 
 
 def test_valid_every_validates_only_its_epochs_and_the_last_and_keeps_a_validated_best(small_comp, small_spec, tmp_path):
@@ -92,12 +92,12 @@ def test_valid_every_validates_only_its_epochs_and_the_last_and_keeps_a_validate
     every = fit(_model(), train, valid, dataclasses.replace(TINY, epochs=5), seed=1)
     cfg = dataclasses.replace(TINY, epochs=5, valid_every=2)
     sparse = fit(_model(cfg), train, valid, cfg, seed=1)
-    validated = [r["epoch"] for r in sparse.history if not np.isnan(r["valid_acc"])]
+    validated = [r.epoch for r in sparse.history if not np.isnan(r.valid_acc)]
     assert validated == [2, 4, 5] and sparse.best_epoch in validated
     # the same training: the validated epochs score as when every epoch is validated
-    assert [r["valid_loss"] for r in sparse.history if r["epoch"] in validated] == [
-        r["valid_loss"] for r in every.history if r["epoch"] in validated]
-    scores = {e: every.history[e - 1]["valid_score"] for e in validated}
+    assert [r.valid_loss for r in sparse.history if r.epoch in validated] == [
+        r.valid_loss for r in every.history if r.epoch in validated]
+    scores = {e: every.history[e - 1].valid_score for e in validated}
     assert sparse.best_epoch == max(validated, key=lambda e: (scores[e], -e))  # the first of the best
     last = dataclasses.replace(cfg, valid_every=0)
     assert [e for e in range(1, 6) if validates(e, last)] == [5]
@@ -112,7 +112,7 @@ def test_fit_is_repeatable_and_resumes_exactly(small_comp, small_spec, tmp_path)
     train, valid = ImageDataset(d.train.images[:480], d.train.labels[:480]), ImageDataset(d.train.images[480:], d.train.labels[480:])
     straight = fit(_model(), train, valid, TINY, seed=1)
     again = fit(_model(), train, valid, TINY, seed=1)
-    assert straight.history[-1]["valid_loss"] == again.history[-1]["valid_loss"]
+    assert straight.history[-1].valid_loss == again.history[-1].valid_loss
     # Interrupt after epoch 1 (its state is saved, as a kill would find it), then run again.
     state = tmp_path / "state.pt"
 
@@ -126,9 +126,9 @@ def test_fit_is_repeatable_and_resumes_exactly(small_comp, small_spec, tmp_path)
     assert state.exists()
     trained_epochs = []
     resumed = fit(_model(), train, valid, TINY, seed=1, state_path=state, resume=read_state(state),
-                  on_epoch=lambda record: trained_epochs.append(record["epoch"]))
-    assert trained_epochs == [2] and [r["epoch"] for r in resumed.history] == [1, 2]  # epoch 1 came from the state
-    assert resumed.history[-1]["valid_loss"] == straight.history[-1]["valid_loss"]
+                  on_epoch=lambda record: trained_epochs.append(record.epoch))
+    assert trained_epochs == [2] and [r.epoch for r in resumed.history] == [1, 2]  # epoch 1 came from the state
+    assert resumed.history[-1].valid_loss == straight.history[-1].valid_loss
     assert len(straight.history) == 2 and straight.best_state is not None
     assert straight.valid_probs.shape == (120, 10) and np.allclose(straight.valid_probs.sum(1), 1, atol=1e-5)
 
@@ -146,7 +146,7 @@ def test_ema_weights_are_the_ones_validated_kept_and_resumed(small_comp, small_s
     scored = _model(cfg)
     scored.load_state_dict(averaged.best_state)
     logits = predict_logits(scored.eval(), valid, torch.device("cpu"), amp_for("off", torch.device("cpu")))
-    assert (logits.argmax(1) == valid.labels).float().mean().item() == averaged.history[averaged.best_epoch - 1]["valid_acc"]
+    assert (logits.argmax(1) == valid.labels).float().mean().item() == averaged.history[averaged.best_epoch - 1].valid_acc
     state = tmp_path / "state.pt"
 
     def stop(record):
@@ -158,7 +158,7 @@ def test_ema_weights_are_the_ones_validated_kept_and_resumed(small_comp, small_s
         pass
     assert read_state(state)["ema"] is not None
     resumed = fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, resume=read_state(state))
-    assert resumed.history[-1]["valid_loss"] == averaged.history[-1]["valid_loss"]
+    assert resumed.history[-1].valid_loss == averaged.history[-1].valid_loss
 
 
 def test_shift_moves_the_image_and_repeats_the_border():

@@ -289,7 +289,7 @@ def test_the_same_digits_as_png_files_or_a_pixel_csv_train_the_same(tmp_path, mn
     assert np.array_equal(from_png.train.labels, from_csv.train.labels) and from_png.spec.class_names == tuple("0123456789")
     cfg = TrainConfig(**{**TINY, "model": "kvit_pico_patch7_28", "epochs": 3, "batch_size": 32, "aug": "rotate"})
     a, b = run_cv(cfg, from_png, tmp_path / "run-png"), run_cv(cfg, from_csv, tmp_path / "run-csv")
-    assert a.oof_acc == b.oof_acc and a.oof_acc > 0.3  # the same pixels and labels: the same run, and it learns
+    assert a.metrics.oof_acc == b.metrics.oof_acc and a.metrics.oof_acc > 0.3  # the same pixels and labels: the same run, and it learns
 
 
 @pytest.mark.parametrize("model", ["kvit_pico_patch4_28", "vit_tiny_patch16_224"])
@@ -302,11 +302,11 @@ def test_rgb_jpegs_of_another_size_train_with_kvit_and_timm(tmp_path, mnist, mon
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["cv", "-c", str(spec), "--config", str(cfg), "--data-dir", str(comp), "-q"])
     assert result.exit_code == 0, result.output
-    from kaggle_vit.run.rundir import read_checkpoint
+    from kaggle_vit.run.rundir import RunDir
 
     run = next((tmp_path / "runs" / "digits-as-files").glob(f"{model}-*"))
-    ckpt = read_checkpoint(run, 1)
-    assert ckpt["input_size"] == (3, 32, 32) and ckpt["kwargs"]["in_chans"] == 3
+    header = RunDir(run).fold(1).read_checkpoint()
+    assert header.input_size == (3, 32, 32) and header.kwargs["in_chans"] == 3
 
 
 def _four_cores(monkeypatch) -> list[str]:

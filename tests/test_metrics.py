@@ -63,7 +63,7 @@ def test_the_best_epoch_is_the_metrics_best(mnist):
     cfg = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=3, batch_size=32,
                       device="cpu", num_workers=0, lr=3e-2)  # a high rate: validation goes up and down
     result = fit(create_model(cfg, load_spec("digit-recognizer")), train, valid, cfg, seed=1, metric=get_metric("logloss"))
-    losses = [r["valid_score"] for r in result.history]
+    losses = [r.valid_score for r in result.history]
     assert result.best_epoch == int(np.argmin(losses)) + 1
     assert losses[result.best_epoch - 1] == pytest.approx(log_loss(valid.labels.numpy(), clip_probs(result.valid_probs),
                                                                    labels=np.arange(10)), rel=1e-5)

@@ -162,7 +162,7 @@ def test_fold_workers_map_the_cache_and_the_run_gets_no_copy_of_it(pixels, tmp_p
         for name in ("test_probs.npy",):
             a, b = (np.load(tmp_path / run / f"fold{k}" / name) for run in ("parallel", "one"))
             np.testing.assert_allclose(a, b, atol=1e-6)
-    assert parallel.oof_acc == json.loads((tmp_path / "one" / "metrics.json").read_text())["oof_acc"]
+    assert parallel.metrics.oof_acc == json.loads((tmp_path / "one" / "metrics.json").read_text())["oof_acc"]
 
 
 def test_a_worker_maps_the_rows_it_was_given_and_stages_only_arrays_in_memory(pixels, tmp_path):

@@ -19,6 +19,7 @@ from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.models.checkpoint import save_checkpoint
 from kaggle_vit.models.factory import create_model, create_pretrained, model_kwargs
 from kaggle_vit.models.pretrained import find_weights, read_weights
+from kaggle_vit.records import CheckpointHeader, to_json
 from kaggle_vit.run.settings import resolve_config
 from kaggle_vit.spec import load_spec
 from kaggle_vit.train.dataset import resolve_data_config
@@ -85,12 +86,13 @@ def _fold_checkpoint(path: Path, num_classes: int = 10) -> dict:
     torch.manual_seed(1)
     kwargs = dict(num_classes=num_classes, in_chans=1, img_size=(28, 28), **SMALL_KVIT)
     model = timm.create_model("kvit_pico_patch4_28", **kwargs)
-    meta = {"model": "kvit_pico_patch4_28", "kwargs": kwargs, "fold": 1, "input_size": (1, 28, 28),
-            "num_classes": num_classes}
+    header = CheckpointHeader(model="kvit_pico_patch4_28", kwargs=kwargs, fold=1, competition="digit-recognizer",
+                              input_size=(1, 28, 28), num_classes=num_classes, class_names=tuple("0123456789"),
+                              valid_acc=0.9)
     if path.suffix == ".safetensors":
-        save_checkpoint(path, model.state_dict(), meta)
+        save_checkpoint(path, model.state_dict(), header)
     else:
-        torch.save({**meta, "state_dict": model.state_dict()}, path)
+        torch.save({**to_json(header), "state_dict": model.state_dict()}, path)
     return model.state_dict()
 
 

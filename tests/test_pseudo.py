@@ -55,7 +55,7 @@ def test_each_fold_trains_on_its_rows_plus_its_source_folds_confident_test_rows(
         np.testing.assert_array_equal(images[len(own):], data.test.images[rows])
         np.testing.assert_array_equal(labels[len(own):], probs[rows].argmax(1))
         np.testing.assert_array_equal(images[:len(own)], data.train.images[own])
-        assert result.folds[k - 1]["pseudo_rows"] == len(rows)
+        assert result.metrics.folds[k - 1].pseudo_rows == len(rows)
     oof = pd.read_csv(tmp_path / "run" / "oof.csv")
     assert len(oof) == len(data.train.labels)  # OOF covers the training rows only
 

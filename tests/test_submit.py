@@ -1,3 +1,5 @@
+import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -15,7 +17,7 @@ from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.models.checkpoint import checkpoint_header, save_checkpoint
 from kaggle_vit.report import attention_rollout, make_report
 from kaggle_vit.run.cv import run_cv
-from kaggle_vit.run.rundir import read_checkpoint
+from kaggle_vit.run.rundir import RunDir
 from kaggle_vit.submit import make_submission
 
 runner = CliRunner()
@@ -54,10 +56,10 @@ def test_submission_is_the_fold_mean(trained, small_spec, tmp_path):
 def test_a_checkpoint_header_is_the_checkpoint_without_its_tensors(trained):
     _, run = trained
     path = run / "fold1" / "model.safetensors"
-    full, header = read_checkpoint(run, 1), checkpoint_header(path)
-    assert {k: v for k, v in full.items() if k != "state_dict"} == header
-    assert header["model"] == TINY["model"] and header["input_size"] == (1, 28, 28) and header["num_classes"] == 10
-    assert set(full["state_dict"]) == set(load_file(path)) and "pos_embed" in full["state_dict"]
+    header, model = RunDir(run).fold(1).read_checkpoint(), RunDir(run).fold(1).read_model()
+    assert header == checkpoint_header(path) and header.fold == 1
+    assert header.model == TINY["model"] and header.input_size == (1, 28, 28) and header.num_classes == 10
+    assert set(model.state_dict()) == set(load_file(path)) and "pos_embed" in load_file(path)
 
 
 def test_refuses_missing_fold_and_other_shapes(trained, small_spec, tmp_path):
@@ -70,10 +72,70 @@ def test_refuses_missing_fold_and_other_shapes(trained, small_spec, tmp_path):
         make_submission(broken, data, tmp_path / "never.csv")
     assert not (tmp_path / "never.csv").exists()
     assert make_submission(broken, data, tmp_path / "fewer.csv", allow_missing=True).folds == [1]
-    ckpt = read_checkpoint(broken, 1)
-    save_checkpoint(broken / "fold1" / "model.safetensors", ckpt.pop("state_dict"), {**ckpt, "num_classes": 47})
+    path = broken / "fold1" / "model.safetensors"
+    save_checkpoint(path, load_file(path), dataclasses.replace(checkpoint_header(path), num_classes=47))
     with pytest.raises(KaggleVitError, match="with 47 classes"):
         make_submission(broken, data, tmp_path / "never.csv", allow_missing=True)
+
+
+def _set(path, **entries) -> dict:
+    """Rewrite the JSON file `path` with `entries` set; return what it held."""
+    held = json.loads(path.read_text())
+    path.write_text(json.dumps({**held, **entries}))
+    return held
+
+
+def test_oof_weighting_uses_each_fold_accuracy_with_the_test_time_views(trained, small_spec, tmp_path):
+    """`submit --weighting oof` weights a fold model by the accuracy of what it averages: its test
+    probabilities under the run's test-time views, so by `valid_acc_views`, not the plain `valid_acc`."""
+    root, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    _set(copy / "fold1" / "result.json", valid_acc=0.5, valid_acc_views=0.9)
+    _set(copy / "fold2" / "result.json", valid_acc=0.8, valid_acc_views=0.6)
+    data = load_competition(small_spec, root / "data" / "digit-recognizer")
+    assert make_submission(copy, data, tmp_path / "sub.csv", weighting="oof").weights == pytest.approx([0.6, 0.4])
+
+
+def _old_names(entries: dict, names: tuple[str, ...]) -> dict:
+    """A record as kaggle-vit 9032e2c named its entries: NAME with the test-time views, NAME_plain without."""
+    old = {k: v for k, v in entries.items() if not k.endswith("_views")}
+    for name in names:
+        old[name], old[f"{name}_plain"] = entries[f"{name}_views"], entries[name]
+    return old
+
+
+def test_a_run_folder_of_the_old_names_resumes_and_is_used_by_its_quantity_with_views(trained, small_spec, tmp_path,
+                                                                                     monkeypatch):
+    """A run folder written by 9032e2c: cv resumes it without training a fold again (and rewrites
+    metrics.json in today's names, the same scores), submit weights by each fold's accuracy with the
+    views, score shows the OOF accuracy with them."""
+    root, run = trained
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    results = []
+    for k, (plain, views) in ((1, (0.5, 0.9)), (2, (0.8, 0.6))):
+        fold = old / f"fold{k}"
+        result = {**json.loads((fold / "result.json").read_text()), "valid_acc": plain, "valid_acc_views": views}
+        results.append(_old_names(result, ("valid_acc", "valid_score")))
+        (fold / "result.json").write_text(json.dumps(results[-1]))
+        with np.load(fold / "valid_probs.npz") as z:
+            rows, probs, probs_views = z["rows"], z["probs"], z["probs_views"]
+        np.savez(fold / "valid_probs.npz", rows=rows, probs=probs_views, probs_plain=probs)
+    metrics = json.loads((old / "metrics.json").read_text())
+    shown = {**metrics, "oof_acc": 0.1234, "oof_acc_views": 0.9123, "folds": results, "oof_loss": metrics["oof_loss_views"]}
+    del shown["oof_loss_views"], shown["seed_ensemble"]
+    (old / "metrics.json").write_text(json.dumps(_old_names(shown, ("oof_acc", "oof_score"))))
+    data_dir = root / "data" / "digit-recognizer"
+    data = load_competition(small_spec, data_dir)
+    assert make_submission(old, data, tmp_path / "sub.csv", weighting="oof").weights == pytest.approx([0.6, 0.4])
+    monkeypatch.chdir(tmp_path)
+    scored = runner.invoke(app, ["score", str(tmp_path / "sub.csv"), "--run-dir", str(old), "--data-dir", str(data_dir)])
+    assert scored.exit_code == 0 and f"OOF accuracy of {old}: 91.230% (2 folds)" in scored.output, scored.output
+    resumed = run_cv(TrainConfig(**TINY), data, old)
+    assert resumed.trained == [] and resumed.metrics.folds[0].valid_acc_views == 0.9
+    assert (resumed.metrics.oof_acc, resumed.metrics.oof_acc_views) == (metrics["oof_acc"], metrics["oof_acc_views"])
+    assert json.loads((old / "metrics.json").read_text())["oof_acc_views"] == metrics["oof_acc_views"]
 
 
 @pytest.mark.parametrize("edit, message", [

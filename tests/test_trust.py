@@ -158,23 +158,23 @@ def test_a_crafted_pickle_runs_nothing(run_copy, tiny, tmp_path, monkeypatch, ca
 
 
 def test_a_fold_checkpoint_round_trips_and_its_header_is_read_without_torch(run_copy, tmp_path):
-    from kaggle_vit.models.factory import build, model_from
-    from kaggle_vit.run.rundir import read_checkpoint
+    from kaggle_vit.models.factory import build
+    from kaggle_vit.run.rundir import RunDir
 
     run, _ = run_copy
     path = run / "fold1" / "model.safetensors"
     code = ("import json, sys\nfrom pathlib import Path\nfrom kaggle_vit.models.checkpoint import checkpoint_header\n"
             f"h = checkpoint_header(Path({str(path)!r}))\n"
-            "print(json.dumps([h['model'], h['fold'], h['kwargs']['img_size'], h['input_size'], "
+            "print(json.dumps([h.model, h.fold, h.kwargs['img_size'], h.input_size, "
             "sorted(m for m in ('torch', 'safetensors') if m in sys.modules)]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     # JSON; then the keywords as the model takes them (a tuple); neither torch nor safetensors imported
     assert json.loads(out.stdout) == ["kvit_pico_patch7_28", 1, [28, 28], [1, 28, 28], []]
-    ckpt = read_checkpoint(run, 1)
-    assert ckpt["kwargs"]["img_size"] == (28, 28) and ckpt["input_size"] == (1, 28, 28)
-    model = model_from(ckpt)
-    fresh = build(ckpt["model"], ckpt["kwargs"])  # other weights: the file's are what makes the prediction
+    header = RunDir(run).fold(1).read_checkpoint()
+    assert header.kwargs["img_size"] == (28, 28) and header.input_size == (1, 28, 28)
+    model = RunDir(run).fold(1).read_model()
+    fresh = build(header.model, header.kwargs)  # other weights: the file's are what makes the prediction
     x = torch.randn(4, 1, 28, 28)
     assert not torch.equal(fresh.eval()(x), model(x))
     # what cv predicted with the weights in memory, the weights read back predict: fold 1's saved

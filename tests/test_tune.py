@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from kaggle_vit.cli import app
 from kaggle_vit.config import TrainConfig, to_toml
+from kaggle_vit.records import EpochRecord
 from kaggle_vit.tune import heads_for
 
 runner = CliRunner()
@@ -77,6 +78,12 @@ def test_tune_prunes_writes_best_and_resumes(setup, monkeypatch):
     assert "valid_every = 0" in (out / "best.toml").read_text()  # while cv, from best.toml, keeps the base's
 
 
+def _epoch(epoch: int, score: float) -> EpochRecord:
+    """An epoch's record with the validation score `score` (NaN: not validated)."""
+    return EpochRecord(epoch=epoch, train_loss=0.5, train_acc=0.8, valid_loss=0.5 if score == score else math.nan,
+                       valid_acc=score, valid_score=score, lr=1e-3, seconds=1.0, images=64, images_per_s=64.0)
+
+
 class _Trial:
     """What FoldMeanReporter sees of an Optuna trial: report and should_prune."""
 
@@ -102,7 +109,7 @@ def test_reports_a_running_fold_mean_at_growing_steps(metric, scores, expected):
     trial = _Trial()
     reporter = FoldMeanReporter(trial, get_metric(metric))
     for i, score in enumerate(scores):
-        reporter({"epoch": i % 3 + 1, "valid_score": score})
+        reporter(_epoch(i % 3 + 1, score))
     assert [s for s, _ in trial.reports] == list(range(6))
     assert [v for _, v in trial.reports] == pytest.approx(expected)
 
@@ -116,7 +123,7 @@ def test_unvalidated_epochs_report_nothing_and_folds_still_count_apart():
     trial = _Trial()
     reporter = FoldMeanReporter(trial, get_metric("accuracy"))
     for epoch, score in [(1, math.nan), (2, 0.6), (3, 0.8), (1, math.nan), (2, 0.7), (3, 0.9)]:
-        reporter({"epoch": epoch, "valid_score": score})
+        reporter(_epoch(epoch, score))
     assert trial.reports == [(0, 0.6), (1, 0.8), (2, pytest.approx(0.75)), (3, pytest.approx(0.85))]
 
 

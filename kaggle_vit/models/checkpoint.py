@@ -1,7 +1,8 @@
 """A fold checkpoint: the best epoch's weights as safetensors (tensors only: loading runs no code),
-with the model's name, keywords, image size and classes as JSON in its header, and the tensor
-bytes' digest. The header is read without torch (`checkpoint_header`), so `submit` and `report`
-check a run's checkpoints before any model is built, and `--pretrained` finds the model it names."""
+with its `CheckpointHeader` (the model's name, keywords, image size and classes) as JSON in its
+header, and the tensor bytes' digest. The header is read without torch (`checkpoint_header`), so
+`submit` and `report` check a run's checkpoints before any model is built, and `--pretrained` finds
+the model it names."""
 from __future__ import annotations
 
 import hashlib
@@ -9,26 +10,18 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from ..io import atomic_path
+from ..records import CheckpointHeader, to_json
 
 if TYPE_CHECKING:
     import torch
 
-CHECKPOINT_KEYS = ("model", "kwargs", "input_size", "num_classes", "sha256")
 METADATA_KEY = "kaggle_vit"  # the safetensors metadata entry holding a checkpoint's JSON
 MAX_HEADER = 100_000_000  # safetensors' own bound on the header
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-def _checked(meta: Any) -> dict:
-    if not (isinstance(meta, dict) and set(CHECKPOINT_KEYS) <= set(meta) and isinstance(meta["kwargs"], dict)):
-        raise ValueError("not a kaggle-vit fold checkpoint")
-    # JSON has no tuples: the keywords (img_size) and the image size come back as they were saved
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["kwargs"].items()}
-    return {**meta, "kwargs": kwargs, "input_size": tuple(meta["input_size"])}
 
 
 def _digest(chunks: Iterable[bytes]) -> str:
@@ -50,8 +43,8 @@ def _check_table(tensors: dict, data_bytes: int) -> None:
         raise ValueError(f"{data_bytes} bytes of data, the tensor table gives {end}")
 
 
-def checkpoint_header(path: Path) -> dict:
-    """A fold checkpoint's metadata (model, keywords, image size, classes), read as JSON from its
+def checkpoint_header(path: Path) -> CheckpointHeader:
+    """A fold checkpoint's header (model, keywords, image size, classes), read as JSON from its
     safetensors header without torch and without resolving anything: reading it runs no code. The
     tensor table is checked against the file, and the tensor bytes against their digest, so a
     truncated or damaged file is refused here as loading it would refuse it."""
@@ -60,17 +53,18 @@ def checkpoint_header(path: Path) -> dict:
         length = int.from_bytes(fh.read(8), "little")
         if not 2 <= length <= min(size - 8, MAX_HEADER):
             raise ValueError("not a safetensors file")
-        header = json.loads(fh.read(length))
-        meta = _checked(json.loads(header.pop("__metadata__")[METADATA_KEY]))
-        _check_table(header, size - 8 - length)
+        table = json.loads(fh.read(length))
+        meta = json.loads(table.pop("__metadata__")[METADATA_KEY])
+        header = CheckpointHeader.from_json(meta)
+        _check_table(table, size - 8 - length)
         if _digest(iter(lambda: fh.read(1 << 20), b"")) != meta["sha256"]:
             raise ValueError("the tensor bytes do not match their digest")
-    return meta
+    return header
 
 
-def save_checkpoint(path: Path, state_dict: "dict[str, torch.Tensor]", meta: dict) -> None:
-    """Write a fold's best weights as safetensors (tensors only: no code), with `meta` (the
-    CHECKPOINT_KEYS and more) and the tensor bytes' digest as JSON in its header."""
+def save_checkpoint(path: Path, state_dict: "dict[str, torch.Tensor]", header: CheckpointHeader) -> None:
+    """Write a fold's best weights as safetensors (tensors only: no code), with `header` and the
+    tensor bytes' digest as JSON in its safetensors header."""
     from safetensors.torch import save  # lazy: torch only to write weights; the header reads without it
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -78,4 +72,4 @@ def save_checkpoint(path: Path, state_dict: "dict[str, torch.Tensor]", meta: dic
     digest = _digest([memoryview(bare)[8 + int.from_bytes(bare[:8], "little"):]])
     del bare
     with atomic_path(path) as tmp:
-        tmp.write_bytes(save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps({**meta, "sha256": digest})}))
+        tmp.write_bytes(save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps({**to_json(header), "sha256": digest})}))

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from ..config import TrainConfig
 from ..errors import KaggleVitError
+from ..records import CheckpointHeader
 from ..spec import CompetitionSpec
 from . import vit  # noqa: F401  (registers the kvit_* family with timm)
 from .pretrained import fresh_head, read_weights, source_channels
@@ -91,8 +93,8 @@ def create_pretrained(name: str, kwargs: dict[str, Any], path: Path) -> nn.Modul
         raise KaggleVitError(f"--pretrained {path}: the weights do not fit {name}: {detail}") from None
 
 
-def model_from(ckpt: dict) -> nn.Module:
-    """The model a fold checkpoint describes, with its best weights, in eval mode."""
-    model = build(ckpt["model"], ckpt["kwargs"])
-    model.load_state_dict(ckpt["state_dict"])
+def model_from(header: CheckpointHeader, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """The model a fold checkpoint's header describes, with its best weights, in eval mode."""
+    model = build(header.model, header.kwargs)
+    model.load_state_dict(state_dict)
     return model.eval()

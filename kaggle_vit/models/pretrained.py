@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ARCHITECTURE
 from ..errors import KaggleVitError
+from ..records import CheckpointHeader
 from . import vit  # noqa: F401  (registers the kvit_* family with timm: weights may be named after one)
 from .checkpoint import METADATA_KEY
 
@@ -50,8 +51,8 @@ def _fold_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
             text = (weights.metadata() or {}).get(METADATA_KEY)
         if text is None:
             return None
-        fold = json.loads(text)
-        return str(fold["model"]), dict(fold["kwargs"])
+        header = CheckpointHeader.from_json(json.loads(text))
+        return header.model, header.kwargs
     except Exception as error:  # noqa: BLE001 - safetensors and json raise many kinds for a damaged file
         raise KaggleVitError(f"--pretrained {path}: not a readable weights file ({type(error).__name__})") from None
 

@@ -25,40 +25,36 @@ from ..config import TrainConfig, load_toml, save_config, to_toml
 from ..data.folds import save_folds, split_folds
 from ..data.layouts import CompetitionData
 from ..errors import Interrupted, KaggleVitError
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path
 from ..metrics import get_metric
 from ..models.factory import create_model
 from ..notices import notice
+from ..records import EpochRecord, FoldResult, RunMetrics, SeedEnsemble
 from ..spec import CompetitionSpec
 from ..train.device import auto_jobs, visible_devices
 from ..train.engine import NoProgress, Progress
 from ..train.schedule import Plan, budget_plan, fold_rows, plan_schedule, read_plan, write_plan
 from .fold import train_fold
-from .pseudo import check_source
-from .rundir import RunDir, fold_problem, shared_folds
 from .jobs import train_folds_parallel
+from .pseudo import check_source
+from .rundir import RunDir, shared_folds
 
 
 @dataclass(frozen=True)
 class CVResult:
-    """Per-fold summaries and, when every fold is done, the out-of-fold scores."""
+    """A cv call's outcome: the run's metrics as metrics.json holds them (its finished folds' results
+    and, when every fold is done, the out-of-fold scores), the folds this call trained, the schedule
+    they trained to (`plan`, with its time budget when one was given) and the wall time the call took."""
 
     run_dir: Path
-    folds: list[dict]
-    n_folds: int
-    oof_acc: float | None
-    oof_loss: float | None
+    metrics: RunMetrics
     trained: list[int]
-    oof_acc_plain: float | None = None  # without test-time views
-    metric: str = "accuracy"  # the competition's metric, which oof_score and each fold's valid_score are
-    oof_score: float | None = None
-    oof_score_plain: float | None = None
-    plan: Plan | None = None  # the schedule the folds trained to (its time budget, when one was given)
-    seconds: float = 0.0  # the wall time this call took, from its `started`
+    plan: Plan | None = None
+    seconds: float = 0.0
 
     @property
     def complete(self) -> bool:
-        return self.oof_acc is not None
+        return self.metrics.complete
 
 
 def default_run_dir(cfg: TrainConfig, spec: CompetitionSpec, runs_root: Path = Path("runs")) -> Path:
@@ -106,13 +102,13 @@ def _check_writable(run_dir: Path) -> None:
 def _finished(run_dir: Path, fold: int) -> bool:
     """Whether a fold is done: result.json written and every file of it readable. A fold with a
     damaged or missing file is marked unfinished (its result.json removed) so it trains again."""
-    result = RunDir(run_dir).fold(fold).result
-    if not result.exists():
+    files = RunDir(run_dir).fold(fold)
+    if not files.result.exists():
         return False
-    problem = fold_problem(run_dir, fold)
+    problem = files.problem()
     if problem:
         notice(f"fold {fold}: {problem}; training the fold again")
-        result.unlink()
+        files.result.unlink()
         return False
     return True
 
@@ -135,41 +131,42 @@ class _Tracked:
     def step(self, loss: float | None, images: int) -> None:
         self.progress.step(loss, images)
 
-    def end_epoch(self, record: dict) -> None:
+    def end_epoch(self, record: EpochRecord) -> None:
         self.progress.end_epoch(record)
 
-    def end_fold(self, summary: dict) -> None:
-        self.running.pop(summary["fold"], None)
+    def end_fold(self, summary: FoldResult) -> None:
+        self.running.pop(summary.fold, None)
         self.progress.end_fold(summary)
 
 
 def oof_probs(run_dir: Path, n_rows: int, n_classes: int, n_folds: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every fold's validation probabilities put back in row order: with the run's test-time views,
-    and without them."""
+    """Every fold's validation probabilities put back in row order: plain, and with the run's
+    test-time views."""
     probs = np.zeros((n_rows, n_classes), dtype=np.float32)
-    plain_probs = np.zeros_like(probs)
+    probs_views = np.zeros_like(probs)
     for fold in range(1, n_folds + 1):
-        with np.load(RunDir(run_dir).fold(fold).valid_probs, allow_pickle=False) as z:
-            probs[z["rows"]] = z["probs"]
-            plain_probs[z["rows"]] = z["probs_plain"] if "probs_plain" in z else z["probs"]
-    return probs, plain_probs
+        rows, plain, views = RunDir(run_dir).fold(fold).read_valid_probs()
+        probs[rows], probs_views[rows] = plain, views
+    return probs, probs_views
+
+
+OOF_SCORES = ("oof_acc", "oof_acc_views", "oof_score", "oof_score_views", "oof_loss_views")
 
 
 def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds: int) -> dict[str, float]:
-    """Gather every fold's validation probabilities into oof.csv; return OOF accuracy, loss and the
-    competition's metric (of the run's predictor, with its test-time views), and accuracy and metric
-    without test-time views."""
+    """Gather every fold's validation probabilities into oof.csv (the run's predictor: with its
+    test-time views); return the OOF_SCORES: accuracy and the competition's metric, plain and with
+    the views, and the loss with the views."""
     labels, n_classes, metric = data.train.labels, data.spec.num_classes, get_metric(data.spec.metric)
-    probs, plain_probs = oof_probs(run_dir, len(labels), n_classes, n_folds)
-    plain = plain_probs.argmax(1)
-    pred = probs.argmax(1)
+    probs, probs_views = oof_probs(run_dir, len(labels), n_classes, n_folds)
+    pred = probs_views.argmax(1)
     frame = pd.DataFrame({"row": np.arange(len(labels)), "label": labels, "fold": folds, "pred": pred})
-    frame = pd.concat([frame, pd.DataFrame(probs, columns=[f"prob_{c}" for c in range(n_classes)])], axis=1)
+    frame = pd.concat([frame, pd.DataFrame(probs_views, columns=[f"prob_{c}" for c in range(n_classes)])], axis=1)
     with atomic_path(RunDir(run_dir).oof) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g")
-    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    return {"oof_acc": float((pred == labels).mean()), "oof_loss": loss, "oof_acc_plain": float((plain == labels).mean()),
-            "oof_score": metric(labels, probs), "oof_score_plain": metric(labels, plain_probs)}
+    loss = float(-np.log(np.clip(probs_views[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    return {"oof_acc": float((probs.argmax(1) == labels).mean()), "oof_acc_views": float((pred == labels).mean()),
+            "oof_score": metric(labels, probs), "oof_score_views": metric(labels, probs_views), "oof_loss_views": loss}
 
 
 def _plan(cfg: TrainConfig, plan: Plan, data: CompetitionData, folds: np.ndarray, run: RunDir, n_folds: int,
@@ -231,19 +228,17 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
                 train_fold(one, data, folds, fold, run_dir, progress, on_epoch, validate_only)
     except KeyboardInterrupt:
         raise Interrupted.during(progress.running) from None
-    summaries = [read_json(run.fold(k).result) for k in range(1, cfg.folds + 1) if run.fold(k).result.exists()]
-    oof = dict.fromkeys(("oof_acc", "oof_loss", "oof_acc_plain", "oof_score", "oof_score_plain"))
+    summaries = tuple(run.fold(k).read_result() for k in range(1, cfg.folds + 1) if run.fold(k).result.exists())
+    oof = dict.fromkeys(OOF_SCORES)
     if len(summaries) == cfg.folds:
         oof = _write_oof(run_dir, data, folds, cfg.folds)
-    metrics = {"competition": spec.name, "model": cfg.model, "class_names": list(spec.class_names), "metric": spec.metric,
-               "folds": summaries, "n_folds": cfg.folds,
-               **oof, "tta": cfg.tta,
-               "train_seconds": sum(s["train_seconds"] for s in summaries),
-               "predict_seconds": sum(s.get("predict_seconds", 0.0) for s in summaries),
-               "version": __version__, "git": git_hash(), "config": to_toml(cfg)}
-    write_json(run.metrics, metrics)
-    return CVResult(run_dir, summaries, cfg.folds, oof["oof_acc"], oof["oof_loss"], trained, oof["oof_acc_plain"],
-                    spec.metric, oof["oof_score"], oof["oof_score_plain"], plan, time.monotonic() - started)
+    metrics = RunMetrics(competition=spec.name, model=cfg.model, class_names=tuple(spec.class_names),
+                         metric=spec.metric, n_folds=cfg.folds, folds=summaries, tta=cfg.tta, **oof,
+                         train_seconds=sum(s.train_seconds for s in summaries),
+                         predict_seconds=sum(s.predict_seconds for s in summaries),
+                         version=__version__, git=git_hash(), config=to_toml(cfg))
+    run.write_metrics(metrics)
+    return CVResult(run_dir, metrics, trained, plan, time.monotonic() - started)
 
 
 @dataclass(frozen=True)
@@ -251,8 +246,7 @@ class SeedsResult:
     """The runs of `cv --seeds` and, when all are complete, their ensemble's OOF scores."""
 
     runs: list[CVResult]
-    oof_acc: float | None
-    oof_score: float | None
+    ensemble: SeedEnsemble | None
     metric: str
 
 
@@ -261,7 +255,7 @@ def run_cv_seeds(cfg: TrainConfig, data: CompetitionData, seeds: int, only_folds
     """CV once per seed (cfg.seed, cfg.seed + 1, ...), each run in the folder `--seed S` gives it,
     then the seed ensemble's OOF scores: the mean of the runs' OOF probabilities, each row still
     predicted only by models that never trained on it. Each run's metrics.json then lists the
-    group (`seed_runs`), so `submit` without a run folder averages every fold model of every seed."""
+    group (`seed_ensemble`), so `submit` without a run folder averages every fold model of every seed."""
     if seeds < 1:
         raise KaggleVitError(f"--seeds must be at least 1, got {seeds}")
     if cfg.pseudo and seeds > 1:
@@ -275,12 +269,13 @@ def run_cv_seeds(cfg: TrainConfig, data: CompetitionData, seeds: int, only_folds
         one = dataclasses.replace(cfg, seed=seed)
         results.append(run_cv(one, data, default_run_dir(one, data.spec), only_folds, progress, on_plan=on_plan))
     if not all(r.complete for r in results):
-        return SeedsResult(results, None, None, data.spec.metric)
+        return SeedsResult(results, None, data.spec.metric)
     labels, metric = data.train.labels, get_metric(data.spec.metric)
-    probs = np.mean([oof_probs(r.run_dir, len(labels), data.spec.num_classes, r.n_folds)[0] for r in results], axis=0)
-    scores = {"oof_acc": float((probs.argmax(1) == labels).mean()), "oof_score": metric(labels, probs)}
-    group = [str(r.run_dir) for r in results]
+    probs = np.mean([oof_probs(r.run_dir, len(labels), data.spec.num_classes, r.metrics.n_folds)[1] for r in results],
+                    axis=0)
+    ensemble = SeedEnsemble(runs=tuple(str(r.run_dir) for r in results),
+                            oof_acc_views=float((probs.argmax(1) == labels).mean()),
+                            oof_score_views=metric(labels, probs))
     for r in results:  # the last seed's file is written last, so it is the competition's latest run
-        metrics = read_json(RunDir(r.run_dir).metrics)
-        write_json(RunDir(r.run_dir).metrics, {**metrics, "seed_runs": group, "seed_ensemble": scores})
-    return SeedsResult(results, scores["oof_acc"], scores["oof_score"], data.spec.metric)
+        RunDir(r.run_dir).write_metrics(dataclasses.replace(r.metrics, seed_ensemble=ensemble))
+    return SeedsResult(results, ensemble, data.spec.metric)

@@ -1,5 +1,5 @@
 """One fold, start to finish: build and seed its model, train it (resuming from its saved state),
-then write its checkpoint, history, validation and test probabilities and, last, its summary.
+then write its checkpoint, history, validation and test probabilities and, last, its result.
 `cv` runs it in this process or (`cv --jobs`) in worker processes, which import only this."""
 from __future__ import annotations
 
@@ -7,21 +7,19 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from ..config import TrainConfig
 from ..data.layouts import CompetitionData
 from ..errors import KaggleVitError
-from ..io import atomic_path, write_json
 from ..metrics import get_metric
-from ..models.checkpoint import save_checkpoint
 from ..models.factory import create_model, model_kwargs
 from ..notices import notice
+from ..records import CheckpointHeader, FoldResult
 from ..train.dataset import ImageDataset, resolve_data_config
 from ..train.device import inference_amp, select_device
 from ..train.engine import FitResult, Progress, fit, maybe_compile, predict_probs, read_state, seed_everything
 from .pseudo import pseudo_labels
-from .rundir import RunDir
+from .rundir import FoldDir, RunDir
 
 
 def _resume_state(path: Path, fold: int, epochs: int, announce: bool = True) -> dict | None:
@@ -40,7 +38,7 @@ def _resume_state(path: Path, fold: int, epochs: int, announce: bool = True) -> 
 
 
 def _predict(model, result: FitResult, cfg: TrainConfig, valid: ImageDataset, test: ImageDataset,
-             out) -> tuple[np.ndarray, int]:
+             out: FoldDir) -> tuple[np.ndarray, int]:
     """The best model's validation and test probabilities under cfg's test-time views (the plain
     view of the validation rows is the best epoch's validation, not computed again); the test
     probabilities are written to the fold's folder. Returns the validation probabilities and the view count."""
@@ -50,16 +48,15 @@ def _predict(model, result: FitResult, cfg: TrainConfig, valid: ImageDataset, te
     valid_probs = predict_probs(predictor, valid, device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile,
                                 cfg.tta_mode, plain=result.valid_probs)
     test_probs = predict_probs(predictor, test, device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
-    with atomic_path(out.test_probs) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, test_probs)
+    out.write_test_probs(test_probs)
     return valid_probs, cfg.tta
 
 
 def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
                progress: Progress, on_epoch=None, validate_only: bool = False,
-               until_epoch: int | None = None, handover: bool = False) -> dict | None:
+               until_epoch: int | None = None, handover: bool = False) -> FoldResult | None:
     """Train one fold and write its checkpoint, history, validation and (unless `validate_only`, as
-    a tuning trial asks) test probabilities under the test-time views, and return its summary.
+    a tuning trial asks) test probabilities under the test-time views, and return its result.
     With `until_epoch` below cfg.epochs it trains that far and returns None, leaving the fold's
     state for a later call (`handover`: that call is planned, so it resumes without a notice)."""
     spec, out, metric = data.spec, RunDir(run_dir).fold(fold), get_metric(data.spec.metric)
@@ -88,33 +85,28 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
         raise KaggleVitError(f"fold {fold}: {error}") from None
     if len(result.history) < cfg.epochs:  # stopped at until_epoch: state.pt carries the fold on
         return None
-    save_checkpoint(out.model, result.best_state,
-                    {"model": cfg.model, "kwargs": kwargs, "fold": fold, "competition": spec.name,
-                     "input_size": (spec.channels, spec.height, spec.width), "num_classes": spec.num_classes,
-                     "class_names": list(spec.class_names),
-                     "valid_acc": result.history[result.best_epoch - 1]["valid_acc"]})
-    out.old_model.unlink(missing_ok=True)  # an older kaggle-vit's pickle, retrained: nothing may load it
+    best = result.history[result.best_epoch - 1]
+    out.write_checkpoint(result.best_state, CheckpointHeader(
+        model=cfg.model, kwargs=kwargs, fold=fold, competition=spec.name,
+        input_size=(spec.channels, spec.height, spec.width), num_classes=spec.num_classes,
+        class_names=tuple(spec.class_names), valid_acc=best.valid_acc))
     t0 = time.perf_counter()
     if validate_only:  # a tuning trial: its score is the best epoch's plain validation; no test set, no views
-        valid_probs, views = result.valid_probs.astype(np.float32), 1
+        probs_views, views = result.valid_probs.astype(np.float32), 1
     else:
         test = ImageDataset(data.test.images, data_config=data_config)
-        valid_probs, views = _predict(model, result, cfg, valid, test, out)
-    with atomic_path(out.valid_probs) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, rows=va, probs=valid_probs, probs_plain=result.valid_probs.astype(np.float32))
-    history = pd.DataFrame(result.history)
-    with atomic_path(out.history) as tmp:
-        history.to_csv(tmp, index=False)
-    best = result.history[result.best_epoch - 1]
-    summary = {"fold": fold, "best_epoch": result.best_epoch,
-               "valid_acc": float((valid_probs.argmax(1) == labels[va]).mean()), "tta": views,
-               "valid_acc_plain": best["valid_acc"], "valid_loss": best["valid_loss"], "metric": metric.name,
-               "valid_score": metric(labels[va], valid_probs), "valid_score_plain": best["valid_score"],
-               "train_seconds": result.train_seconds, "predict_seconds": time.perf_counter() - t0,
-               "images_per_s": float(np.median([r["images_per_s"] for r in result.history])),
-               "amp": result.amp, "device": str(select_device(cfg.device)), "epochs": len(result.history),
-               "pseudo_rows": len(pseudo)}
-    write_json(out.result, summary)
+        probs_views, views = _predict(model, result, cfg, valid, test, out)
+    out.write_valid_probs(va, result.valid_probs.astype(np.float32), probs_views)
+    out.write_history(result.history)
+    summary = FoldResult(
+        fold=fold, best_epoch=result.best_epoch, epochs=len(result.history), metric=metric.name,
+        valid_loss=best.valid_loss, valid_acc=best.valid_acc, valid_score=best.valid_score,
+        valid_acc_views=float((probs_views.argmax(1) == labels[va]).mean()),
+        valid_score_views=metric(labels[va], probs_views), tta=views,
+        train_seconds=result.train_seconds, predict_seconds=time.perf_counter() - t0,
+        images_per_s=float(np.median([r.images_per_s for r in result.history])),
+        amp=result.amp, device=str(select_device(cfg.device)), pseudo_rows=len(pseudo))
+    out.write_result(summary)
     state_path.unlink(missing_ok=True)
     progress.end_fold(summary)
     return summary

@@ -48,6 +48,6 @@ def check_source(source: Path, folds: np.ndarray, n_test: int) -> None:
 def pseudo_labels(source: Path, fold: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """The test rows whose top probability under the source run's fold `fold` model is at least
     `threshold`, and that class as their label."""
-    probs = np.load(RunDir(source).fold(fold).test_probs, allow_pickle=False)
+    probs = RunDir(source).fold(fold).read_test_probs()
     rows = np.flatnonzero(probs.max(axis=1) >= threshold)
     return rows, probs[rows].argmax(axis=1)

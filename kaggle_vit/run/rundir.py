@@ -1,62 +1,181 @@
-"""The cv run folder: every file name in it is spelled here and nowhere else, with the readers
-that decide whether a fold is usable, so `cv` (deciding what is finished) and `submit`/`report`
-(using it) read a damaged file the same way (a fold checkpoint's format: `models.checkpoint`)."""
+"""The cv run folder: every file name in it is spelled here and nowhere else, and its records
+(`kaggle_vit.records`: the epoch, the fold result, the run metrics, the checkpoint header) are read
+and written here, by the readers that decide whether a fold is usable, so `cv` (deciding what is
+finished) and `submit`/`report` (using it) read a damaged file the same way (a fold checkpoint's
+format: `models.checkpoint`)."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from ..errors import KaggleVitError
-from ..models.checkpoint import checkpoint_header
+from ..io import atomic_path, read_json, write_json
+from ..models.checkpoint import checkpoint_header, save_checkpoint
+from ..records import CheckpointHeader, EpochRecord, FoldResult, RunMetrics, to_json
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..spec import CompetitionSpec
 
 OLD_FORMAT = "in the old pickle format, which is never loaded (a pickle can run code)"
 METRICS = "metrics.json"
+T = TypeVar("T")
+
+
+class _File:
+    """A file of a run or fold folder, named once: `RunDir(root).metrics` is root/metrics.json."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<file {self.name}>"
+
+    def __get__(self, folder: Any, owner: type | None = None) -> Any:
+        return self if folder is None else folder.root / self.name  # on the class (help()): the name
+
+
+def _read(path: Path, reader: Callable[[Path], T]) -> T:
+    """`reader(path)`; a file it cannot read is one line naming it, never a traceback or a silent
+    recomputation."""
+    try:
+        return reader(path)
+    except Exception as error:  # noqa: BLE001 - whatever the reader raises, the file is unusable
+        raise KaggleVitError(f"{path}: unreadable ({type(error).__name__}); rerun `kaggle-vit cv` with the same "
+                             f"settings to rewrite it") from None
+
+
+def _result(path: Path) -> FoldResult:
+    return FoldResult.from_json(read_json(path))
+
+
+def _history(path: Path) -> list[EpochRecord]:
+    return [EpochRecord.from_json(row) for row in pd.read_csv(path).to_dict("records")]
+
+
+def _test_probs(path: Path) -> np.ndarray:
+    with open(path, "rb") as fh:
+        probs = np.load(fh, allow_pickle=False)
+    if not isinstance(probs, np.ndarray):
+        raise ValueError("not an .npy array")
+    return probs
+
+
+def _valid_probs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+        if "probs_plain" in z.files:  # kaggle-vit up to 9032e2c: `probs` were with the views
+            return z["rows"], z["probs_plain"], z["probs"]
+        return z["rows"], z["probs"], z["probs_views"]
 
 
 @dataclass(frozen=True)
 class FoldDir:
-    """runs/.../foldK: one fold's checkpoint, training state, history, probabilities and summary."""
+    """runs/.../foldK: one fold's checkpoint, training state, history, probabilities and result."""
 
     root: Path
+    number: int
 
-    @property
-    def model(self) -> Path:
-        """The best epoch's weights (safetensors) with the model's name and keywords (JSON)."""
-        return self.root / "model.safetensors"
+    model = _File("model.safetensors")  # the best epoch's weights; its CheckpointHeader as JSON
+    old_model = _File("model.pt")  # where kaggle-vit before safetensors kept the weights, as a pickle: never read
+    state = _File("state.pt")  # the last epoch's training state; only while the fold is unfinished
+    history = _File("history.csv")  # an EpochRecord a row
+    valid_probs = _File("valid_probs.npz")  # the fold's rows and their probabilities, plain and with the views
+    test_probs = _File("test_probs.npy")  # test.csv's probabilities under the run's test-time views
+    result = _File("result.json")  # the FoldResult, written last: it marks the fold finished
 
-    @property
-    def old_model(self) -> Path:
-        """Where kaggle-vit before safetensors kept the weights, as a pickle: never read."""
-        return self.root / "model.pt"
+    def _load(self, path: Path, reader: Callable[[Path], T]) -> tuple[T | None, str | None]:
+        """(contents, None), or (None, 'PATH is missing' / 'unreadable' / in the old format)."""
+        if not path.exists():
+            if path == self.model and self.old_model.exists():
+                return None, f"{self.old_model} is {OLD_FORMAT}"
+            return None, f"{path} is missing"
+        try:
+            return reader(path), None
+        except Exception:  # noqa: BLE001 - whatever the reader raises, the file is unusable
+            return None, f"{path} is unreadable"
 
-    @property
-    def state(self) -> Path:
-        """The last epoch's training state; exists only while the fold is unfinished."""
-        return self.root / "state.pt"
+    def problem(self) -> str | None:
+        """Why a fold that wrote result.json cannot be used ('RUN/foldK/model.safetensors is unreadable'), or None."""
+        files = ((self.result, _result), (self.model, checkpoint_header), (self.valid_probs, _valid_probs),
+                 (self.test_probs, _test_probs))
+        return next((problem for path, reader in files if (problem := self._load(path, reader)[1])), None)
 
-    @property
-    def history(self) -> Path:
-        return self.root / "history.csv"
+    def write_checkpoint(self, state_dict: "dict[str, torch.Tensor]", header: CheckpointHeader) -> None:
+        """The best epoch's weights with their header (safetensors, atomically)."""
+        save_checkpoint(self.model, state_dict, header)
+        self.old_model.unlink(missing_ok=True)  # an older kaggle-vit's pickle, retrained: nothing may load it
 
-    @property
-    def valid_probs(self) -> Path:
-        return self.root / "valid_probs.npz"
+    def read_checkpoint(self, spec: CompetitionSpec | None = None) -> CheckpointHeader:
+        """The checkpoint's header, read without torch (its tensor bytes checked against their digest)
+        and, given `spec`, refused when trained for another image size or class count; a missing,
+        damaged or old-format one is named with the way to retrain it."""
+        header, problem = self._load(self.model, checkpoint_header)
+        if problem:
+            raise KaggleVitError(f"fold {self.number}'s checkpoint {problem}: rerun `kaggle-vit cv` with the same "
+                                 f"settings to retrain it")
+        want = None if spec is None else ((spec.channels, spec.height, spec.width), spec.num_classes)
+        if want is not None and (header.input_size, header.num_classes) != want:
+            raise KaggleVitError(f"{self.model}: trained on {header.input_size} images with {header.num_classes} "
+                                 f"classes, but {spec.name} has {want[0]} and {want[1]}")
+        return header
 
-    @property
-    def test_probs(self) -> Path:
-        return self.root / "test_probs.npy"
+    def read_model(self, spec: CompetitionSpec | None = None) -> "nn.Module":
+        """The fold's best model, in eval mode (its checkpoint checked as `read_checkpoint` checks it)."""
+        from safetensors.torch import load_file  # lazy: torch only for a model; probabilities and headers need none
 
-    @property
-    def result(self) -> Path:
-        """The fold's summary, written last: it marks the fold finished."""
-        return self.root / "result.json"
+        from ..models.factory import model_from  # lazy: torch and timm, likewise
+
+        header = self.read_checkpoint(spec)
+        try:
+            weights = load_file(self.model)
+        except Exception:  # noqa: BLE001 - whatever safetensors raises, the file is unusable
+            raise KaggleVitError(f"fold {self.number}'s checkpoint {self.model} is unreadable: rerun `kaggle-vit cv` "
+                                 f"with the same settings to retrain it") from None
+        return model_from(header, weights)
+
+    def write_history(self, history: list[EpochRecord]) -> None:
+        """Every epoch's record, a row each."""
+        with atomic_path(self.history) as tmp:
+            pd.DataFrame([to_json(record) for record in history]).to_csv(tmp, index=False)
+
+    def read_history(self) -> list[EpochRecord]:
+        """Every epoch's record, for the curves; a damaged file is one line."""
+        return _read(self.history, _history)
+
+    def write_valid_probs(self, rows: np.ndarray, probs: np.ndarray, probs_views: np.ndarray) -> None:
+        """The fold's validation rows and their probabilities, plain and with the test-time views."""
+        with atomic_path(self.valid_probs) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, rows=rows, probs=probs, probs_views=probs_views)
+
+    def read_valid_probs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fold's rows (of train.csv) and their probabilities: plain, and with the test-time views."""
+        return _read(self.valid_probs, _valid_probs)
+
+    def write_test_probs(self, probs: np.ndarray) -> None:
+        """test.csv's probabilities under the run's test-time views (.npy)."""
+        with atomic_path(self.test_probs) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, probs)
+
+    def read_test_probs(self) -> np.ndarray:
+        """The saved test probabilities (an .npy array, never a pickle); a damaged file is one line
+        naming it, never silently predicted again."""
+        return _read(self.test_probs, _test_probs)
+
+    def write_result(self, result: FoldResult) -> None:
+        """The fold's result, written last: it marks the fold finished."""
+        write_json(self.result, to_json(result))
+
+    def read_result(self) -> FoldResult:
+        """The finished fold's result (a file of the old names read in today's); a damaged one is one line."""
+        return _read(self.result, _result)
 
 
 @dataclass(frozen=True)
@@ -65,52 +184,38 @@ class RunDir:
 
     root: Path
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.toml"
-
-    @property
-    def folds(self) -> Path:
-        return self.root / "folds.csv"
-
-    @property
-    def plan(self) -> Path:
-        """The schedule the folds train to (`schedule.Plan`): kept, so a resumed run keeps it."""
-        return self.root / "plan.json"
-
-    @property
-    def oof(self) -> Path:
-        return self.root / "oof.csv"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
+    config = _File("config.toml")  # the resolved settings; `cv --config` reads it back
+    folds = _File("folds.csv")
+    plan = _File("plan.json")  # the schedule the folds train to (`schedule.Plan`): kept, so a resumed run keeps it
+    oof = _File("oof.csv")
+    metrics = _File(METRICS)  # the RunMetrics
 
     def plot(self, name: str) -> Path:
         """A view of the run: curves, confusion, test_predictions, mistakes, attention."""
         return self.root / f"{name}.png"
 
     def fold(self, k: int) -> FoldDir:
-        return FoldDir(self.root / f"fold{k}")
+        """Fold k's folder (from 1)."""
+        return FoldDir(self.root / f"fold{k}", k)
 
-    def n_folds(self) -> int:
-        """The run's fold count (metrics.json); a folder that is no run, or a damaged file, is one line."""
+    def write_metrics(self, metrics: RunMetrics) -> None:
+        """The run's metrics, rewritten by each cv call."""
+        write_json(self.metrics, to_json(metrics))
+
+    def read_metrics(self) -> RunMetrics:
+        """The run's metrics; a folder that is no run, or a damaged file, is one line."""
         if not self.metrics.exists():
             raise KaggleVitError(f"{self.root}: not a kaggle-vit run (no {METRICS})")
-        try:
-            return int(json.loads(self.metrics.read_text(encoding="utf-8"))["n_folds"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise KaggleVitError(f"{self.metrics}: unreadable ({type(error).__name__}); rerun `kaggle-vit cv` with the "
-                                 f"same settings to rewrite it") from None
+        return _read(self.metrics, lambda path: RunMetrics.from_json(read_json(path)))
 
     def finished_folds(self, n_folds: int | None = None) -> list[int]:
-        """The folds that wrote their summary, of the run's fold count."""
-        n_folds = self.n_folds() if n_folds is None else n_folds
+        """The folds that wrote their result, of the run's fold count."""
+        n_folds = self.read_metrics().n_folds if n_folds is None else n_folds
         return [k for k in range(1, n_folds + 1) if self.fold(k).result.exists()]
 
-    def histories(self, folds: list[int]) -> dict[int, list[dict]]:
-        """Every epoch's record of each fold (history.csv), for the curves."""
-        return {k: pd.read_csv(self.fold(k).history).to_dict("records") for k in folds}
+    def histories(self, folds: list[int]) -> dict[int, list[EpochRecord]]:
+        """Every epoch's record of each fold, for the curves."""
+        return {k: self.fold(k).read_history() for k in folds}
 
     def new_staging(self) -> Path:
         """A private folder for the fold workers' setup and any array no cache file holds (`.arrays-PID-*`,
@@ -136,71 +241,3 @@ def shared_folds(run_dir: Path, competition: str, n_folds: int, seed: int, runs_
 def runs_of(competition_runs: Path) -> list[Path]:
     """The run folders under runs/COMPETITION (those that wrote metrics)."""
     return [p.parent for p in competition_runs.glob(f"*/{METRICS}")]
-
-
-def _load_arrays(path: Path) -> None:
-    with open(path, "rb") as fh:
-        loaded = np.load(fh, allow_pickle=False)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            for key in loaded.files:
-                loaded[key]  # reading each member checks its CRC
-
-
-def read_test_probs(path: Path) -> np.ndarray:
-    """A fold's saved test probabilities (an .npy array, never a pickle); a damaged file is one line
-    naming it, never silently predicted again."""
-    try:
-        with open(path, "rb") as fh:
-            probs = np.load(fh, allow_pickle=False)
-        if not isinstance(probs, np.ndarray):
-            raise ValueError("not an .npy array")
-    except (OSError, ValueError, EOFError) as error:
-        raise KaggleVitError(f"{path}: unreadable ({type(error).__name__}); rerun `kaggle-vit cv` with the same "
-                             f"settings to rewrite it") from None
-    return probs
-
-
-READERS: dict[str, Callable[[Path], Any]] = {
-    "result": lambda p: json.loads(p.read_text(encoding="utf-8")),
-    "model": checkpoint_header,
-    "valid_probs": _load_arrays,
-    "test_probs": _load_arrays,
-}
-
-
-def _read(fold: FoldDir, what: str) -> tuple[Any, str | None]:
-    """(contents, None), or (None, 'PATH is missing' / 'unreadable' / in the old format)."""
-    path = getattr(fold, what)
-    if not path.exists():
-        if what == "model" and fold.old_model.exists():
-            return None, f"{fold.old_model} is {OLD_FORMAT}"
-        return None, f"{path} is missing"
-    try:
-        return READERS[what](path), None
-    except Exception:  # noqa: BLE001 - whatever the reader raises, the file is unusable
-        return None, f"{path} is unreadable"
-
-
-def read_checkpoint(run_dir: Path, fold: int, weights: bool = True) -> dict:
-    """A fold's best-epoch checkpoint: its metadata, and its tensors (`state_dict`) when `weights`
-    (without them, torch is not imported); a missing, damaged or old-format one is named with the
-    way to retrain it."""
-    files = RunDir(run_dir).fold(fold)
-    ckpt, problem = _read(files, "model")
-    if not problem and weights:
-        from safetensors.torch import load_file  # lazy: torch for the weights only; saved probabilities need none
-
-        try:
-            ckpt = {**ckpt, "state_dict": load_file(files.model)}
-        except Exception:  # noqa: BLE001 - whatever safetensors raises, the file is unusable
-            problem = f"{files.model} is unreadable"
-    if problem:
-        raise KaggleVitError(f"fold {fold}'s checkpoint {problem}: rerun `kaggle-vit cv` with the same settings "
-                             f"to retrain it")
-    return ckpt
-
-
-def fold_problem(run_dir: Path, fold: int) -> str | None:
-    """Why a fold that wrote result.json cannot be used ('RUN/foldK/model.safetensors is unreadable'), or None."""
-    files = RunDir(run_dir).fold(fold)
-    return next((problem for what in READERS if (problem := _read(files, what)[1])), None)

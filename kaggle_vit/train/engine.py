@@ -22,6 +22,7 @@ from ..config import TrainConfig
 from ..errors import KaggleVitError
 from ..io import atomic_path
 from ..metrics import Metric, get_metric
+from ..records import EpochRecord, FoldResult, to_json
 from .augment import tta_views
 from .batches import DeviceBatches, HostBatches, skip_easy_rows, skips_rows, train_batches
 from .dataset import ImageDataset
@@ -72,18 +73,18 @@ class Progress(Protocol):
     """What training tells a progress display (rich in the CLI, nothing in tests)."""
 
     def start_fold(self, fold: int, folds: int) -> None: ...
-    def end_fold(self, summary: dict) -> None: ...
+    def end_fold(self, summary: FoldResult) -> None: ...
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
     def step(self, loss: float | None, images: int) -> None: ...
-    def end_epoch(self, record: dict) -> None: ...
+    def end_epoch(self, record: EpochRecord) -> None: ...
 
 
 class NoProgress:
     def start_fold(self, fold: int, folds: int) -> None: ...
-    def end_fold(self, summary: dict) -> None: ...
+    def end_fold(self, summary: FoldResult) -> None: ...
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None: ...
     def step(self, loss: float | None, images: int) -> None: ...
-    def end_epoch(self, record: dict) -> None: ...
+    def end_epoch(self, record: EpochRecord) -> None: ...
 
 
 def seed_everything(seed: int) -> None:
@@ -151,7 +152,7 @@ def predict_probs(model: nn.Module, dataset: ImageDataset, device: torch.device,
 class FitResult:
     """History of every epoch and the best epoch's weights and validation probabilities."""
 
-    history: list[dict]
+    history: list[EpochRecord]
     best_epoch: int
     best_state: dict
     valid_probs: np.ndarray
@@ -162,7 +163,7 @@ class FitResult:
 @dataclass
 class _State:
     epoch: int = 0
-    history: list[dict] = field(default_factory=list)
+    history: list[EpochRecord] = field(default_factory=list)
     best_score: float | None = None
     best_epoch: int = -1
     best_state: dict | None = None
@@ -179,7 +180,8 @@ def _numpy_rng() -> dict:
 
 def _save_state(path: Path, t: Trainer, st: _State) -> None:
     """The training state after an epoch, as tensors and plain values only (read back weights-only)."""
-    state = {**st.__dict__, "best_probs": None if st.best_probs is None else torch.from_numpy(st.best_probs)}
+    state = {**st.__dict__, "history": [to_json(record) for record in st.history],
+             "best_probs": None if st.best_probs is None else torch.from_numpy(st.best_probs)}
     payload = {"model": t.model.state_dict(), "opt": t.opt.state_dict(), "sched": t.sched.state_dict(),
                "scaler": t.scaler.state_dict(), "state": state,
                "ema": None if t.ema is None else t.ema.module.state_dict(),
@@ -231,7 +233,8 @@ def _restore(payload: dict, t: Trainer) -> _State:
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     state = payload["state"]
-    return _State(**{**state, "best_probs": None if state["best_probs"] is None else state["best_probs"].numpy()})
+    return _State(**{**state, "history": [EpochRecord.from_json(record) for record in state["history"]],
+                      "best_probs": None if state["best_probs"] is None else state["best_probs"].numpy()})
 
 
 def _check_finite(value: float, what: str, epoch: int) -> None:
@@ -372,7 +375,7 @@ def fit(
     seed: int,
     state_path: Path | None = None,
     progress: Progress | None = None,
-    on_epoch: Callable[[dict], None] | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
     resume: dict | None = None,
     metric: Metric | None = None,
     stop_after: int | None = None,
@@ -409,14 +412,14 @@ def fit(
             scores, logits = evaluate(eval_forward, valid, device, eval_amp, cfg.eval_batch_size, cfg.compile, epoch)
             probs = logits.softmax(1).numpy()
             scores["valid_score"] = metric(valid.labels.numpy(), probs)
-        record = {"epoch": epoch, "train_loss": trained["train_loss"], "train_acc": trained["train_acc"], **scores,
-                  "lr": t.opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-                  "images": trained["seen"], "images_per_s": trained["seen"] / train_time}
+        record = EpochRecord(epoch=epoch, train_loss=trained["train_loss"], train_acc=trained["train_acc"], **scores,
+                             lr=t.opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0,
+                             images=trained["seen"], images_per_s=trained["seen"] / train_time)
         st.history.append(record)
-        st.seconds += record["seconds"]
+        st.seconds += record.seconds
         st.epoch = epoch
-        if probs is not None and metric.better(record["valid_score"], st.best_score):
-            st.best_score, st.best_epoch = record["valid_score"], epoch
+        if probs is not None and metric.better(record.valid_score, st.best_score):
+            st.best_score, st.best_epoch = record.valid_score, epoch
             st.best_state = {k: v.detach().cpu().clone() for k, v in t.eval_model.state_dict().items()}
             st.best_probs = probs
         progress.end_epoch(record)
