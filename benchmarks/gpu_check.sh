@@ -5,11 +5,11 @@
 # carry [".whl", ".gpu"] and
 #   bash benchmarks/gpu_check.sh a      (timeout_s 590)
 # and, if device time is left, `... b`. Logs come back in $OUT (steps.log first; under 8 files).
-# A dry run of the plumbing on a CPU: OUT=/tmp/out CHECK_ARGS="--device cpu --no-compile --epochs 1
+# A dry run of the plumbing on a CPU: OUT=/tmp/out CHECK_ARGS="--device cpu --set compile=false --epochs 1
 # -m kvit_pico_patch4_28" BENCH_DEVICE=cpu with a stub `nvidia-smi` on PATH.
 #   a: the gpu preset's 5-fold cv as a user runs it (on an H200, all five folds share the GPU, and
 #      the notice saying so is logged), submit and score, under bf16
-#      and then --amp fp16, with nvidia-smi utilisation sampled through each cv and each fold's
+#      and then amp = fp16 (--set amp=fp16), with nvidia-smi utilisation sampled through each cv and each fold's
 #      first epoch (start-up, compiling) against its later ones.
 #   b: `kaggle-vit bench --device cuda --preset gpu` (bare compiled step, the cv loop, their ratio,
 #      NVML utilisation), then 4 folds x 4 epochs with 1, 2 and 4 folds sharing the GPU.
@@ -69,7 +69,7 @@ cv_submit() {  # cv_submit NAME [cv options]: the gpu preset's 5 folds as a user
 
 if [ "$PART" = a ]; then
   cv_submit bf16
-  cv_submit fp16 --amp fp16
+  cv_submit fp16 --set amp=fp16
 elif [ "$PART" = b ]; then
   stamp bench; smi_start
   timeout "$(cap 180 0)" kaggle-vit bench --device ${BENCH_DEVICE:-cuda} --preset gpu --rounds 3 > "$OUT/bench.log" 2>&1; echo "  bench rc $?" >> "$L"; smi_stop

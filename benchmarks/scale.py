@@ -7,7 +7,7 @@ spec shrinks to 224×224. A set already built under OUT is reused. For each set 
 
 - the first load (the .kvcache folder deleted: decode and cache build) and the cached load, as the wall
   seconds of `data.load_competition` (what `kaggle-vit data` and `cv` run) in a fresh process, imports aside;
-- `cv --folds 5 --fold 1,2 --jobs 2 --epochs 1 --patch-size 16 --quiet` (two folds, one per worker; patch 16
+- `cv --folds 5 --fold 1,2 --jobs 2 --epochs 1 --set patch_size=16 --quiet` (two folds, one per worker; patch 16
   keeps the CPU default model at a 6×6 grid on 96×96 images), sampling every 0.5 s the USS (Private_Clean +
   Private_Dirty), PSS and anonymous memory of the cv process and of each of its descendants
   (/proc/PID/smaps_rollup): each figure's peak. USS counts the file pages (cache, libraries) that no other
@@ -44,7 +44,7 @@ SIZES = {"1k": 1_000, "10k": 10_000, "100k": 100_000}
 CLASSES = 4
 CHUNK = 1_000  # images generated at once
 SAMPLE_S = 0.5
-CV = ["--folds", "5", "--fold", "1,2", "--jobs", "2", "--epochs", "1", "--patch-size", "16", "--quiet"]
+CV = ["--folds", "5", "--fold", "1,2", "--jobs", "2", "--epochs", "1", "--set", "patch_size=16", "--quiet"]
 IDLE = "import torch, timm, albumentations, kaggle_vit.run.workers; print(open('/proc/self/smaps_rollup').read())"
 LOAD = ("import sys, time; from kaggle_vit.spec import load_spec; from kaggle_vit.data.layouts import load_competition; "
         "t = time.perf_counter(); load_competition(load_spec(sys.argv[1]), sys.argv[2]); print(time.perf_counter() - t)")

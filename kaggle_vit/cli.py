@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .config import parse_set
 from .errors import Interrupted, KaggleVitError
 from .metrics import get_metric
 from .notebook import write_notebook
@@ -63,9 +64,13 @@ class _NoticeLines(logging.Handler):
 CompetitionOpt = Annotated[
     Optional[str], typer.Option("--competition", "-c", help="Bundled name or spec .toml path (default: digit-recognizer).")
 ]
-PretrainedOpt = Annotated[Optional[Path], typer.Option(
-    "--pretrained", help="Start from local weights: a timm .safetensors/.pth/.bin, or a kaggle-vit fold's model.safetensors.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Competition files (default: data/NAME).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="kvit_* or a timm ViT such as vit_tiny_patch16_224.")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="A run TOML (e.g. tune's best.toml).")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+SetOpt = Annotated[Optional[List[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", help="Any training setting, e.g. --set aug=flip --set lr=1e-3 (repeatable; docs/config.md lists them).")]
 
 SOURCES = {
     "existing": "found and validated",
@@ -163,6 +168,12 @@ def _print_facts(facts: SpecFacts, n_train: int, n_test: int) -> None:
         out.print(line, markup=False, highlight=False)
 
 
+def command_line(sets: Optional[List[str]], **named: object) -> dict[str, object]:
+    """The settings given on the command line: `--set` items, then the named options given (None:
+    not given), which win."""
+    return {**parse_set(sets or []), **{key: value for key, value in named.items() if value is not None}}
+
+
 def _parse_folds(text: Optional[str]) -> Optional[list[int]]:
     if not text:
         return None
@@ -211,34 +222,15 @@ def cv(
     competition: CompetitionOpt = None,
     folds: Annotated[Optional[int], typer.Option("--folds", help="Number of folds (default 5).")] = None,
     fold: Annotated[Optional[str], typer.Option("--fold", help="Run only these folds, e.g. 2 or 1,3 (1-based).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="kvit_* or a timm ViT such as vit_tiny_patch16_224.")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="A run TOML (e.g. tune's best.toml).")] = None,
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    settings: SetOpt = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help="Default: planned from the training rows.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Default: planned from the training rows.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Default: the preset's, scaled to the batch size.")] = None,
     time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Fit the epochs of all folds, with their predictions, into this wall time, measured on the first steps: 90s, 10m, 1.5h (0: off).")] = None,
-    patch_size: Annotated[Optional[int], typer.Option("--patch-size", help="Must divide the image size.")] = None,
-    pretrained: PretrainedOpt = None,
-    ema: Annotated[Optional[float], typer.Option("--ema", help="Decay of a moving average of the weights, e.g. 0.999 (0: off).")] = None,
-    skip_easy: Annotated[Optional[float], typer.Option("--skip-easy", help="Share of the rows already fitted that each middle epoch leaves out (InfoBatch; 0: off).")] = None,
-    valid_every: Annotated[Optional[int], typer.Option("--valid-every", help="Validate every N epochs and after the last (0: after the last only; default 1).")] = None,
-    pseudo: Annotated[Optional[Path], typer.Option("--pseudo", help="A finished cv run folder (same folds): its confident test predictions join the training rows.")] = None,
-    pseudo_threshold: Annotated[Optional[float], typer.Option("--pseudo-threshold", help="Top probability a test row needs to be pseudo-labelled (default 0.99).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
-    seeds: Annotated[int, typer.Option("--seeds", help="CV once per seed (--seed, --seed + 1, ...), each its own run; submit then averages them all.")] = 1,
-    aug: Annotated[Optional[str], typer.Option("--aug", help="rotate, affine (digits); flip, crop (photos); none.")] = None,
-    aug_group: Annotated[Optional[int], typer.Option("--aug-group", help="Images per augmentation draw (1: each its own).")] = None,
-    amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="DataLoader workers (default: spare cores).")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="CV once per seed (seed, seed + 1, ...), each its own run; submit then averages them all.")] = 1,
+    device: DeviceOpt = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Folds trained at once (0: auto: 2 on a CPU; one per GPU, or all the folds on a large GPU with small images).")] = None,
-    devices: Annotated[Optional[str], typer.Option("--devices", help="GPUs the folds are spread over: all (default) or e.g. 0,1.")] = None,
-    data_on_device: Annotated[Optional[str], typer.Option("--data-on-device", help="Training images kept and augmented on the GPU: auto (when they fit), on, off.")] = None,
-    tta: Annotated[Optional[int], typer.Option("--tta", help="Test-time views for OOF and test predictions: 1 (off) to 9.")] = None,
-    tta_mode: Annotated[Optional[str], typer.Option("--tta-mode", help="shift (one-pixel shifts) or flip (mirror images).")] = None,
-    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
-    compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="default, reduce-overhead (CUDA graphs) or max-autotune.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Default: runs/COMPETITION/MODEL-HASH.")] = None,
     data_dir: DataDirOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per fold; no live display.")] = False,
@@ -246,22 +238,16 @@ def cv(
     """Train one model per stratified fold; write checkpoints, OOF and test probabilities, curves."""
     started = time.monotonic()  # a time budget counts from here
     # lazy: torch, timm and the training code load only for a command that trains
-    from .models.factory import create_model
     from .run.cv import default_run_dir, run_cv
     from .run.settings import resolve_config
     from .train.schedule import fold_rows, parse_duration, plan_schedule
 
     budget = parse_duration(time_budget) if time_budget is not None else None
-    cfg = resolve_config(preset, config, competition=competition, time_budget=budget,
-                         folds=folds, model=model, epochs=epochs, batch_size=batch_size, lr=lr, patch_size=patch_size,
-                         pretrained=pretrained, ema=ema, skip_easy=skip_easy, valid_every=valid_every, pseudo=pseudo,
-                         pseudo_threshold=pseudo_threshold, seed=seed, aug=aug, aug_group=aug_group, amp=amp,
-                         device=device, num_workers=workers, jobs=jobs, devices=devices,
-                         data_on_device=data_on_device, tta=tta, tta_mode=tta_mode, compile=compile, compile_mode=compile_mode)
-    spec = load_spec(cfg.competition)
-    create_model(cfg, spec)  # an unknown model or impossible shape fails now, before data or folders
+    cfg = resolve_config(preset, config, **command_line(settings, competition=competition, folds=folds, model=model,
+                                                        epochs=epochs, time_budget=budget, device=device, jobs=jobs))
     if seeds != 1 and run_dir is not None:
         raise KaggleVitError("--run-dir names one run, and --seeds makes one per seed; leave --run-dir out")
+    spec = load_spec(cfg.competition)
     data = load_data(spec, data_dir)
     cfg, _ = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))  # before the run folder is named from it
     progress = LineProgress(err) if quiet else RichProgress(err)
@@ -330,7 +316,7 @@ def submit(
     competition: CompetitionOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the submission (never over an existing file unless --force).")] = Path("submission.csv"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file (never the competition's own files).")] = False,
-    folds: Annotated[Optional[str], typer.Option("--folds", help="Folds to ensemble, e.g. 1,3 (default: all).")] = None,
+    fold: Annotated[Optional[str], typer.Option("--fold", help="Only these folds, e.g. 2 or 1,3 (default: all).")] = None,
     tta: Annotated[Optional[int], typer.Option("--tta", help="Recompute with N test-time views (1-9; default: as cv saved them).")] = None,
     weighting: Annotated[str, typer.Option("--weighting", help="mean, or oof (weight folds by validation accuracy).")] = "mean",
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Ensemble the finished folds even if some are missing.")] = False,
@@ -344,7 +330,7 @@ def submit(
     check_output(output, spec, data_dir_for(spec, data_dir), force)  # before the data is fetched or read
     data = load_data(spec, data_dir)
     runs = submission_runs(spec, run_dirs)
-    result = make_submission(runs, data, output, _parse_folds(folds), weighting, tta, allow_missing, device, force)
+    result = make_submission(runs, data, output, _parse_folds(fold), weighting, tta, allow_missing, device, force)
     name = (lambda run, k: str(k)) if len(runs) == 1 else (lambda run, k: f"{run.name}/fold{k}")
     weights = ", ".join(f"{name(run, k)}: {w:.3f}" for (run, k), w in zip(result.members, result.weights))
     out.print(f"wrote [cyan]{result.path}[/] ({len(data.test):,} rows) from {', '.join(map(str, runs))}")
@@ -416,18 +402,16 @@ def tune(
     competition: CompetitionOpt = None,
     trials: Annotated[Optional[int], typer.Option("--trials", help="Trials for this worker to run.")] = 20,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop starting trials after this many seconds.")] = None,
-    n_jobs: Annotated[int, typer.Option("--n-jobs", help="Trials at once in this process (threads).")] = 1,
     epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help="Epochs per trial.")] = None,
     tune_folds: Annotated[int, typer.Option("--tune-folds", help="Folds each trial trains (of --folds).")] = 1,
     folds: Annotated[Optional[int], typer.Option("--folds", help="How the data is split (default 5).")] = None,
     study_name: Annotated[Optional[str], typer.Option("--study-name", help="Default: kvit-COMPETITION.")] = None,
-    storage: Annotated[Optional[str], typer.Option("--storage", help="sqlite:///FILE (default: in the runs folder), postgresql://... or mysql+pymysql://...")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="sqlite:///FILE (default: in the runs folder), postgresql://... or mysql+pymysql://...; workers that share it run trials in parallel.")] = None,
     pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none.")] = "median",
     space: Annotated[Optional[Path], typer.Option("--space", help="TOML search space overriding the default.")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu: the base config.")] = None,
+    preset: PresetOpt = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Base config TOML.")] = None,
-    pretrained: PretrainedOpt = None,
-    device: Annotated[Optional[str], typer.Option("--device")] = None,
+    settings: SetOpt = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Default: runs/COMPETITION/tune-STUDY.")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -436,9 +420,8 @@ def tune(
     from .run.settings import resolve_config
     from .tune import check_budget, check_storage, load_space, make_pruner, run_tune
 
-    base = resolve_config(preset, config, competition=competition, epochs=epochs, folds=folds, device=device,
-                          pretrained=pretrained)
-    check_budget(trials, timeout, n_jobs)
+    base = resolve_config(preset, config, **command_line(settings, competition=competition, epochs=epochs, folds=folds))
+    check_budget(trials, timeout)
     make_pruner(pruner)
     search = load_space(space) if space else None
     if storage:  # a bad URL is one line before the data is read
@@ -447,7 +430,7 @@ def tune(
     data = load_data(spec, data_dir)
     name = study_name or f"kvit-{spec.name}"
     target = out_dir or Path("runs") / spec.name / f"tune-{name}"
-    result = run_tune(data, base, target, storage, name, trials, timeout, n_jobs, tune_folds, pruner, search)
+    result = run_tune(data, base, target, storage, name, trials, timeout, tune_folds, pruner, search)
     states = [t.state.name.lower() for t in result.study.trials]
     counts = {s: states.count(s) for s in sorted(set(states))}
     table = Table(title=f"study {name}: {len(states)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
@@ -482,10 +465,9 @@ def notebook(
 def bench(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="A kvit_* model (default: the preset's).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: auto).")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b")] = None,
+    preset: PresetOpt = None,
+    settings: SetOpt = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved timing rounds (medians reported).")] = 5,
-    compile_mode: Annotated[Optional[str], typer.Option("--compile-mode", help="torch.compile mode of the loop (with the preset's --compile).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     competition: CompetitionOpt = None,
     data_dir: DataDirOpt = None,
@@ -499,8 +481,7 @@ def bench(
     from .train.device import amp_for, select_device
     from .train.schedule import fold_rows, plan_schedule
 
-    cfg = resolve_config(preset, None, competition=competition, model=model, device=device, batch_size=batch_size,
-                         compile_mode=compile_mode)
+    cfg = resolve_config(preset, None, **command_line(settings, competition=competition, model=model, device=device))
     spec = load_spec(cfg.competition)
     ours = create_model(cfg, spec)
     if not hasattr(ours, "attention_maps"):

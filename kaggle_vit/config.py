@@ -1,5 +1,7 @@
-"""TrainConfig: every training choice in one dataclass; presets and their schedule budgets; TOML
-load/save; overrides, checked.
+"""TrainConfig: every training choice in one dataclass, each key with its type (a choice as a
+Literal) and one line of help; presets and their schedule budgets; TOML load/save; every setting,
+from any source, typed and checked by its type hint in one place (`checked_settings`); the
+reference table of keys, docs/config.md, generated from the dataclass (`python -m kaggle_vit.config`).
 
 A run's config is resolved from these with the competition's spec and the weights it starts from
 (`run.settings.resolve_config`). What none of them gives of the schedule (epochs, batch size,
@@ -12,9 +14,10 @@ import dataclasses
 import difflib
 import hashlib
 import json
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .errors import KaggleVitError
 from .io import read_toml, write_text
@@ -25,60 +28,79 @@ ARCHITECTURE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "s
 PLANNED = ("epochs", "batch_size", "lr", "warmup_epochs")
 
 
+Aug = Literal["rotate", "affine", "flip", "crop", "none"]
+Amp = Literal["auto", "bf16", "fp16", "off"]
+Switch = Literal["auto", "on", "off"]
+TtaMode = Literal["shift", "flip"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+Schedule = Literal["cpu", "gpu"]  # the keys of BUDGETS
+
+
+def setting(default: Any, help: str) -> Any:
+    """A TrainConfig field with its one line of help, for the reference table (`reference_table`)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Model, optimisation, augmentation and CV settings of one run. Built in code, it trains as its
     fields say; `resolve_config` leaves the PLANNED settings None unless given, for `plan_schedule`."""
 
-    competition: str = "digit-recognizer"
-    model: str = "kvit_pico_patch4_28"
+    competition: str = setting("digit-recognizer", "a bundled competition's name or a spec .toml path")
+    model: str = setting("kvit_pico_patch4_28", "a kvit_* model, or a timm ViT such as vit_tiny_patch16_224")
     # architecture overrides (None: the registered variant's value)
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-    stem_channels: int | None = None
-    stem_pool: bool | None = None
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    pretrained: str | None = None  # local weights to start from: a timm .safetensors/.pth/.bin or a fold's model.safetensors
-    pseudo: str | None = None  # a finished cv run whose confident test predictions join the training rows
-    pseudo_threshold: float = 0.99  # the top probability a test row needs to be pseudo-labelled
+    patch_size: int | None = setting(None, "side of the square patches; must divide the image size")
+    embed_dim: int | None = setting(None, "width of the tokens")
+    depth: int | None = setting(None, "transformer blocks")
+    num_heads: int | None = setting(None, "attention heads; must divide embed_dim")
+    mlp_ratio: float | None = setting(None, "hidden width of each block's MLP, over embed_dim")
+    stem_channels: int | None = setting(None, "channels of a convolutional stem's first stage, doubled at each next "
+                                              "(0: no stem)")
+    stem_pool: bool | None = setting(None, "the stem's stages keep stride 1 and end in a 2x2 max pool")
+    drop_rate: float = setting(0.0, "dropout of the embedded tokens and in each block")
+    attn_drop_rate: float = setting(0.0, "dropout of the attention weights")
+    drop_path_rate: float = setting(0.0, "stochastic depth of the last block (0 at the first, linear between)")
+    pretrained: str | None = setting(None, "local weights to start from: a timm .safetensors/.pth/.bin or a fold's "
+                                           "model.safetensors")
+    pseudo: str | None = setting(None, "a finished cv run (same folds) whose confident test predictions join the "
+                                       "training rows")
+    pseudo_threshold: float = setting(0.99, "the top probability a test row needs to be pseudo-labelled")
     # optimisation (epochs, batch_size, lr, warmup_epochs: None is planned from the training rows and the schedule)
-    epochs: int | None = 6
-    batch_size: int | None = 64
-    lr: float | None = 4e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float | None = 0.5
-    schedule: str = "cpu"  # the budget (BUDGETS) the schedule's unset settings are planned from
-    time_budget: float = 0.0  # seconds cv fits its epochs into, by measuring its throughput first; 0: off
-    label_smoothing: float = 0.0
-    grad_clip: float = 1.0
-    ema: float = 0.0  # decay of a moving average of the weights, validated and kept instead of them; 0: off
-    skip_easy: float = 0.0  # share of the rows already fitted (loss below the mean) each middle epoch leaves out; 0: off
-    valid_every: int = 1  # validate every N epochs and after the last (0: after the last only); only those can be kept
+    epochs: int | None = setting(6, "epochs per fold")
+    batch_size: int | None = setting(64, "training images per step")
+    lr: float | None = setting(4e-3, "peak learning rate of AdamW")
+    weight_decay: float = setting(0.05, "AdamW's weight decay (none on biases, norms and embeddings)")
+    warmup_epochs: float | None = setting(0.5, "epochs of linear warm-up before the cosine decay")
+    schedule: Schedule = setting("cpu", "the budget the planned keys come from: cpu (batch 64), gpu (batch 512)")
+    time_budget: float = setting(0.0, "seconds cv fits its epochs into, by measuring its throughput first (0: off)")
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss")
+    grad_clip: float = setting(1.0, "the gradients' norm is clipped to this")
+    ema: float = setting(0.0, "decay of a moving average of the weights, validated and kept instead of them (0: off)")
+    skip_easy: float = setting(0.0, "share of the rows already fitted (loss below the mean) each middle epoch leaves "
+                                    "out (0: off)")
+    valid_every: int = setting(1, "validate every N epochs and after the last (0: after the last only)")
     # augmentation (albumentations, applied to uint8 training images only)
-    aug: str = "affine"  # affine (rotate, scale, shift) | rotate | flip, crop (photos) | none
-    rotate: float = 10.0
-    scale: float = 0.1
-    shift: float = 0.1
-    aug_group: int = 8  # images per albumentations call; a group shares one random draw
+    aug: Aug = setting("affine", "rotate, affine (+ scale and shift): digits; flip, crop (mirrored): photos; none")
+    rotate: float = setting(10.0, "degrees of random rotation, either way")
+    scale: float = setting(0.1, "random scaling of each axis, 1 ± this (affine, flip)")
+    shift: float = setting(0.1, "random shift of each axis, ± this share of its size (affine, flip)")
+    aug_group: int = setting(8, "images per albumentations call; a group shares one random draw")
     # cross-validation and runtime
-    folds: int = 5
-    seed: int = 42
-    amp: str = "auto"  # auto | bf16 | fp16 | off
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    devices: str = "all"  # GPUs the folds are spread over: all visible, or indices such as "0,1"
-    data_on_device: str = "auto"  # training images on the GPU, augmented there: auto (when they fit) | on | off
-    num_workers: int = -1  # -1: chosen from the CPU count
-    jobs: int = 0  # folds trained at once in worker processes; 0: auto (device.auto_jobs)
-    eval_batch_size: int = 128  # measured faster than 256 with two fold workers on a CPU (benchmarks/RESULTS.md)
-    tta: int = 3  # test-time views for the OOF and test predictions
-    tta_mode: str = "shift"  # shift: one-pixel shifts (digits) | flip: mirror images and their shifts (photos)
-    compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    folds: int = setting(5, "stratified folds the training rows are split into")
+    seed: int = setting(42, "seed of the folds, the weights and the augmentation (cv --seeds counts up from it)")
+    amp: Amp = setting("auto", "mixed precision; auto: bf16 on a GPU that computes in it, fp16 on older ones, off "
+                               "on a CPU")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    devices: str = setting("all", "GPUs the folds are spread over: all visible, or indices such as 0,1")
+    data_on_device: Switch = setting("auto", "training images kept and augmented on the GPU (auto: when they fit)")
+    num_workers: int = setting(-1, "DataLoader workers (-1: chosen from the CPU count)")
+    jobs: int = setting(0, "folds trained at once in worker processes (0: auto)")
+    eval_batch_size: int = setting(128, "images per step when validating and predicting")
+    tta: int = setting(3, "test-time views for the OOF and test predictions, 1 (off) to 9")
+    tta_mode: TtaMode = setting("shift", "shift: one-pixel shifts (digits); flip: mirror images and their shifts "
+                                         "(photos)")
+    compile: bool = setting(False, "torch.compile the model")
+    compile_mode: CompileMode = setting("default", "torch.compile's mode (reduce-overhead: CUDA graphs)")
 
     def model_overrides(self) -> dict[str, Any]:
         """Architecture keywords given explicitly (not None), for timm.create_model."""
@@ -112,7 +134,7 @@ class Budget:
     warmup_epochs: float
 
 
-BUDGETS: dict[str, Budget] = {
+BUDGETS: dict[Schedule, Budget] = {
     # Chosen by measurement on digit-recognizer's 33,600 training rows per fold (benchmarks/RESULTS.md):
     # eleven epochs of batch 64 on a CPU; thirty of batch 512 on an H100-class GPU (the learning rate
     # scaled from 2e-3 at batch 256 by the square root of the batch ratio).
@@ -128,38 +150,92 @@ PRESETS: dict[str, dict[str, Any]] = {
             "drop_path_rate": 0.1, "eval_batch_size": 2048, "compile": True},
 }
 
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 # Settings added after run folders were first named from the settings' hash.
 ADDED_LATER = ("skip_easy", "valid_every", "time_budget")
-AUGMENTATIONS = ("rotate", "affine", "flip", "crop", "none")
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
-    if name not in _FIELDS:
-        close = difflib.get_close_matches(name, _FIELDS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(_FIELDS))}"
-        raise KaggleVitError(f"{source}: unknown key '{name}'; {hint}")
-    default = getattr(TrainConfig(), name)
-    annotation = str(_FIELDS[name].type)
-    kind = type(default) if default is not None else (
-        bool if "bool" in annotation else float if "float" in annotation else str if "str" in annotation else int)
-    if value is None:
+@dataclass(frozen=True)
+class Kind:
+    """What a key takes, read from its type hint: a value type, a Literal's choices, and whether
+    None (not set) is allowed."""
+
+    type: type
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+
+
+def _kind(hint: Any) -> Kind:
+    optional = type(None) in get_args(hint)
+    base = next(a for a in get_args(hint) if a is not type(None)) if optional else hint
+    if get_origin(base) is Literal:
+        return Kind(str, get_args(base), optional)
+    return Kind(base, (), optional)
+
+
+KINDS: dict[str, Kind] = {name: _kind(hint) for name, hint in get_type_hints(TrainConfig).items()}
+_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _typed(value: Any, kind: Kind) -> Any:
+    """`value` as `kind`'s type: text (`--set`'s) read as a number or true/false, a whole float as an
+    int, a path as text; anything else raises ValueError."""
+    if kind.type is str and isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if kind.type is bool and (isinstance(value, bool) or value in ("true", "false")):
+        return value is True or value == "true"
+    if kind.type in (int, float) and isinstance(value, str):
+        return kind.type(value)
+    if kind.type in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind.type is int and value != int(value):
+            raise ValueError(value)
+        return kind.type(value)
+    raise ValueError(value)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """`value` typed for key `name` by its type hint, a Literal's choice checked: the one place keys,
+    types and choices are checked, for every source (preset, spec, file, `--set`, code)."""
+    if name not in KINDS:
+        close = difflib.get_close_matches(name, KINDS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(sorted(KINDS))}"
+        raise KaggleVitError(f"unknown key '{name}'; {hint}")
+    kind = KINDS[name]
+    if value is None and kind.optional:
         return None
     try:
-        if kind is bool and not isinstance(value, bool):
-            raise ValueError
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return kind(value)
-    except (TypeError, ValueError):
-        raise KaggleVitError(f"{source}: setting '{name}' = {value!r} should be {kind.__name__}") from None
+        typed = _typed(value, kind)
+    except (TypeError, ValueError, OverflowError):
+        raise KaggleVitError(f"{name} = {value!r} must be {_WORDS[kind.type]}") from None
+    if kind.choices and typed not in kind.choices:
+        raise KaggleVitError(f"{name} = {typed!r} must be one of {', '.join(kind.choices)}")
+    return typed
+
+
+def checked_settings(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` typed and checked by their keys' type hints (None: not given, left out); an error
+    is one line naming `source`."""
+    try:
+        return {k: _coerce(k, v) for k, v in values.items() if v is not None}
+    except KaggleVitError as error:
+        raise KaggleVitError(f"{source}: {error}") from None
 
 
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
-    """A copy of `cfg` with `values` applied (None means 'not given' and is skipped)."""
-    clean = {k: _coerce(k, v, source) for k, v in values.items() if v is not None}
-    return dataclasses.replace(cfg, **clean)
+    """A copy of `cfg` with `values` applied (None means 'not given' and is skipped), checked."""
+    return dataclasses.replace(cfg, **checked_settings(values, source))
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` items as settings, each value read as its key's type (a string key's as
+    written: `--set aug=flip`, `--set pretrained=w.pth`); a later item wins."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise KaggleVitError(f"--set {item}: give key=value, e.g. --set aug=flip")
+        values[key.strip()] = text.strip()
+    return checked_settings(values, "--set")
 
 
 def check_settings(values: dict[str, Any], source: str) -> None:
@@ -167,7 +243,6 @@ def check_settings(values: dict[str, Any], source: str) -> None:
     a spec's [train] table is checked when the spec loads, not first when `cv` starts."""
     if "competition" in values:
         raise KaggleVitError(f"{source}: competition cannot be set here: the spec is the competition")
-    # an unknown key or a wrong type names `source`
     cfg = apply_overrides(TrainConfig(**dict.fromkeys(PLANNED)), values, source)
     try:
         validate_config(cfg)
@@ -182,20 +257,12 @@ def load_toml(path: Path) -> dict[str, Any]:
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    """Reject settings that cannot work, before anything trains."""
-    if cfg.aug not in AUGMENTATIONS:
-        raise KaggleVitError(f"aug must be one of {', '.join(AUGMENTATIONS)}, got '{cfg.aug}'")
-    if cfg.tta_mode not in ("shift", "flip"):
-        raise KaggleVitError(f"tta_mode must be shift or flip, got '{cfg.tta_mode}'")
-    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
-        raise KaggleVitError(f"amp must be auto, bf16, fp16 or off, got '{cfg.amp}'")
-    if cfg.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-        raise KaggleVitError(f"compile_mode must be default, reduce-overhead, max-autotune or "
-                             f"max-autotune-no-cudagraphs, got '{cfg.compile_mode}'")
+    """Reject settings that cannot work, before anything trains: every key's type and choice (as
+    `checked_settings` checks them, for a config built in code), then the values' ranges."""
+    for f in fields(cfg):
+        _coerce(f.name, getattr(cfg, f.name))
     if cfg.devices != "all" and not all(part.strip().isdigit() for part in cfg.devices.split(",")):
-        raise KaggleVitError(f"--devices {cfg.devices}: give GPU indices such as 0,1, or all")
-    if cfg.data_on_device not in ("auto", "on", "off"):
-        raise KaggleVitError(f"data_on_device must be auto, on or off, got '{cfg.data_on_device}'")
+        raise KaggleVitError(f"devices {cfg.devices}: give GPU indices such as 0,1, or all")
     if cfg.jobs < 0:
         raise KaggleVitError(f"jobs must be 0 (auto) or more, got {cfg.jobs}")
     for name in ("epochs", "batch_size", "folds", "aug_group"):
@@ -213,8 +280,6 @@ def validate_config(cfg: TrainConfig) -> None:
         raise KaggleVitError(f"lr must be positive, got {cfg.lr}")
     if cfg.warmup_epochs is not None and not cfg.warmup_epochs >= 0:
         raise KaggleVitError(f"warmup_epochs must be 0 or more, got {cfg.warmup_epochs}")
-    if cfg.schedule not in BUDGETS:
-        raise KaggleVitError(f"schedule must be one of {', '.join(BUDGETS)}, got '{cfg.schedule}'")
     if not cfg.time_budget >= 0:
         raise KaggleVitError(f"time_budget is in seconds (0: off), got {cfg.time_budget}")
     if cfg.time_budget and cfg.epochs is not None:
@@ -246,3 +311,32 @@ def to_toml(cfg: TrainConfig, header: str = "") -> str:
 def save_config(cfg: TrainConfig, path: Path, header: str = "") -> Path:
     """Write the resolved config as TOML, atomically."""
     return write_text(path, to_toml(cfg, header))
+
+
+def reference_table() -> str:
+    """docs/config.md: every TrainConfig key with its type, default and one line of help, and what
+    each preset changes, generated from the dataclass so that the reference cannot drift from it."""
+    lines = ["# Training settings", "",
+             "<!-- Generated from kaggle_vit/config.py by `python -m kaggle_vit.config > docs/config.md`: "
+             "edit TrainConfig, not this file. -->", "",
+             "Every key of `TrainConfig`. Set one with `--set key=value` (`cv`, `tune`, `bench`; repeatable, the "
+             "value read as the key's type), in a config file (`cv --config run.toml`: `key = value` lines, at the "
+             "top level or under `[train]`), or in a competition spec's `[train]` table. Later sources win: the "
+             "preset, the spec's `[train]`, the config file, the command line. A key marked *planned* is, unless "
+             "given, planned from the training rows and the preset's schedule before the first step "
+             "(`kaggle-vit cv` prints the plan).", "",
+             "| key | type | default | what it does |", "| --- | --- | --- | --- |"]
+    for f in fields(TrainConfig):
+        kind = KINDS[f.name]
+        shown = ", ".join(f"`{c}`" for c in kind.choices) if kind.choices else kind.type.__name__
+        default = ("*planned*" if f.name in PLANNED else "not set" if f.default is None
+                   else f"`{_toml_value(f.default)}`")
+        lines.append(f"| `{f.name}` | {shown} | {default} | {f.metadata['help']} |")
+    lines += ["", "The presets (`--preset`, or `preset = \"gpu\"` in a config file) change these defaults:", ""]
+    for name, values in PRESETS.items():
+        lines.append(f"- `{name}`: " + ", ".join(f"`{k} = {_toml_value(v)}`" for k, v in values.items()))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m kaggle_vit.config > docs/config.md
+    print(reference_table(), end="")

@@ -63,7 +63,7 @@ class RichProgress:
 
     def end_epoch(self, record: EpochRecord) -> None:
         self.last_loss = record.train_loss
-        valid = "not validated"  # an epoch `--valid-every` leaves out
+        valid = "not validated"  # an epoch `valid_every` leaves out
         if record.validated:
             self.last_acc = f"{100 * record.valid_acc:.2f}%"
             valid = f"valid loss {record.valid_loss:.4f} acc {self.last_acc}"

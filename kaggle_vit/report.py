@@ -32,7 +32,7 @@ def plot_curves(histories: dict[int, list[EpochRecord]], path: Path) -> Path:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for fold, history in sorted(histories.items()):
         epochs = [r.epoch for r in history]
-        validated = [r for r in history if r.validated]  # `--valid-every` skips some
+        validated = [r for r in history if r.validated]  # `valid_every` skips some
         line = ax_loss.plot(epochs, [r.train_loss for r in history], "--", alpha=0.6)[0]
         ax_loss.plot([r.epoch for r in validated], [r.valid_loss for r in validated], "o-", markersize=4,
                      color=line.get_color(), label=f"fold {fold}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import load_toml
+from .config import checked_settings, load_toml
 from .data.layouts import SPEC_PATHS, CompetitionData
 from .data.tables import load_sample_ids, read_csv
 from .errors import KaggleVitError
@@ -69,7 +69,7 @@ def choose_folds(run_dir: Path, wanted: list[int] | None, allow_missing: bool) -
     missing = [k for k in wanted if k not in done]
     if missing and not allow_missing:
         raise KaggleVitError(f"{run_dir}: fold(s) {missing} not finished; finish them with kaggle-vit cv, "
-                             f"choose --folds, or pass --allow-missing to use fewer")
+                             f"choose --fold, or pass --allow-missing to use fewer")
     chosen = {k: done[k] for k in wanted if k in done}
     if not chosen:
         raise KaggleVitError(f"{run_dir}: no finished folds among {wanted}")
@@ -94,11 +94,11 @@ def fold_test_probs(run_dir: Path, fold: int, data: CompetitionData, tta: int | 
 
     model, dev = files.read_model(data.spec), select_device(device)
     model.to(dev)
-    saved_cfg = load_toml(RunDir(run_dir).config)
-    views = tta if tta is not None else int(saved_cfg.get("tta", 1))
+    config = RunDir(run_dir).config
+    saved = checked_settings({k: v for k, v in load_toml(config).items() if k in ("tta", "tta_mode")}, str(config))
+    views = tta if tta is not None else saved.get("tta", 1)
     test = ImageDataset(data.test.images, data_config=resolve_data_config(model))
-    return predict_probs(model, test, dev, inference_amp("auto", dev), views=views,
-                         mode=str(saved_cfg.get("tta_mode", "shift")))
+    return predict_probs(model, test, dev, inference_amp("auto", dev), views=views, mode=saved.get("tta_mode", "shift"))
 
 
 def _check_ids(ids: np.ndarray, expected_ids: list[str], id_col: str, source: str) -> None:

@@ -308,23 +308,21 @@ def _plots(study: optuna.Study, out_dir: Path, n_complete: int) -> list[Path]:
     return plots
 
 
-def check_budget(trials: int | None, timeout: float | None, n_jobs: int) -> None:
+def check_budget(trials: int | None, timeout: float | None) -> None:
     """A study that could run no trial is a mistake, not a success."""
     if trials is not None and trials < 1:
         raise KaggleVitError(f"--trials must be at least 1, got {trials}")
     if timeout is not None and not timeout > 0:
         raise KaggleVitError(f"--timeout must be positive, got {timeout}")
-    if n_jobs < 1:
-        raise KaggleVitError(f"--n-jobs must be at least 1, got {n_jobs}")
 
 
 def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: str | None = None,
-             study_name: str | None = None, trials: int | None = 20, timeout: float | None = None, n_jobs: int = 1,
-             tune_folds: int = 1, pruner: str = "median", space: dict | None = None) -> TuneResult:
+             study_name: str | None = None, trials: int | None = 20, timeout: float | None = None, tune_folds: int = 1,
+             pruner: str = "median", space: dict | None = None) -> TuneResult:
     """Run (or resume) a study, then write best.toml and the plots into `out_dir`. Every setting is
     checked before the study or its folder is created. The base's unset schedule is planned from
     the data's rows, so every trial, and best.toml, trains to the same epochs and batch size."""
-    check_budget(trials, timeout, n_jobs)
+    check_budget(trials, timeout)
     if not 1 <= tune_folds <= base.folds:
         raise KaggleVitError(f"--tune-folds must be in 1..{base.folds}, got {tune_folds}")
     if base.time_budget:
@@ -343,7 +341,7 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
     obj = objective(data, base, space or default_space(data, device, bool(base.pretrained)), list(range(1, tune_folds + 1)), out_dir / "trials",
                     out_dir.parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(obj, n_trials=trials, timeout=timeout, n_jobs=n_jobs, catch=(KaggleVitError,))
+    study.optimize(obj, n_trials=trials, timeout=timeout, catch=(KaggleVitError,))
     cfg, best_path, plots = write_outputs(study, base, out_dir)
     return TuneResult(study, cfg, best_path, plots)
 

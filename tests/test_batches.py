@@ -94,16 +94,17 @@ def test_fit_learns_from_device_batches(mnist):
     assert result.history[-1].valid_acc > 0.8 and result.history[-1].train_loss < result.history[0].train_loss
 
 
-@pytest.mark.parametrize("option,value,message", [
-    ("--data-on-device", "always", "data_on_device must be auto, on or off, got 'always'"),
-    ("--compile-mode", "fast", "compile_mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got 'fast'"),
-    ("--devices", "0,x", "--devices 0,x: give GPU indices such as 0,1, or all"),
+@pytest.mark.parametrize("setting,message", [
+    ("data_on_device=always", "--set: data_on_device = 'always' must be one of auto, on, off"),
+    ("compile_mode=fast", "--set: compile_mode = 'fast' must be one of default, reduce-overhead, max-autotune, "
+                          "max-autotune-no-cudagraphs"),
+    ("devices=0,x", "devices 0,x: give GPU indices such as 0,1, or all"),
 ])
-def test_gpu_options_refuse_bad_values_in_one_line(small_comp, tmp_path, option, value, message):
+def test_gpu_settings_refuse_bad_values_in_one_line(small_comp, tmp_path, setting, message):
     from typer.testing import CliRunner
 
     from kaggle_vit.cli import app
 
     result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--device", "auto",
-                                      option, value])
+                                      "--set", setting])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {message}"], result.output

@@ -21,7 +21,7 @@ def test_timm_twin_has_the_same_shape():
 
 
 def test_bench_reports_ratios_as_json(small_comp):
-    result = runner.invoke(app, ["bench", "--data-dir", str(small_comp), "--rounds", "1", "--batch-size", "32",
+    result = runner.invoke(app, ["bench", "--data-dir", str(small_comp), "--rounds", "1", "--set", "batch_size=32",
                                  "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

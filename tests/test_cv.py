@@ -159,7 +159,7 @@ def test_cli_cv_quiet(small_comp, tiny_toml, tmp_path, monkeypatch):
 
 
 def test_cv_seeds_then_submit_averages_every_seed(small_comp, small_spec, tiny_toml, tmp_path, monkeypatch):
-    """`cv --seeds 2` makes the runs `--seed 42` and `--seed 43` make, scores their OOF ensemble,
+    """`cv --seeds 2` makes the runs `--set seed=42` and `--set seed=43` make, scores their OOF ensemble,
     and a bare `submit` then averages all four fold models."""
     monkeypatch.chdir(tmp_path)
     args = ["--config", str(tiny_toml), "--data-dir", str(small_comp)]
@@ -176,14 +176,14 @@ def test_cv_seeds_then_submit_averages_every_seed(small_comp, small_spec, tiny_t
     expected = sum(np.load(r / f"fold{k}" / "test_probs.npy") for r in runs for k in (1, 2)) / 4
     assert np.array_equal(pd.read_csv("submission.csv")["Label"].to_numpy(), expected.argmax(1))
     assert all(f"{r.name}/fold2: 0.250" in " ".join(sub.output.split()) for r in runs)
-    for bad, message in ((["--run-dir", "x"], "--run-dir names one run"), (["--pseudo", str(runs[0])], "--pseudo with --seeds")):
+    for bad, message in ((["--run-dir", "x"], "--run-dir names one run"), (["--set", f"pseudo={runs[0]}"], "pseudo with --seeds")):
         refused = runner.invoke(app, ["cv", *args, "--seeds", "2", *bad])
         assert refused.exit_code == 2 and message in refused.output
 
 
 def test_a_setting_added_later_keeps_run_folders_named_as_before_while_it_is_off():
     """Runs of these settings (the cpu preset of commit 3095d34) were named ...-3f32d7b6 before
-    `skip_easy` existed: `--epochs 6 --skip-easy 0` still finds, and resumes, that folder; turning
+    `skip_easy` existed: `--epochs 6 --set skip_easy=0` still finds, and resumes, that folder; turning
     the setting on names a new one."""
     assert TrainConfig().fingerprint() == "3f32d7b6"
     assert TrainConfig(skip_easy=0.5).fingerprint() != "3f32d7b6"

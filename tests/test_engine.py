@@ -240,7 +240,7 @@ def test_compile_is_skipped_with_one_notice_on_a_gpu_triton_cannot_compile_for(m
     with caplog.at_level("WARNING", logger="kaggle_vit"):
         assert maybe_compile(model, cfg, cuda) is model and maybe_compile(model, cfg, cuda) is model
     assert [r.getMessage() for r in caplog.records] == [
-        "--compile skipped: Tesla P100-PCIE-16GB has CUDA capability 6.0, and torch.compile (Triton) needs 7.0 "
+        "compile skipped: Tesla P100-PCIE-16GB has CUDA capability 6.0, and torch.compile (Triton) needs 7.0 "
         "or newer; the model runs eager"]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))  # a T4
     assert isinstance(maybe_compile(model, cfg, cuda), torch._dynamo.eval_frame.OptimizedModule)
@@ -269,7 +269,7 @@ def test_skip_easy_outside_zero_to_one_is_refused_in_one_line(small_comp, tmp_pa
 
     from kaggle_vit.cli import app
 
-    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--skip-easy", "1"])
+    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--set", "skip_easy=1"])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
         "error: skip_easy is a share of rows in [0, 1) (0: off), got 1.0"], result.output
     assert not (tmp_path / "r").exists()
@@ -280,7 +280,7 @@ def test_valid_every_below_zero_is_refused_in_one_line(small_comp, tmp_path):
 
     from kaggle_vit.cli import app
 
-    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--valid-every", "-1"])
+    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--set", "valid_every=-1"])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
         "error: valid_every is a number of epochs (0: validate after the last only), got -1"], result.output
     assert not (tmp_path / "r").exists()

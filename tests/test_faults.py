@@ -269,8 +269,8 @@ def test_score_against_a_solution_for_another_test_file(run_copy, tmp_path, monk
 
 @pytest.mark.parametrize("option, message", [
     (["--model", "vit_nonexistent"], "unknown model 'vit_nonexistent'"),
-    (["--patch-size", "5"], "patch_size 5 does not divide 28x28"),
-    (["--model", "vit_tiny_patch16_224", "--patch-size", "3"], "patch_size 3 does not divide 28x28"),
+    (["--set", "patch_size=5"], "patch_size 5 does not divide 28x28"),
+    (["--model", "vit_tiny_patch16_224", "--set", "patch_size=3"], "patch_size 3 does not divide 28x28"),
 ])
 def test_an_impossible_model_fails_before_any_folder(comp, tiny, tmp_path, monkeypatch, option, message):
     before = snapshot(tmp_path)
@@ -297,13 +297,13 @@ def test_a_diverging_fold_stops_instead_of_scoring(tmp_path, small_spec, mnist, 
     # 120 rows: one step per epoch, so the only non-finite loss is the validation loss after it
     data = build_small(tmp_path / "d", small_spec, mnist, 120, 20)
     before = snapshot(data)
-    result = invoke(["cv", "--config", tiny, "--data-dir", data, "--lr", "1e30", "--epochs", "1", "--run-dir",
+    result = invoke(["cv", "--config", tiny, "--data-dir", data, "--set", "lr=1e30", "--epochs", "1", "--run-dir",
                      tmp_path / "run"], tmp_path, monkeypatch)
     assert result.exit_code == 2
     plan, error = result.output.strip().splitlines()  # the schedule, printed before the first step; then one line
     assert plan.startswith("60 training rows per fold: 1 epoch × 1 step of 64 = 1 step (lr 1e30")
-    assert re.fullmatch(r"error: fold 1: epoch 1: the (validation )?loss became (nan|inf); lower --lr, or use "
-                        r"--amp bf16 or off", error)
+    assert re.fullmatch(r"error: fold 1: epoch 1: the (validation )?loss became (nan|inf); lower lr, or set "
+                        r"amp to bf16 or off", error)
     assert not (tmp_path / "run" / "oof.csv").exists()
     assert {p: d for p, d in snapshot(data).items() if "kvcache" not in p} == before
 

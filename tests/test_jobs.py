@@ -115,7 +115,7 @@ def test_devices_option_picks_and_checks_gpus():
     assert visible_devices(TrainConfig(devices="1,0,1"), gpu_count=2) == ["cuda:1", "cuda:0"]
     assert visible_devices(TrainConfig(device="cuda:1"), gpu_count=2) == ["cuda:1"]
     assert visible_devices(TrainConfig(), gpu_count=0) == ["cpu"] == visible_devices(TrainConfig(device="cpu"), gpu_count=2)
-    with pytest.raises(KaggleVitError, match=r"^--devices 0,2: GPU 2 is not visible \(2 GPU\(s\) are: 0\.\.1\)$"):
+    with pytest.raises(KaggleVitError, match=r"^devices 0,2: GPU 2 is not visible \(2 GPU\(s\) are: 0\.\.1\)$"):
         visible_devices(TrainConfig(devices="0,2"), gpu_count=2)
     with pytest.raises(KaggleVitError, match="give GPU indices such as 0,1, or all"):
         validate_config(TrainConfig(devices="first"))

@@ -1,4 +1,4 @@
-"""`--pretrained PATH`: local timm weights and kaggle-vit fold checkpoints load back exactly, fit a
+"""`pretrained = PATH` (`cv --set pretrained=PATH`): local timm weights and kaggle-vit fold checkpoints load back exactly, fit a
 new competition (head re-initialised, position embedding resampled, input convolution adapted), set
 the data config, and a missing or unfitting file is one line with exit status 2."""
 from __future__ import annotations
@@ -140,12 +140,12 @@ def test_unfitting_and_unreadable_weights_are_one_line(tmp_path, timm_vit):
 
 def test_cli_refuses_missing_and_unfitting_weights_in_one_line(tmp_path, small_comp, timm_vit):
     base = ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "run"), "--quiet"]
-    missing = runner.invoke(app, [*base, "--pretrained", str(tmp_path / "nope.safetensors")])
+    missing = runner.invoke(app, [*base, "--set", f"pretrained={tmp_path / 'nope.safetensors'}"])
     assert missing.exit_code == 2 and missing.output.strip().count("\n") == 0, missing.output
     assert "nope.safetensors: no such file" in missing.output
     path = tmp_path / "weights.safetensors"
     save_file(timm_vit.state_dict(), str(path))
-    wrong = runner.invoke(app, [*base, "--pretrained", str(path)])  # tiny-ViT weights for the kvit default
+    wrong = runner.invoke(app, [*base, "--set", f"pretrained={path}"])  # tiny-ViT weights for the kvit default
     assert wrong.exit_code == 2 and "do not fit kvit_pico_patch4_28" in wrong.output, wrong.output
     assert wrong.output.strip().count("\n") == 0 and not (tmp_path / "run").exists()
 
@@ -154,12 +154,12 @@ def test_cv_fine_tunes_from_a_fold_checkpoint(tmp_path, small_comp):
     """Train one fold, then start a second run from its model.safetensors: the run records the weights and
     its first epoch starts where the first run ended, not from scratch."""
     tiny = ["--data-dir", str(small_comp), "--epochs", "1", "--folds", "2", "--fold", "1", "--jobs", "1", "--quiet",
-            "--workers", "0", "--tta", "1"]
+            "--set", "num_workers=0", "--set", "tta=1"]
     first = runner.invoke(app, ["cv", *tiny, "--run-dir", str(tmp_path / "a"), "--config", str(_tiny_toml(tmp_path))])
     assert first.exit_code == 0, first.output
     weights = tmp_path / "a" / "fold1" / "model.safetensors"
     scratch_acc = pd.read_csv(tmp_path / "a" / "fold1" / "history.csv")["valid_acc"].iloc[0]
-    second = runner.invoke(app, ["cv", *tiny, "--run-dir", str(tmp_path / "b"), "--pretrained", str(weights)])
+    second = runner.invoke(app, ["cv", *tiny, "--run-dir", str(tmp_path / "b"), "--set", f"pretrained={weights}"])
     assert second.exit_code == 0, second.output
     assert f'pretrained = "{weights}"' in (tmp_path / "b" / "config.toml").read_text()
     assert 'embed_dim = 32' in (tmp_path / "b" / "config.toml").read_text()  # the checkpoint's shape

@@ -1,4 +1,4 @@
-"""Pseudo-labels (`cv --pseudo RUN`): fold K trains on its own rows plus the test rows that the
+"""Pseudo-labels (`cv --set pseudo=RUN`): fold K trains on its own rows plus the test rows that the
 source run's fold K model is confident about, labelled by that model; validation rows never move;
 a source that cannot label this run's folds is refused in one line before anything is written."""
 import dataclasses
@@ -84,6 +84,6 @@ def test_cli_refuses_an_unfinished_source_with_exit_2(small_comp, source, tmp_pa
     shutil.copytree(source, unfinished)
     (unfinished / "fold1" / "test_probs.npy").unlink()
     result = runner.invoke(app, ["cv", "--data-dir", str(small_comp), "--folds", "2", "--epochs", "1", "--quiet",
-                                 "--run-dir", str(tmp_path / "run"), "--pseudo", str(unfinished)])
+                                 "--run-dir", str(tmp_path / "run"), "--set", f"pseudo={unfinished}"])
     assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
     assert "fold 1 is not finished" in result.output and not (tmp_path / "run").exists()

@@ -38,7 +38,7 @@ from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.errors import KaggleVitError
 from kaggle_vit.spec import bundled_dir, load_spec
 
-# 1. Opening a file never runs code: run folders, --pretrained weights, --pseudo sources.
+# 1. Opening a file never runs code: run folders, pretrained weights, pseudo sources.
 
 OLD = ("is in the old pickle format, which is never loaded (a pickle can run code): rerun `kaggle-vit cv` with the "
        "same settings to retrain it")
@@ -117,13 +117,13 @@ CASES = {
     "test_probs-report": (_test_probs, lambda run, data, *a: ["report", run, "--data-dir", data], 2,
                           lambda p, run: f"error: {p}: unreadable (ValueError); rerun `kaggle-vit cv` with the same "
                                          f"settings to rewrite it"),
-    "test_probs-pseudo": (_test_probs, lambda run, *a: [*NEW_CV(run, *a), "--pseudo", run], 2,
-                          lambda p, run: f"error: --pseudo {p}: unreadable (ValueError); rerun `kaggle-vit cv` for "
+    "test_probs-pseudo": (_test_probs, lambda run, *a: [*NEW_CV(run, *a), "--set", f"pseudo={run}"], 2,
+                          lambda p, run: f"error: pseudo {p}: unreadable (ValueError); rerun `kaggle-vit cv` for "
                                          f"{run} to rewrite it"),
-    "pth-pretrained": (_weights(".pth"), lambda *a: [*NEW_CV(*a), "--pretrained", a[-1]], 2,
-                       lambda p, run: f"error: --pretrained {p}: not a readable weights file ("),
-    "pt-pretrained": (_weights(".pt"), lambda *a: [*NEW_CV(*a), "--pretrained", a[-1]], 2,
-                      lambda p, run: f"error: --pretrained {p}: not a readable weights file ("),
+    "pth-pretrained": (_weights(".pth"), lambda *a: [*NEW_CV(*a), "--set", f"pretrained={a[-1]}"], 2,
+                       lambda p, run: f"error: pretrained {p}: not a readable weights file ("),
+    "pt-pretrained": (_weights(".pt"), lambda *a: [*NEW_CV(*a), "--set", f"pretrained={a[-1]}"], 2,
+                      lambda p, run: f"error: pretrained {p}: not a readable weights file ("),
 }
 
 
@@ -686,9 +686,9 @@ def _refused(args: list, cwd: Path, monkeypatch, message: str) -> None:
     (("split =", "spilt ="), "spec.toml [offline]: unknown key 'spilt'; did you mean 'split'?"),
     # [train] keys and values, checked by `data` too
     (("[offline]", "[train]\nepoch = 3\n\n[offline]"), "spec.toml [train]: unknown key 'epoch'; did you mean 'epochs'?"),
-    (("[offline]", '[train]\nepochs = "many"\n\n[offline]'), "spec.toml [train]: setting 'epochs' = 'many' should be int"),
+    (("[offline]", '[train]\nepochs = "many"\n\n[offline]'), "spec.toml [train]: epochs = 'many' must be a whole number"),
     (("[offline]", '[train]\naug = "flip-flop"\n\n[offline]'),
-     "spec.toml [train]: aug must be one of rotate, affine, flip, crop, none, got 'flip-flop'"),
+     "spec.toml [train]: aug = 'flip-flop' must be one of rotate, affine, flip, crop, none"),
     (("[offline]", '[train]\ncompetition = "cifar-10"\n\n[offline]'),
      "spec.toml [train]: competition cannot be set here: the spec is the competition"),
     # names that become folders, and paths, stay inside their folders

@@ -1,8 +1,8 @@
 """A fold checkpoint: the best epoch's weights as safetensors (tensors only: loading runs no code),
 with its `CheckpointHeader` (the model's name, keywords, image size and classes) as JSON in its
 header, and the tensor bytes' digest. The header is read without torch (`checkpoint_header`), so
-`submit` and `report` check a run's checkpoints before any model is built, and `--pretrained` finds
-the model it names."""
+`submit` and `report` check a run's checkpoints before any model is built, and `pretrained` weights name
+their model."""
 from __future__ import annotations
 
 import hashlib

@@ -47,7 +47,7 @@ def model_kwargs(cfg: TrainConfig, spec: CompetitionSpec) -> dict[str, Any]:
                 raise KaggleVitError(f"{name} applies to kvit models only, not '{cfg.model}'")
         if cfg.pretrained:  # the weights fix the patch size and the image size (images are resized to it)
             if "patch_size" in kwargs:
-                raise KaggleVitError(f"--pretrained: {cfg.model} keeps the patch size of its weights; "
+                raise KaggleVitError(f"pretrained: {cfg.model} keeps the patch size of its weights; "
                                      f"drop patch_size {kwargs['patch_size']}")
             del kwargs["img_size"]
             return kwargs
@@ -90,7 +90,7 @@ def create_pretrained(name: str, kwargs: dict[str, Any], path: Path) -> nn.Modul
     except (RuntimeError, ValueError, KeyError) as error:
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error).strip())
         detail = detail if len(detail) <= 160 else detail[:157] + "..."
-        raise KaggleVitError(f"--pretrained {path}: the weights do not fit {name}: {detail}") from None
+        raise KaggleVitError(f"pretrained {path}: the weights do not fit {name}: {detail}") from None
 
 
 def model_from(header: CheckpointHeader, state_dict: dict[str, torch.Tensor]) -> nn.Module:

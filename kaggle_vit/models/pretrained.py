@@ -1,4 +1,4 @@
-"""Local pretrained weights (`--pretrained PATH`): a timm checkpoint (.safetensors, .pth, .bin) or a
+"""Local pretrained weights (`--set pretrained=PATH`): a timm checkpoint (.safetensors, .pth, .bin) or a
 kaggle-vit fold checkpoint (model.safetensors; an older kaggle-vit's model.pt is read weights-only),
 read offline, checked, and the model they name; `factory.create_pretrained` loads them through
 timm's own pretrained path. Nothing here unpickles anything but tensors.
@@ -25,9 +25,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
 
 def _check_path(path: Path) -> None:
     if not path.is_file():
-        raise KaggleVitError(f"--pretrained {path}: no such file")
+        raise KaggleVitError(f"pretrained {path}: no such file")
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise KaggleVitError(f"--pretrained {path}: expected a {', '.join(WEIGHT_SUFFIXES)} weights file")
+        raise KaggleVitError(f"pretrained {path}: expected a {', '.join(WEIGHT_SUFFIXES)} weights file")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -37,9 +37,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = timm.models.load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch and safetensors raise many kinds for a damaged file
-        raise KaggleVitError(f"--pretrained {path}: not a readable weights file ({type(error).__name__})") from None
+        raise KaggleVitError(f"pretrained {path}: not a readable weights file ({type(error).__name__})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise KaggleVitError(f"--pretrained {path}: holds no state dict of tensors")
+        raise KaggleVitError(f"pretrained {path}: holds no state dict of tensors")
     return state
 
 
@@ -54,7 +54,7 @@ def _fold_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
         header = CheckpointHeader.from_json(json.loads(text))
         return header.model, header.kwargs
     except Exception as error:  # noqa: BLE001 - safetensors and json raise many kinds for a damaged file
-        raise KaggleVitError(f"--pretrained {path}: not a readable weights file ({type(error).__name__})") from None
+        raise KaggleVitError(f"pretrained {path}: not a readable weights file ({type(error).__name__})") from None
 
 
 def _pickled_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
@@ -63,7 +63,7 @@ def _pickled_architecture(path: Path) -> tuple[str, dict[str, Any]] | None:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001
-        raise KaggleVitError(f"--pretrained {path}: not a readable weights file ({type(error).__name__})") from None
+        raise KaggleVitError(f"pretrained {path}: not a readable weights file ({type(error).__name__})") from None
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), str) and isinstance(checkpoint.get("kwargs"), dict):
         return checkpoint["model"], checkpoint["kwargs"]
     return None

@@ -268,7 +268,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: KaggleViT) 
 def _create(variant: str, pretrained: bool, arch: dict, kwargs: dict) -> KaggleViT:
     """Build a registered variant: its architecture numbers, overridden by the caller's keywords.
     Weights exist only where the caller gives them (`pretrained_cfg_overlay` with a file or state
-    dict, as kaggle-vit's `--pretrained` does): kvit models are trained here, not downloaded."""
+    dict, as kaggle-vit's `pretrained` setting does): kvit models are trained here, not downloaded."""
     return build_model_with_cfg(KaggleViT, variant, pretrained=pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 **{**arch, **kwargs})
 

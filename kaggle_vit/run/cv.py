@@ -27,7 +27,6 @@ from ..data.layouts import CompetitionData
 from ..errors import Interrupted, KaggleVitError
 from ..io import atomic_path
 from ..metrics import get_metric
-from ..models.factory import create_model
 from ..notices import notice
 from ..records import EpochRecord, FoldResult, RunMetrics, SeedEnsemble
 from ..spec import CompetitionSpec
@@ -189,12 +188,13 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     or in this process when one at a time or when `on_epoch` (tune's pruning hook) must see every
     epoch. `validate_only` (a tuning trial) skips the test predictions and test-time views. The
     schedule's unset settings are planned first, and the plan handed to `on_plan` before the first
-    step (the CLI prints it); a time budget counts from `started` (time.monotonic(); default: now)."""
+    step (the CLI prints it); a time budget counts from `started` (time.monotonic(); default: now).
+    Its model was checked when `cfg` was resolved (`settings.resolve_config`); one that cannot be
+    built fails when its first fold starts."""
     started = time.monotonic() if started is None else started
     progress = _Tracked(progress or NoProgress())
     spec = data.spec
     cfg, plan = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))
-    create_model(cfg, spec)  # an impossible model or unfitting weights fail here, before any folder or worker
     wanted = only_folds or list(range(1, cfg.folds + 1))
     bad = [k for k in wanted if not 1 <= k <= cfg.folds]
     if bad:
@@ -252,14 +252,14 @@ class SeedsResult:
 
 def run_cv_seeds(cfg: TrainConfig, data: CompetitionData, seeds: int, only_folds: list[int] | None = None,
                  progress: Progress | None = None, on_plan: Callable[[Plan], None] | None = None) -> SeedsResult:
-    """CV once per seed (cfg.seed, cfg.seed + 1, ...), each run in the folder `--seed S` gives it,
+    """CV once per seed (cfg.seed, cfg.seed + 1, ...), each run in the folder `seed = S` gives it,
     then the seed ensemble's OOF scores: the mean of the runs' OOF probabilities, each row still
     predicted only by models that never trained on it. Each run's metrics.json then lists the
     group (`seed_ensemble`), so `submit` without a run folder averages every fold model of every seed."""
     if seeds < 1:
         raise KaggleVitError(f"--seeds must be at least 1, got {seeds}")
     if cfg.pseudo and seeds > 1:
-        raise KaggleVitError("--pseudo with --seeds: pseudo-labels need the source run's folds, and each seed "
+        raise KaggleVitError("pseudo with --seeds: pseudo-labels need the source run's folds, and each seed "
                              "draws other folds; run one seed per source run")
     if cfg.time_budget and seeds > 1:
         raise KaggleVitError("--time-budget with --seeds: a budget is one run's; run one seed per budget")

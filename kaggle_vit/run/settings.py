@@ -1,6 +1,7 @@
 """A run's TrainConfig, resolved: the preset, then the competition spec's [train] table, then a
-`--config` TOML file, then command-line options; then the model and shape that `--pretrained`
-weights name. Here because it needs the spec, the config and the weights' reader together."""
+`--config` TOML file, then the command line (`--set` and named options); then the model and shape
+that `pretrained` weights name; then the model built once, to check it. Here because it needs the
+spec, the config, the weights' reader and the model factory together."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,16 +10,19 @@ from typing import Any
 
 from ..config import ARCHITECTURE, PLANNED, PRESETS, TrainConfig, apply_overrides, load_toml, validate_config
 from ..errors import KaggleVitError
+from ..models.factory import create_model
 from ..models.pretrained import weights_architecture
 from ..spec import load_spec
 
 
 def resolve_config(preset: str | None = None, config_file: Path | None = None, **cli: Any) -> TrainConfig:
-    """Preset, then the competition spec's [train] table, then TOML file, then CLI options (None =
-    not given) → one TrainConfig. A photo competition's spec can so choose flips, a digit one rotation.
-    The PLANNED settings none of them gives stay None, for `schedule.plan_schedule`."""
+    """Preset, then the competition spec's [train] table, then TOML file, then command-line
+    settings (None = not given) → one TrainConfig. A photo competition's spec can so choose flips, a
+    digit one rotation. The PLANNED settings none of them gives stay None, for
+    `schedule.plan_schedule`. The model is built once here, so that an unknown model, an
+    impossible shape or unfitting weights fail before any data is read or folder written."""
     from_file = load_toml(config_file) if config_file else {}
-    name = cli.pop("preset_name", None) or preset or from_file.pop("preset", None) or "cpu"
+    name = preset or from_file.pop("preset", None) or "cpu"
     from_file.pop("preset", None)
     if name not in PRESETS:
         raise KaggleVitError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
@@ -29,7 +33,9 @@ def resolve_config(preset: str | None = None, config_file: Path | None = None, *
     cfg = apply_overrides(cfg, from_file, str(config_file))
     cfg = apply_overrides(cfg, cli, "command line")
     validate_config(cfg)
-    return with_weights_architecture(cfg)
+    cfg = with_weights_architecture(cfg)
+    create_model(cfg, spec)
+    return cfg
 
 
 def with_weights_architecture(cfg: TrainConfig) -> TrainConfig:

@@ -45,7 +45,7 @@ def shares_gpus(pixels: int, multiprocessors: list[int]) -> bool:
 
 def visible_devices(cfg: TrainConfig, gpu_count: int | None = None) -> list[str]:
     """The devices folds are spread over: ["cpu"] on a CPU; the one GPU that `--device cuda:N`
-    names; else `--devices` (all visible GPUs, or indices such as "0,1"). `gpu_count` overrides
+    names; else `devices` (all visible GPUs, or indices such as "0,1"). `gpu_count` overrides
     asking CUDA (for tests)."""
     count = torch.cuda.device_count() if gpu_count is None else gpu_count
     if cfg.device == "cpu" or (cfg.device == "auto" and count == 0):
@@ -57,7 +57,7 @@ def visible_devices(cfg: TrainConfig, gpu_count: int | None = None) -> list[str]
     wanted = [int(part) for part in cfg.devices.split(",")]  # checked by config.validate_config
     bad = [i for i in wanted if not 0 <= i < count]
     if bad:
-        raise KaggleVitError(f"--devices {cfg.devices}: GPU {bad[0]} is not visible ({count} GPU(s) are: 0..{count - 1})")
+        raise KaggleVitError(f"devices {cfg.devices}: GPU {bad[0]} is not visible ({count} GPU(s) are: 0..{count - 1})")
     return [f"cuda:{i}" for i in dict.fromkeys(wanted)]
 
 
@@ -130,7 +130,7 @@ def can_compile(device: torch.device) -> bool:
 @functools.lru_cache(maxsize=None)
 def _notice_eager(name: str, capability: tuple[int, int]) -> None:
     """Say once per process and GPU kind that compilation was asked for and skipped."""
-    notice(f"--compile skipped: {name} has CUDA capability {capability[0]}.{capability[1]}, and torch.compile "
+    notice(f"compile skipped: {name} has CUDA capability {capability[0]}.{capability[1]}, and torch.compile "
            f"(Triton) needs {TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]} or newer; the model runs eager")
 
 

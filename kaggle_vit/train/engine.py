@@ -218,11 +218,11 @@ def _restore(payload: dict, t: Trainer) -> _State:
     t.scaler.load_state_dict(payload["scaler"])
     if t.ema is not None:
         if payload.get("ema") is None:
-            raise KaggleVitError("the saved training state has no weight average; delete it to retrain the fold with --ema")
+            raise KaggleVitError("the saved training state has no weight average; delete it to retrain the fold with ema")
         t.ema.module.load_state_dict(payload["ema"])
     if t.row_loss is not None:
         if payload.get("row_loss") is None:
-            raise KaggleVitError("the saved training state has no row losses; delete it to retrain the fold with --skip-easy")
+            raise KaggleVitError("the saved training state has no row losses; delete it to retrain the fold with skip_easy")
         t.row_loss.copy_(payload["row_loss"])
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
@@ -239,7 +239,7 @@ def _restore(payload: dict, t: Trainer) -> _State:
 
 def _check_finite(value: float, what: str, epoch: int) -> None:
     if not math.isfinite(value):
-        raise KaggleVitError(f"epoch {epoch}: the {what} became {value}; lower --lr, or use --amp bf16 or off")
+        raise KaggleVitError(f"epoch {epoch}: the {what} became {value}; lower lr, or set amp to bf16 or off")
 
 
 @dataclass
