@@ -45,7 +45,7 @@ CLASSES = 4
 CHUNK = 1_000  # images generated at once
 SAMPLE_S = 0.5
 CV = ["--folds", "5", "--fold", "1,2", "--jobs", "2", "--epochs", "1", "--set", "patch_size=16", "--quiet"]
-IDLE = "import torch, timm, albumentations, kaggle_vit.run.workers; print(open('/proc/self/smaps_rollup').read())"
+IDLE = "import torch, timm, albumentations, kaggle_vit.run.jobs; print(open('/proc/self/smaps_rollup').read())"
 LOAD = ("import sys, time; from kaggle_vit.spec import load_spec; from kaggle_vit.data.layouts import load_competition; "
         "t = time.perf_counter(); load_competition(load_spec(sys.argv[1]), sys.argv[2]); print(time.perf_counter() - t)")
 
