@@ -329,21 +329,36 @@ def _wait_for(path_test, proc, limit: float = 240, log: Path | None = None) -> N
                     f"(limit {limit} s), {free:.0f} MiB free\n{tail}")
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_ctrl_c_is_one_line_and_the_rerun_resumes_in_plain_lines(comp, tmp_path, jobs):
+def _cv_in_its_second_epoch(comp: Path, tmp_path: Path, jobs: int, run: Path | None = None,
+                            **popen) -> tuple[Path, Path, subprocess.Popen]:
+    """A `cv` of 4 epochs in a subprocess (its config file, run folder and process), once fold 1
+    has saved its first epoch's state: stopped or killed there, it has something to resume."""
     cfg = tmp_path / "c.toml"
     cfg.write_text(to_toml(TrainConfig(**{**TINY, "epochs": 4, "jobs": jobs})))
+    run = run or tmp_path / "run"
+    proc = subprocess.Popen(_cv_command(cfg, comp, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+    _wait_for(lambda: (run / "fold1" / "state.pt").exists(), proc)
+    return cfg, run, proc
+
+
+def _message_lines(stderr: str) -> list[str]:
+    """What a run printed on stderr besides its per-epoch `fold ...` lines."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("fold ")]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_is_one_line_and_the_rerun_resumes_in_plain_lines(comp, tmp_path, jobs):
     # a path longer than 80 columns: a pipe must get it on one line
-    run = tmp_path / ("a-run-folder-with-a-name-long-enough-to-wrap-at-eighty-columns-" * 2) / "run"
+    long_run = tmp_path / ("a-run-folder-with-a-name-long-enough-to-wrap-at-eighty-columns-" * 2) / "run"
     before = snapshot(comp)
     # SIGINT as a terminal leaves it (a shell running this suite in the background ignores it)
-    proc = subprocess.Popen(_cv_command(cfg, comp, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    _wait_for(lambda: (run / "fold1" / "state.pt").exists(), proc)
+    cfg, run, proc = _cv_in_its_second_epoch(comp, tmp_path, jobs, long_run, start_new_session=True,
+                                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("fold ")]
+    lines = _message_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr and "leaked" not in stderr, stderr
     assert re.fullmatch(r"interrupted during fold 1, epoch [1-4] of 4( and fold 2(, epoch [1-4] of 4| \(starting\)))?; "
                         r"the same command resumes", lines[0]), lines[0]
@@ -358,15 +373,11 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes_in_plain_lines(comp, tmp_path,
 
 
 def test_sigterm_stops_the_run_and_its_workers_as_ctrl_c_does(comp, tmp_path):
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(to_toml(TrainConfig(**{**TINY, "epochs": 4, "jobs": 2})))
-    run = tmp_path / "run"
-    proc = subprocess.Popen(_cv_command(cfg, comp, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (run / "fold1" / "state.pt").exists(), proc)
+    _, run, proc = _cv_in_its_second_epoch(comp, tmp_path, jobs=2)
     proc.terminate()  # what `timeout` and `kill PID` send: the parent alone
     stdout, stderr = proc.communicate(timeout=60)  # returns once every worker has exited too (they hold stderr)
     assert proc.returncode == 130, stderr
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("fold ")]
+    lines = _message_lines(stderr)
     assert len(lines) == 1 and lines[0].startswith("interrupted during fold 1, epoch "), stderr
     assert not list(run.rglob("*.tmp")) and not list(run.glob(".arrays-*")) and not (run / "fold1" / "result.json").exists()
 
@@ -381,17 +392,13 @@ def _pool_workers(parent: int) -> list[int]:
 def test_a_worker_killed_by_the_system_is_one_line_and_the_rerun_resumes(comp, tmp_path):
     # The kernel's OOM killer ends a worker with SIGKILL: the pool breaks; cv names the folds that
     # were training, stops the other worker, keeps what was written, and the same command goes on.
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(to_toml(TrainConfig(**{**TINY, "epochs": 4, "jobs": 2})))
-    run = tmp_path / "run"
-    proc = subprocess.Popen(_cv_command(cfg, comp, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (run / "fold1" / "state.pt").exists(), proc)
+    cfg, run, proc = _cv_in_its_second_epoch(comp, tmp_path, jobs=2)
     workers = _pool_workers(proc.pid)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2, stderr
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("fold ")]
+    lines = _message_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr and "leaked" not in stderr, stderr
     assert re.fullmatch(r"error: a worker process stopped during fold 1( and fold 2)?.*; the same command resumes",
                         lines[0]), lines[0]

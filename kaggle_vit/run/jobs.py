@@ -502,8 +502,7 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
     except KeyboardInterrupt:
         if procs:
             relay.drain(events)  # events not yet read say where each fold is
-        _stop(procs)
-        raise Interrupted.during(relay.running) from None
+        raise Interrupted.during(relay.running) from None  # the workers are stopped below
     finally:
         _stop(procs)
         if pool is not None:
