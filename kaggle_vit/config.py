@@ -34,6 +34,7 @@ Switch = Literal["auto", "on", "off"]
 TtaMode = Literal["shift", "flip"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 Schedule = Literal["cpu", "gpu"]  # the keys of BUDGETS
+Distill = Literal["soft", "hard"]
 
 
 def setting(default: Any, help: str) -> Any:
@@ -65,6 +66,12 @@ class TrainConfig:
     pseudo: str | None = setting(None, "a finished cv run (same folds) whose confident test predictions join the "
                                        "training rows")
     pseudo_threshold: float = setting(0.99, "the top probability a test row needs to be pseudo-labelled")
+    teacher: str | None = setting(None, "a finished cv run (same folds) whose fold K model teaches fold K (DeiT "
+                                        "distillation)")
+    distill: Distill = setting("hard", "what the student learns from the teacher: soft (KL of the temperature's "
+                                       "probabilities) or hard (the teacher's top class)")
+    distill_alpha: float = setting(0.5, "the teacher's share of the training loss, the labels' is the rest")
+    distill_temperature: float = setting(1.0, "temperature of both models' probabilities in soft distillation")
     # optimisation (epochs, batch_size, lr, warmup_epochs: None is planned from the training rows and the schedule)
     epochs: int | None = setting(6, "epochs per fold")
     batch_size: int | None = setting(64, "training images per step")
@@ -152,7 +159,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 # Settings added after run folders were first named from the settings' hash.
-ADDED_LATER = ("skip_easy", "valid_every", "time_budget")
+ADDED_LATER = ("skip_easy", "valid_every", "time_budget", "teacher", "distill", "distill_alpha", "distill_temperature")
 
 
 @dataclass(frozen=True)
@@ -287,6 +294,10 @@ def validate_config(cfg: TrainConfig) -> None:
                              f"a config file's), or give --time-budget 0 to train {cfg.epochs} epochs")
     if not 0 < cfg.pseudo_threshold <= 1:
         raise KaggleVitError(f"pseudo_threshold is a probability in (0, 1], got {cfg.pseudo_threshold}")
+    if not 0 < cfg.distill_alpha <= 1:
+        raise KaggleVitError(f"distill_alpha is the teacher's share of the loss, in (0, 1], got {cfg.distill_alpha}")
+    if not cfg.distill_temperature > 0:
+        raise KaggleVitError(f"distill_temperature must be positive, got {cfg.distill_temperature}")
 
 
 def _toml_value(value: Any) -> str:

@@ -35,8 +35,8 @@ from ..train.engine import NoProgress, Progress
 from ..train.schedule import Plan, budget_plan, fold_rows, plan_schedule, read_plan, write_plan
 from .fold import train_fold
 from .jobs import train_folds_parallel
-from .pseudo import check_source
 from .rundir import RunDir, shared_folds
+from .sources import check_source
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,8 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     folds, new_split = split_folds(shared, data.train.labels, cfg.folds, cfg.seed)  # saved once the checks pass
     if cfg.pseudo:
         check_source(Path(cfg.pseudo), folds, len(data.test.images))
+    if cfg.teacher:
+        check_source(Path(cfg.teacher), folds, len(data.test.images), key="teacher", spec=spec)
     run = RunDir(run_dir)
     plan = _plan(cfg, plan, data, folds, run, cfg.folds, started)  # a budget too small: said before any write
     _check_writable(run_dir)
@@ -258,9 +260,10 @@ def run_cv_seeds(cfg: TrainConfig, data: CompetitionData, seeds: int, only_folds
     group (`seed_ensemble`), so `submit` without a run folder averages every fold model of every seed."""
     if seeds < 1:
         raise KaggleVitError(f"--seeds must be at least 1, got {seeds}")
-    if cfg.pseudo and seeds > 1:
-        raise KaggleVitError("pseudo with --seeds: pseudo-labels need the source run's folds, and each seed "
-                             "draws other folds; run one seed per source run")
+    for key in ("pseudo", "teacher"):
+        if getattr(cfg, key) and seeds > 1:
+            raise KaggleVitError(f"{key} with --seeds: fold K learns from the source run's fold K, and each seed "
+                                 f"draws other folds; run one seed per source run")
     if cfg.time_budget and seeds > 1:
         raise KaggleVitError("--time-budget with --seeds: a budget is one run's; run one seed per budget")
     cfg, _ = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))  # before the runs' folders are named

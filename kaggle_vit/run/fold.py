@@ -15,10 +15,11 @@ from ..metrics import get_metric
 from ..models.factory import create_model, model_kwargs
 from ..notices import notice
 from ..records import CheckpointHeader, FoldResult
-from ..train.dataset import ImageDataset, resolve_data_config
+from ..train.dataset import DataConfig, ImageDataset, resolve_data_config
 from ..train.device import inference_amp, select_device
+from ..train.distill import Teacher
 from ..train.engine import FitResult, Progress, fit, maybe_compile, predict_probs, read_state, seed_everything
-from .pseudo import pseudo_labels
+from .sources import pseudo_labels, teacher_model
 from .rundir import FoldDir, RunDir
 
 
@@ -52,6 +53,14 @@ def _predict(model, result: FitResult, cfg: TrainConfig, valid: ImageDataset, te
     return valid_probs, cfg.tta
 
 
+def _teacher(cfg: TrainConfig, fold: int, data: CompetitionData, student: DataConfig) -> Teacher | None:
+    """The teacher run's fold `fold` model, reading the student's batches (`cfg.teacher`), or None."""
+    if not cfg.teacher:
+        return None
+    model = teacher_model(Path(cfg.teacher), fold, data.spec)
+    return Teacher(model, student, resolve_data_config(model), cfg.distill, cfg.distill_alpha, cfg.distill_temperature)
+
+
 def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold: int, run_dir: Path,
                progress: Progress, on_epoch=None, validate_only: bool = False,
                until_epoch: int | None = None, handover: bool = False) -> FoldResult | None:
@@ -80,7 +89,8 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     try:
         result = fit(model, train, valid, cfg, seed=cfg.seed + fold,
                      state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs, not handover),
-                     progress=progress, on_epoch=on_epoch, metric=metric, stop_after=until_epoch)
+                     progress=progress, on_epoch=on_epoch, metric=metric, stop_after=until_epoch,
+                     teacher=_teacher(cfg, fold, data, data_config))
     except KaggleVitError as error:
         raise KaggleVitError(f"fold {fold}: {error}") from None
     if len(result.history) < cfg.epochs:  # stopped at until_epoch: state.pt carries the fold on

@@ -55,7 +55,7 @@ from ..spec import CompetitionSpec
 from ..train.batches import easy_share, skips_rows
 from ..train.engine import validates
 from .fold import train_fold
-from .pseudo import pseudo_labels
+from .sources import pseudo_labels
 from .rundir import RunDir
 
 STEP_EVERY = 25  # steps between progress messages from a worker

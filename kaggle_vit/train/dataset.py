@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 
-def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     """A model's per-channel numbers for `channels` inputs (one value is shared; RGB numbers for a
     grey model are averaged)."""
     if len(values) == channels:
@@ -39,7 +39,7 @@ class DataConfig:
         and one subtract, resized to `input_size` when the images have another size (pretrained
         weights keep the size they were trained at; augmentation ran before, at the images' size)."""
         channels = images.shape[1]
-        mean, std = _per_channel(self.mean, channels), _per_channel(self.std, channels)
+        mean, std = per_channel(self.mean, channels), per_channel(self.std, channels)
         if len(set(mean)) == 1 and len(set(std)) == 1:
             x = images.float().mul_(1.0 / (255.0 * std[0])).sub_(mean[0] / std[0])
         else:

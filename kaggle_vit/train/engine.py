@@ -27,6 +27,7 @@ from .augment import tta_views
 from .batches import DeviceBatches, HostBatches, skip_easy_rows, skips_rows, train_batches
 from .dataset import ImageDataset
 from .device import Amp, amp_for, autocast, can_compile, inference_amp, select_device
+from .distill import Teacher, distill_loss
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -246,7 +247,7 @@ def _check_finite(value: float, what: str, epoch: int) -> None:
 class Trainer:
     """What a training step needs besides the batch: the model (and its compiled forward), the
     optimiser, the schedule, the gradient scaler, autocast and the config; with `skip_easy`, every
-    training row's last loss and the loss weights of the epoch's rows."""
+    training row's last loss and the loss weights of the epoch's rows; with a teacher, its model."""
 
     model: nn.Module
     forward: nn.Module
@@ -259,6 +260,7 @@ class Trainer:
     ema: ModelEmaV3 | None = None
     row_loss: torch.Tensor | None = None
     row_weight: torch.Tensor | None = None
+    teacher: Teacher | None = None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -274,9 +276,11 @@ def make_ema(model: nn.Module, decay: float) -> ModelEmaV3 | None:
     return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=1.0)
 
 
-def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, rows: int = 0) -> Trainer:
+def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, rows: int = 0,
+                 teacher: Teacher | None = None) -> Trainer:
     """The model moved to cfg's device, with its optimiser, schedule, scaler, AMP and (compiled)
-    forward; with cfg.skip_easy, a loss per training row (`rows` of them) to choose epochs' rows by."""
+    forward; with cfg.skip_easy, a loss per training row (`rows` of them) to choose epochs' rows by;
+    the `teacher`, if any, frozen on the same device."""
     device = select_device(cfg.device)
     amp = amp_for(cfg.amp, device)
     model.to(device)
@@ -285,15 +289,21 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, rows:
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
     row_loss = torch.zeros(rows, device=device) if cfg.skip_easy and rows else None
     return Trainer(model, maybe_compile(model, cfg, device), opt, sched, scaler, amp, device, cfg, make_ema(model, cfg.ema),
-                   row_loss)
+                   row_loss, teacher=None if teacher is None else teacher.to(device))
 
 
-def _loss(t: Trainer, logits: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """The batch's mean cross-entropy; with row losses kept (`skip_easy`), each row's loss is
-    recorded (on the device: no wait) and weighted as the epoch's rows say."""
-    if t.row_loss is None or rows is None:
+def _loss(t: Trainer, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The batch's mean cross-entropy, mixed with the teacher's loss on the same images when there is
+    a teacher; with row losses kept (`skip_easy`), each row's loss is recorded (on the device: no
+    wait) and weighted as the epoch's rows say."""
+    if t.teacher is None and (t.row_loss is None or rows is None):
         return F.cross_entropy(logits, y, label_smoothing=t.cfg.label_smoothing)
     losses = F.cross_entropy(logits, y, label_smoothing=t.cfg.label_smoothing, reduction="none")
+    if t.teacher is not None:
+        taught = distill_loss(logits.float(), t.teacher.logits(x), t.teacher.kind, t.teacher.temperature)
+        losses = (1 - t.teacher.alpha) * losses + t.teacher.alpha * taught
+    if t.row_loss is None or rows is None:
+        return losses.mean()
     t.row_loss[rows] = losses.detach().float()
     return losses.mean() if t.row_weight is None else (losses * t.row_weight[rows]).mean()
 
@@ -313,7 +323,7 @@ def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tens
         rows = None if rows is None else rows.to(t.device, non_blocking=True)
         with autocast(t.device, t.amp):
             logits = t.forward(x)
-            loss = _loss(t, logits, y, rows)
+            loss = _loss(t, x, logits, y, rows)
         t.opt.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         t.scaler.unscale_(t.opt)
@@ -379,13 +389,14 @@ def fit(
     resume: dict | None = None,
     metric: Metric | None = None,
     stop_after: int | None = None,
+    teacher: Teacher | None = None,
 ) -> FitResult:
     """Train on `train` for cfg.epochs, validating on `valid` as `validates` says and keeping the
     validated epoch best by the competition's `metric` (default accuracy; the datasets carry the
     images, labels and the model's normalisation). Each epoch's state is saved to `state_path`;
     `resume` (a state from `read_state`) continues after its last epoch. `stop_after` ends the run
     after that epoch (the schedule still spans cfg.epochs), so another process can resume it from
-    `state_path`."""
+    `state_path`. A `teacher` adds its distillation loss to every step's."""
     progress = progress or NoProgress()
     metric = metric or get_metric("accuracy")
     device = select_device(cfg.device)
@@ -394,7 +405,7 @@ def fit(
     seed_everything(seed)
     batches = train_batches(train, cfg, device)
     valid = _on_device(valid, batches, device)
-    t = make_trainer(model, cfg, max(1, len(batches)), rows=len(train))
+    t = make_trainer(model, cfg, max(1, len(batches)), rows=len(train), teacher=teacher)
     st = _State() if resume is None else _restore(resume, t)
     eval_forward = t.forward if t.ema is None else maybe_compile(t.ema.module, cfg, device)
     last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
