@@ -33,6 +33,7 @@ Amp = Literal["auto", "bf16", "fp16", "off"]
 Switch = Literal["auto", "on", "off"]
 TtaMode = Literal["shift", "flip"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+MixupMode = Literal["batch", "pair", "elem"]
 Schedule = Literal["cpu", "gpu"]  # the keys of BUDGETS
 Distill = Literal["soft", "hard"]
 
@@ -78,9 +79,11 @@ class TrainConfig:
     lr: float | None = setting(4e-3, "peak learning rate of AdamW")
     weight_decay: float = setting(0.05, "AdamW's weight decay (none on biases, norms and embeddings)")
     warmup_epochs: float | None = setting(0.5, "epochs of linear warm-up before the cosine decay")
+    layer_decay: float = setting(0.0, "layer-wise learning-rate decay for fine-tuning (timm's): a layer k below the "
+                                      "head learns at lr × this^k (0: off; e.g. 0.75)")
     schedule: Schedule = setting("cpu", "the budget the planned keys come from: cpu (batch 64), gpu (batch 512)")
     time_budget: float = setting(0.0, "seconds cv fits its epochs into, by measuring its throughput first (0: off)")
-    label_smoothing: float = setting(0.0, "label smoothing of the training loss")
+    label_smoothing: float = setting(0.0, "label smoothing of the training loss (and of mixup's soft targets)")
     grad_clip: float = setting(1.0, "the gradients' norm is clipped to this")
     ema: float = setting(0.0, "decay of a moving average of the weights, validated and kept instead of them (0: off)")
     skip_easy: float = setting(0.0, "share of the rows already fitted (loss below the mean) each middle epoch leaves "
@@ -92,6 +95,12 @@ class TrainConfig:
     scale: float = setting(0.1, "random scaling of each axis, 1 ± this (affine, flip)")
     shift: float = setting(0.1, "random shift of each axis, ± this share of its size (affine, flip)")
     aug_group: int = setting(8, "images per albumentations call; a group shares one random draw")
+    # mixing images and their labels (timm's Mixup, on the device; training then uses soft targets)
+    mixup: float = setting(0.0, "alpha of mixup's Beta(alpha, alpha) blend of image pairs (0: off; e.g. 0.8)")
+    cutmix: float = setting(0.0, "alpha of CutMix's Beta(alpha, alpha) patch-pasting of image pairs (0: off; e.g. 1.0)")
+    mixup_prob: float = setting(1.0, "chance that mixup or CutMix is applied (to a batch, pair or image: mixup_mode)")
+    mixup_switch_prob: float = setting(0.5, "with both mixup and cutmix on, the chance of CutMix instead of mixup")
+    mixup_mode: MixupMode = setting("batch", "one draw per batch, per pair of images, or per image")
     # cross-validation and runtime
     folds: int = setting(5, "stratified folds the training rows are split into")
     seed: int = setting(42, "seed of the folds, the weights and the augmentation (cv --seeds counts up from it)")
@@ -159,7 +168,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 # Settings added after run folders were first named from the settings' hash.
-ADDED_LATER = ("skip_easy", "valid_every", "time_budget", "teacher", "distill", "distill_alpha", "distill_temperature")
+ADDED_LATER = ("skip_easy", "valid_every", "time_budget", "layer_decay", "mixup", "cutmix", "mixup_prob",
+               "mixup_switch_prob", "mixup_mode", "teacher", "distill", "distill_alpha", "distill_temperature")
 
 
 @dataclass(frozen=True)
@@ -281,6 +291,15 @@ def validate_config(cfg: TrainConfig) -> None:
         raise KaggleVitError(f"tta must be 1 (off) to 9 views, got {cfg.tta}")
     if not 0 <= cfg.skip_easy < 1:
         raise KaggleVitError(f"skip_easy is a share of rows in [0, 1) (0: off), got {cfg.skip_easy}")
+    if (cfg.mixup or cfg.cutmix) and cfg.skip_easy:
+        raise KaggleVitError("skip_easy ranks rows by their own loss, which a mixed image does not have: set "
+                             "skip_easy=0 (the cpu preset sets 0.6) to train with mixup or cutmix")
+    for name in ("layer_decay", "mixup_prob", "mixup_switch_prob"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise KaggleVitError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    for name in ("mixup", "cutmix"):
+        if not getattr(cfg, name) >= 0:
+            raise KaggleVitError(f"{name} is a Beta distribution's alpha, 0 (off) or more, got {getattr(cfg, name)}")
     if not 0 <= cfg.ema < 1:
         raise KaggleVitError(f"ema is a decay in [0, 1) (0: off), got {cfg.ema}")
     if cfg.lr is not None and not cfg.lr > 0:

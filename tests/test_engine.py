@@ -1,6 +1,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -283,4 +284,105 @@ def test_valid_every_below_zero_is_refused_in_one_line(small_comp, tmp_path):
     result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--set", "valid_every=-1"])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
         "error: valid_every is a number of epochs (0: validate after the last only), got -1"], result.output
+    assert not (tmp_path / "r").exists()
+
+
+def _lr_of(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, float]:
+    """Each parameter's learning rate in the optimiser, by name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+
+
+def test_layer_decay_groups_follow_timms_depths_and_keep_their_ratios_through_the_schedule():
+    """With layer_decay, the head learns at lr, block i of `depth` at lr * decay^(depth - i), the
+    final norm with the last block, and the conv stem with the patch embedding and tokens at the
+    bottom; as timm's own groups say, for a kvit and a timm ViT. The schedule keeps the ratios."""
+    import timm
+    from timm.optim import param_groups_layer_decay
+
+    cfg = dataclasses.replace(TINY, layer_decay=0.5, lr=1e-3, weight_decay=0.05)
+    kvit = _model(cfg)  # kvit_pico_patch7_28: a conv stem before the patch embedding
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=4, in_chans=1, num_classes=10, depth=3,
+                            embed_dim=32, num_heads=2)
+    for model, depth in ((kvit, 2), (vit, 3)):
+        opt = make_optimizer(model, cfg)
+        lr = _lr_of(opt, model)
+        expected = {"head.weight": 1e-3, "norm.weight": 1e-3 * 0.5, "cls_token": 1e-3 * 0.5 ** (depth + 1),
+                    "pos_embed": 1e-3 * 0.5 ** (depth + 1)}
+        expected |= {f"blocks.{i}.attn.qkv.weight": 1e-3 * 0.5 ** (depth - i) for i in range(depth)}
+        expected |= {n: 1e-3 * 0.5 ** (depth + 1) for n in lr if n.startswith(("stem.", "patch_embed."))}
+        assert {n: lr[n] for n in expected} == pytest.approx(expected)
+        timms = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.5)
+        assert [([id(p) for p in g["params"]], g["weight_decay"], g["lr"]) for g in opt.param_groups] == [
+            ([id(p) for p in g["params"]], g["weight_decay"], 1e-3 * g["lr_scale"]) for g in timms]
+        decayed = {n for n, p in model.named_parameters() for g in opt.param_groups
+                   if g["weight_decay"] and any(p is q for q in g["params"])}
+        assert "head.weight" in decayed and not decayed & {"cls_token", "pos_embed", "head.bias", "norm.weight"}
+        sched = make_scheduler(opt, cfg, steps_per_epoch=10)
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        stepped = _lr_of(opt, model)
+        assert 0 < stepped["head.weight"] != 1e-3
+        assert {n: stepped[n] / stepped["head.weight"] for n in lr} == pytest.approx({n: lr[n] / 1e-3 for n in lr})
+
+
+def test_layer_decay_is_refused_in_one_line_for_a_model_timm_cannot_group():
+    from kaggle_vit.errors import KaggleVitError
+
+    with pytest.raises(KaggleVitError, match="^layer_decay: timm cannot group my_net's parameters by depth"):
+        make_optimizer(torch.nn.Linear(4, 2), dataclasses.replace(TINY, model="my_net", layer_decay=0.75))
+
+
+@pytest.mark.parametrize("alphas", [dict(mixup=0.8), dict(cutmix=1.0), dict(mixup=0.8, cutmix=1.0)])
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_mixup_and_cutmix_batches_carry_soft_targets_that_sum_to_one(alphas, mode):
+    """Mixed rows' targets are class probabilities (summing to 1, smoothed, two labels sharing a
+    row); an odd batch's last row, which Mixup cannot pair, keeps its own image and label."""
+    from kaggle_vit.train.engine import make_mixup, mix
+
+    np.random.seed(0)
+    cfg = dataclasses.replace(TINY, label_smoothing=0.1, mixup_mode=mode, **alphas)
+    x, y = torch.rand(9, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8])
+    original = x.clone()
+    target = mix(make_mixup(cfg, num_classes=10), x, y)
+    assert target.shape == (9, 10) and torch.allclose(target.sum(1), torch.ones(9))
+    assert (target >= 0.01 - 1e-6).all()  # label smoothing's share of 0.1 spread over the 10 classes
+    pairs = target[:8].topk(2).indices.sort(1).values  # row i is mixed with row 7 - i, its mirror in the batch
+    assert pairs.tolist() == [sorted([i, 7 - i]) for i in range(8)] and (target[:8, :].max(1).values < 0.91).all()
+    assert not torch.equal(x[:8], original[:8]) and torch.equal(x[8], original[8])
+    assert target[8].argmax() == 8 and target[8].max() == pytest.approx(0.91)
+
+
+@pytest.mark.parametrize("where", ["off", "on"])
+def test_mixup_trains_on_either_batch_source_validates_on_the_true_labels_and_resumes_exactly(small_comp, small_spec,
+                                                                                              where, tmp_path):
+    """Mixup and cutmix on the host path (odd batches) or the device path train on mixed images (the
+    loss differs from the same epoch unmixed); validation scores the true labels; a fold stopped
+    after an epoch resumes to the same result (Mixup draws from NumPy's generator, which the state keeps)."""
+    d = load_competition(small_spec, small_comp)
+    train, valid = ImageDataset(d.train.images[:480], d.train.labels[:480]), ImageDataset(d.train.images[480:], d.train.labels[480:])
+    plain = dataclasses.replace(TINY, batch_size=31, aug="none", data_on_device=where)
+    cfg = dataclasses.replace(plain, mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    mixed, unmixed = fit(_model(cfg), train, valid, cfg, seed=1), fit(_model(plain), train, valid, plain, seed=1)
+    assert np.isfinite(mixed.history[0].train_loss) and mixed.history[0].train_loss != unmixed.history[0].train_loss
+    record, labels = mixed.history[mixed.best_epoch - 1], valid.labels.numpy()
+    assert record.valid_acc == pytest.approx((mixed.valid_probs.argmax(1) == labels).mean())
+    assert record.valid_loss == pytest.approx(-np.log(mixed.valid_probs[np.arange(len(labels)), labels]).mean(), rel=1e-4)
+    state = tmp_path / "state.pt"
+    fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, stop_after=1)
+    resumed = fit(_model(cfg), train, valid, cfg, seed=1, state_path=state, resume=read_state(state))
+    assert [r.valid_loss for r in resumed.history] == [r.valid_loss for r in mixed.history]
+
+
+def test_mixup_with_skip_easy_is_refused_in_one_line(small_comp, tmp_path):
+    """The cpu preset's skip_easy ranks rows by their own loss, which a mixed image does not have."""
+    from typer.testing import CliRunner
+
+    from kaggle_vit.cli import app
+
+    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--set", "mixup=0.8"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: skip_easy ranks rows by their own loss, which a mixed image does not have: set skip_easy=0 (the cpu "
+        "preset sets 0.6) to train with mixup or cutmix"], result.output
     assert not (tmp_path / "r").exists()

@@ -173,6 +173,14 @@ class KaggleViT(nn.Module):
         """Parameters AdamW should not decay (timm's convention)."""
         return {"pos_embed", "cls_token"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameters by depth, as timm's ViT groups them (for layer-wise lr decay): the conv stem
+        with the patch embedding, class token and position embedding first, then each block, the
+        final norm with the last block; the head, unmatched, last."""
+        return {"stem": r"^(?:stem|patch_embed|cls_token|pos_embed)",
+                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head, e.g. to fine-tune on a competition with another class count."""
         self.num_classes = num_classes

@@ -15,6 +15,9 @@ from typing import Callable, Iterable, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -32,14 +35,32 @@ from .distill import Teacher, distill_loss
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW, fused (one kernel for all parameters: 5% more training images/s on the CPU than the
-    per-parameter loop, measured); biases, norms, position embedding and class token are not decayed."""
+    per-parameter loop, measured); biases, norms, position embedding and class token are not decayed.
+    With `layer_decay`, timm's layer-wise groups (BEiT) instead: `_layer_groups`."""
     skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.layer_decay:
+        groups = _layer_groups(model, cfg, skip)
+    else:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
+
+
+def _layer_groups(model: nn.Module, cfg: TrainConfig, skip: set[str]) -> list[dict]:
+    """timm's `param_groups_layer_decay`, by the model's `group_matcher`: the head learns at lr, and
+    each layer below it (block, then stem and embeddings) at layer_decay times the one above. Each
+    group's lr is set to its scaled value here, because LambdaLR scales each group's initial lr:
+    the ratios so hold at every step of the schedule."""
+    if not hasattr(model, "group_matcher"):
+        raise KaggleVitError(f"layer_decay: timm cannot group {cfg.model}'s parameters by depth (it has no "
+                             f"group_matcher); set layer_decay=0")
+    groups = param_groups_layer_decay(model, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay)
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]
+    return groups
 
 
 class WarmupCosine:
@@ -247,7 +268,8 @@ def _check_finite(value: float, what: str, epoch: int) -> None:
 class Trainer:
     """What a training step needs besides the batch: the model (and its compiled forward), the
     optimiser, the schedule, the gradient scaler, autocast and the config; with `skip_easy`, every
-    training row's last loss and the loss weights of the epoch's rows; with a teacher, its model."""
+    training row's last loss and the loss weights of the epoch's rows; with mixup or cutmix, timm's
+    Mixup; with a teacher, its model."""
 
     model: nn.Module
     forward: nn.Module
@@ -260,6 +282,7 @@ class Trainer:
     ema: ModelEmaV3 | None = None
     row_loss: torch.Tensor | None = None
     row_weight: torch.Tensor | None = None
+    mixup: Mixup | None = None
     teacher: Teacher | None = None
 
     @property
@@ -276,11 +299,30 @@ def make_ema(model: nn.Module, decay: float) -> ModelEmaV3 | None:
     return ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=1.0)
 
 
+def make_mixup(cfg: TrainConfig, num_classes: int) -> Mixup | None:
+    """timm's Mixup of cfg's mixup, cutmix and mixup_* settings (mixup and cutmix 0: none); the label
+    smoothing goes into its soft targets."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
+                 mode=cfg.mixup_mode, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+def mix(mixup: Mixup, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mix the batch's images in place and return their soft targets (rows sum to 1). Mixup pairs
+    rows, so an odd batch's last row stays as it is, with its own (smoothed) one-hot target."""
+    even = len(y) - len(y) % 2
+    target = mixup_target(y, mixup.num_classes, smoothing=mixup.label_smoothing)
+    if even:
+        target[:even] = mixup(x[:even], y[:even])[1]
+    return target
+
+
 def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, rows: int = 0,
                  teacher: Teacher | None = None) -> Trainer:
-    """The model moved to cfg's device, with its optimiser, schedule, scaler, AMP and (compiled)
-    forward; with cfg.skip_easy, a loss per training row (`rows` of them) to choose epochs' rows by;
-    the `teacher`, if any, frozen on the same device."""
+    """The model moved to cfg's device, with its optimiser, schedule, scaler, AMP, (compiled)
+    forward and Mixup; with cfg.skip_easy, a loss per training row (`rows` of them) to choose epochs'
+    rows by; the `teacher`, if any, frozen on the same device."""
     device = select_device(cfg.device)
     amp = amp_for(cfg.amp, device)
     model.to(device)
@@ -289,16 +331,20 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, rows:
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
     row_loss = torch.zeros(rows, device=device) if cfg.skip_easy and rows else None
     return Trainer(model, maybe_compile(model, cfg, device), opt, sched, scaler, amp, device, cfg, make_ema(model, cfg.ema),
-                   row_loss, teacher=None if teacher is None else teacher.to(device))
+                   row_loss, mixup=make_mixup(cfg, model.num_classes),
+                   teacher=None if teacher is None else teacher.to(device))
 
 
-def _loss(t: Trainer, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """The batch's mean cross-entropy, mixed with the teacher's loss on the same images when there is
-    a teacher; with row losses kept (`skip_easy`), each row's loss is recorded (on the device: no
-    wait) and weighted as the epoch's rows say."""
+def _loss(t: Trainer, x: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+          rows: torch.Tensor | None) -> torch.Tensor:
+    """The batch's mean cross-entropy against its labels, smoothed, or against mixup's soft targets
+    (rows of class probabilities, smoothed already: timm's SoftTargetCrossEntropy), mixed with the
+    teacher's loss on the same (mixed) images when there is a teacher; with row losses kept
+    (`skip_easy`), each row's loss is recorded (on the device: no wait) and weighted as the epoch's rows say."""
+    smoothing = t.cfg.label_smoothing if target.ndim == 1 else 0.0
     if t.teacher is None and (t.row_loss is None or rows is None):
-        return F.cross_entropy(logits, y, label_smoothing=t.cfg.label_smoothing)
-    losses = F.cross_entropy(logits, y, label_smoothing=t.cfg.label_smoothing, reduction="none")
+        return F.cross_entropy(logits, target, label_smoothing=smoothing)
+    losses = F.cross_entropy(logits, target, label_smoothing=smoothing, reduction="none")
     if t.teacher is not None:
         taught = distill_loss(logits.float(), t.teacher.logits(x), t.teacher.kind, t.teacher.temperature)
         losses = (1 - t.teacher.alpha) * losses + t.teacher.alpha * taught
@@ -310,8 +356,9 @@ def _loss(t: Trainer, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, ro
 
 def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], epoch: int,
                     progress: Progress) -> dict:
-    """One pass over the training batches (images, labels, and their row numbers or None); returns
-    the epoch's mean loss and accuracy. The sums stay on the device and are read once, at the end: a
+    """One pass over the training batches (images, labels, and their row numbers or None), mixed on
+    the device when mixup or cutmix is on (so both batch sources get it); returns the epoch's mean
+    loss and accuracy. The sums stay on the device and are read once, at the end: a
     read per step would make the host wait for the GPU at every step. On a CPU, where a read costs
     nothing, the display also gets each step's loss."""
     t.model.train()
@@ -321,9 +368,10 @@ def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tens
     for x, y, rows in batches:
         x, y = x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True)
         rows = None if rows is None else rows.to(t.device, non_blocking=True)
+        target = y if t.mixup is None else mix(t.mixup, x, y)
         with autocast(t.device, t.amp):
             logits = t.forward(x)
-            loss = _loss(t, x, logits, y, rows)
+            loss = _loss(t, x, logits, target, rows)
         t.opt.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         t.scaler.unscale_(t.opt)
@@ -335,7 +383,8 @@ def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tens
             t.ema.update(t.model, step=t.sched.last_epoch)
         n = len(y)
         loss_sum += loss.detach().float() * n
-        correct += (logits.argmax(1) == y).sum()
+        # A mixed row counts as right when the model names its target's largest share: the dominant image's label.
+        correct += (logits.argmax(1) == (target if target.ndim == 1 else target.argmax(1))).sum()
         seen += n
         progress.step(loss.item() if show_loss else None, n)
     mean_loss = loss_sum.item() / max(1, seen)
@@ -424,7 +473,7 @@ def fit(
             probs = logits.softmax(1).numpy()
             scores["valid_score"] = metric(valid.labels.numpy(), probs)
         record = EpochRecord(epoch=epoch, train_loss=trained["train_loss"], train_acc=trained["train_acc"], **scores,
-                             lr=t.opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0,
+                             lr=max(g["lr"] for g in t.opt.param_groups), seconds=time.perf_counter() - t0,
                              images=trained["seen"], images_per_s=trained["seen"] / train_time)
         st.history.append(record)
         st.seconds += record.seconds
