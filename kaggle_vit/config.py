@@ -291,9 +291,6 @@ def validate_config(cfg: TrainConfig) -> None:
         raise KaggleVitError(f"tta must be 1 (off) to 9 views, got {cfg.tta}")
     if not 0 <= cfg.skip_easy < 1:
         raise KaggleVitError(f"skip_easy is a share of rows in [0, 1) (0: off), got {cfg.skip_easy}")
-    if (cfg.mixup or cfg.cutmix) and cfg.skip_easy:
-        raise KaggleVitError("skip_easy ranks rows by their own loss, which a mixed image does not have: set "
-                             "skip_easy=0 (the cpu preset sets 0.6) to train with mixup or cutmix")
     for name in ("layer_decay", "mixup_prob", "mixup_switch_prob"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise KaggleVitError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")

@@ -375,14 +375,10 @@ def test_mixup_trains_on_either_batch_source_validates_on_the_true_labels_and_re
     assert [r.valid_loss for r in resumed.history] == [r.valid_loss for r in mixed.history]
 
 
-def test_mixup_with_skip_easy_is_refused_in_one_line(small_comp, tmp_path):
-    """The cpu preset's skip_easy ranks rows by their own loss, which a mixed image does not have."""
-    from typer.testing import CliRunner
-
-    from kaggle_vit.cli import app
-
-    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--set", "mixup=0.8"])
-    assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        "error: skip_easy ranks rows by their own loss, which a mixed image does not have: set skip_easy=0 (the cpu "
-        "preset sets 0.6) to train with mixup or cutmix"], result.output
-    assert not (tmp_path / "r").exists()
+def test_mixup_with_skip_easy_records_each_rows_loss_against_its_mixed_target(small_comp, small_spec):
+    """The cpu preset's skip_easy with mixup: each row's recorded loss is its place's soft-target loss."""
+    d = load_competition(small_spec, small_comp)
+    cfg = dataclasses.replace(TINY, epochs=3, skip_easy=0.6, mixup=0.8, cutmix=1.0, batch_size=30)
+    train, valid = ImageDataset(d.train.images[:480], d.train.labels[:480]), ImageDataset(d.train.images[480:], d.train.labels[480:])
+    seen = [r.images for r in fit(_model(cfg), train, valid, cfg, seed=1).history]
+    assert seen[0] == seen[2] == len(train) and seen[1] < 0.8 * len(train)  # the middle epoch left easy rows out
