@@ -116,6 +116,8 @@ def test_a_teacher_that_cannot_teach_this_run_is_one_line_before_anything_is_wri
     (unfinished / "fold2" / "model.safetensors").unlink()
     with pytest.raises(KaggleVitError, match="teacher .*: fold 2 is not finished"):
         run_cv(dataclasses.replace(TINY, teacher=str(unfinished)), data, tmp_path / "run")
+    one = run_cv(dataclasses.replace(TINY, teacher=str(unfinished)), data, tmp_path / "run", only_folds=[1])
+    assert one.trained == [1]  # `cv --fold 1` needs the teacher's fold 1 only
     with pytest.raises(KaggleVitError, match=r"distill_alpha is the teacher's share"):
         validate_config(dataclasses.replace(TINY, distill_alpha=0.0))
 

@@ -202,9 +202,9 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     shared = shared_folds(run_dir, spec.name, cfg.folds, cfg.seed, runs_root)
     folds, new_split = split_folds(shared, data.train.labels, cfg.folds, cfg.seed)  # saved once the checks pass
     if cfg.pseudo:
-        check_source(Path(cfg.pseudo), folds, len(data.test.images))
+        check_source(Path(cfg.pseudo), folds, wanted, len(data.test.images))
     if cfg.teacher:
-        check_source(Path(cfg.teacher), folds, len(data.test.images), key="teacher", spec=spec)
+        check_source(Path(cfg.teacher), folds, wanted, len(data.test.images), key="teacher", spec=spec)
     run = RunDir(run_dir)
     plan = _plan(cfg, plan, data, folds, run, cfg.folds, started)  # a budget too small: said before any write
     _check_writable(run_dir)

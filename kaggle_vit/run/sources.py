@@ -24,11 +24,11 @@ if TYPE_CHECKING:
     from ..spec import CompetitionSpec
 
 
-def check_source(source: Path, folds: np.ndarray, n_test: int, key: str = "pseudo",
+def check_source(source: Path, folds: np.ndarray, wanted: list[int], n_test: int, key: str = "pseudo",
                  spec: CompetitionSpec | None = None) -> None:
     """Refuse, in one line that names the setting (`key`), a source run that cannot teach or label
-    this run's folds: missing, split differently, unfinished, predicting another test set (pseudo),
-    or with models of another image size or class count than `spec`'s (teacher)."""
+    the `wanted` folds of this run: missing, split differently, those folds unfinished, predicting
+    another test set (pseudo), or with models of another image size or class count than `spec`'s (teacher)."""
     run = RunDir(source)
     if not run.folds.is_file():
         raise KaggleVitError(f"{key} {source}: not a cv run folder (no {run.folds.name})")
@@ -39,7 +39,7 @@ def check_source(source: Path, folds: np.ndarray, n_test: int, key: str = "pseud
     if not np.array_equal(theirs, folds):
         raise KaggleVitError(f"{key} {source}: its folds differ from this run's (other folds, another seed or "
                              f"training set); fold K must learn from a model that never saw fold K")
-    for k in range(1, int(folds.max()) + 1):
+    for k in wanted:
         fold = run.fold(k)
         needed = (fold.result, fold.test_probs) if key == "pseudo" else (fold.result, fold.model)
         if not all(path.is_file() for path in needed):
