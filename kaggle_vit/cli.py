@@ -29,6 +29,7 @@ from .progress import LineProgress, RichProgress
 from .spec import CompetitionSpec, SpecFacts, load_spec, shown, spec_facts
 
 if TYPE_CHECKING:
+    from .blend import BlendFit
     from .config import TrainConfig
     from .data.layouts import CompetitionData
     from .run.cv import CVResult
@@ -318,7 +319,8 @@ def submit(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file (never the competition's own files).")] = False,
     fold: Annotated[Optional[str], typer.Option("--fold", help="Only these folds, e.g. 2 or 1,3 (default: all).")] = None,
     tta: Annotated[Optional[int], typer.Option("--tta", help="Recompute with N test-time views (1-9; default: as cv saved them).")] = None,
-    weighting: Annotated[str, typer.Option("--weighting", help="mean, or oof (weight folds by validation accuracy).")] = "mean",
+    weighting: Annotated[str, typer.Option("--weighting", help="mean, oof (weight folds by validation accuracy), or fit (blend the runs by weights fitted on their OOF probabilities).")] = "mean",
+    blend: Annotated[Optional[str], typer.Option("--blend", help="How --weighting fit fits: hill (greedy hill climbing, the default) or stack (logistic regression on the runs' log-probabilities).")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="Ensemble the finished folds even if some are missing.")] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda.")] = "auto",
     data_dir: DataDirOpt = None,
@@ -330,13 +332,32 @@ def submit(
     check_output(output, spec, data_dir_for(spec, data_dir), force)  # before the data is fetched or read
     data = load_data(spec, data_dir)
     runs = submission_runs(spec, run_dirs)
-    result = make_submission(runs, data, output, _parse_folds(fold), weighting, tta, allow_missing, device, force)
+    result = make_submission(runs, data, output, _parse_folds(fold), weighting, tta, allow_missing, device, force,
+                             blend)
     name = (lambda run, k: str(k)) if len(runs) == 1 else (lambda run, k: f"{run.name}/fold{k}")
     weights = ", ".join(f"{name(run, k)}: {w:.3f}" for (run, k), w in zip(result.members, result.weights))
     out.print(f"wrote [cyan]{result.path}[/] ({len(data.test):,} rows) from {', '.join(map(str, runs))}")
-    out.print(f"  folds {result.folds} ({weighting} weights {weights}), test-time views {tta or 'as saved by cv'}")
+    shown_weights = f" ({weighting} weights {weights})" if result.blend is None else ""
+    out.print(f"  folds {result.folds}{shown_weights}, test-time views {tta or 'as saved by cv'}")
+    if result.blend is not None:
+        _show_blend(result.blend, runs)
     names = data.spec.class_names
     out.print("  predicted class counts: " + ", ".join(f"{names[c]}: {n}" for c, n in result.class_counts.items()))
+
+
+def _score_text(metric: str, value: float) -> str:
+    """A score as the commands show it: accuracy in percent, any other metric to 5 decimals."""
+    return f"{100 * value:.3f}%" if metric == "accuracy" else f"{value:.5f}"
+
+
+def _show_blend(fit: "BlendFit", runs: list[Path]) -> None:
+    """The fitted blend: its OOF score beside the nested check's, then each run's OOF score and weight."""
+    score = functools.partial(_score_text, fit.metric)
+    out.print(f"  blend ({fit.method}) fitted on {fit.rows:,} OOF rows: OOF {fit.metric} [bold]{score(fit.score)}[/], "
+              f"nested check {score(fit.nested_score)} (each fold scored by a blend fitted on the other folds)")
+    weight = "weight" if fit.method == "hill" else "share of the coefficients"
+    for run, member, w in zip(runs, fit.member_scores, fit.weights):
+        out.print(f"    {run}: OOF {fit.metric} {score(member)}, {weight} {w:.3f}")
 
 
 @app.command()
@@ -358,7 +379,7 @@ def score(
     if not spec.class_labels:  # named by the training labels: the data says which they are
         spec = load_data(spec, data_dir).spec
     value = score_submission(submission_file, solution, spec)
-    shown = (lambda v: f"{100 * v:.3f}%") if spec.metric == "accuracy" else (lambda v: f"{v:.5f}")
+    shown = functools.partial(_score_text, spec.metric)
     lines = [f"{submission_file}: {spec.metric} [bold]{shown(value)}[/] on {solution}"]
     try:
         run = run_dir or latest_run(spec)

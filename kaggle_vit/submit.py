@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .blend import FITTERS, BlendFit, fit_blend
 from .config import checked_settings, load_toml
 from .data.layouts import SPEC_PATHS, CompetitionData
 from .data.tables import load_sample_ids, read_csv
@@ -22,13 +23,14 @@ from .spec import CompetitionSpec, shown
 @dataclass(frozen=True)
 class Submission:
     """What `make_submission` wrote and from which fold models: (run folder, fold) pairs, each
-    with its weight."""
+    with its weight (a fitted blend: its run's weight shared by the run's folds), and the fit."""
 
     path: Path
     members: list[tuple[Path, int]]
     weights: list[float]
     class_counts: dict[int, int]
     probs: np.ndarray
+    blend: BlendFit | None = None  # --weighting fit
 
     @property
     def folds(self) -> list[int]:
@@ -206,31 +208,80 @@ def check_output(output: Path, spec: CompetitionSpec, data_dir: Path, force: boo
                              f"working directory ({cwd}); create it first or choose another --output")
 
 
+def _shared_folds(by_run: dict[Path, dict[int, FoldResult]]) -> list[int]:
+    """The folds every run blends (at least two, for the nested check); refused unless the same."""
+    first, folds = next(iter(by_run.items()))
+    for run, chosen in by_run.items():
+        if list(chosen) != list(folds):
+            raise KaggleVitError(f"{run}: folds {list(chosen)}, but {first}: folds {list(folds)}; --weighting fit "
+                                 f"blends runs on the same folds' OOF rows")
+    if len(folds) < 2:
+        raise KaggleVitError(f"--weighting fit: folds {list(folds)}; its nested check needs at least 2")
+    return list(folds)
+
+
+def _oof_members(runs: list[Path], folds: list[int], n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs' OOF probabilities (with their test-time views, the predictor they submit) on the
+    rows of `folds`, as (runs, rows, classes), those training rows, and each row's fold; refused
+    unless every run validated the same rows in each fold (same fold count and seed)."""
+    read = [RunDir(run).read_oof(folds) for run in runs]
+    rows, fold_of_row = read[0][:2]
+    for run, (other_rows, other_folds, _, _) in zip(runs, read):
+        if not (np.array_equal(other_rows, rows) and np.array_equal(other_folds, fold_of_row)):
+            raise KaggleVitError(f"{run}: folds {folds} validated other rows than {runs[0]}'s; --weighting fit "
+                                 f"blends runs of the same folds (same --folds and seed)")
+    if rows.max() >= n_rows:
+        raise KaggleVitError(f"{runs[0]}: OOF row {rows.max()} beyond the {n_rows:,} training rows; blend runs of "
+                             f"this competition's data")
+    return np.stack([views for *_, views in read]).astype(np.float64), rows, fold_of_row
+
+
+def _fitted(by_run: dict[Path, dict[int, FoldResult]], data: CompetitionData, method: str, tta: int | None,
+            device: str) -> tuple[BlendFit, np.ndarray]:
+    """A blend of the runs (each the mean of its folds) fitted on their OOF rows, and its test probabilities."""
+    runs, folds = list(by_run), _shared_folds(by_run)
+    members, rows, fold_of_row = _oof_members(runs, folds, len(data.train))
+    fit, blend = fit_blend(members, data.train.labels[rows], fold_of_row, get_metric(data.spec.metric), method)
+    tests = np.stack([np.mean([fold_test_probs(run, k, data, tta, device) for k in folds], axis=0) for run in runs])
+    return fit, blend(tests)
+
+
 def make_submission(run_dirs: Path | list[Path], data: CompetitionData, output: Path, folds: list[int] | None = None,
                     weighting: str = "mean", tta: int | None = None, allow_missing: bool = False,
-                    device: str = "auto", force: bool = False) -> Submission:
+                    device: str = "auto", force: bool = False, blend: str | None = None) -> Submission:
     """Average the chosen folds' test probabilities, of one run or of several (seeds, models), each
     fold model weighted equally or (`oof`) by its validation accuracy under the run's test-time
-    views, the predictor whose test probabilities it averages; and write the submission (`force`:
-    over an existing file; see `check_output`)."""
+    views, the predictor whose test probabilities it averages; or (`fit`) blend the runs, each the
+    mean of its folds, by weights fitted on their OOF probabilities (`blend`: hill or stack); and
+    write the submission (`force`: over an existing file; see `check_output`)."""
     spec = data.spec
     check_output(output, spec, data.data_dir, force)
-    if weighting not in ("mean", "oof"):
-        raise KaggleVitError(f"--weighting must be mean or oof, got '{weighting}'")
+    if weighting not in ("mean", "oof", "fit"):
+        raise KaggleVitError(f"--weighting must be mean, oof or fit, got '{weighting}'")
+    if blend is not None and weighting != "fit":
+        raise KaggleVitError(f"--blend {blend} chooses how --weighting fit fits; add --weighting fit")
+    if (blend or "hill") not in FITTERS:
+        raise KaggleVitError(f"--blend must be {' or '.join(FITTERS)}, got '{blend}'")
     runs = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    chosen = {(Path(run), k): result for run in runs for k, result in choose_folds(Path(run), folds, allow_missing).items()}
+    by_run = {Path(run): choose_folds(Path(run), folds, allow_missing) for run in runs}
+    chosen = {(run, k): result for run, done in by_run.items() for k, result in done.items()}
     for run, k in chosen:
         RunDir(run).fold(k).read_checkpoint(spec)  # refuses mismatched image sizes or class counts before any work
-    raw = np.array([chosen[m].valid_acc_views if weighting == "oof" else 1.0 for m in chosen], dtype=np.float64)
-    weights = raw / raw.sum()
-    probs = sum(w * fold_test_probs(run, k, data, tta, device) for w, (run, k) in zip(weights, chosen))
+    fit = None
+    if weighting == "fit":
+        fit, probs = _fitted(by_run, data, blend or "hill", tta, device)
+        weights = np.array([w / len(by_run[run]) for run, w in zip(by_run, fit.weights) for _ in by_run[run]])
+    else:
+        raw = np.array([chosen[m].valid_acc_views if weighting == "oof" else 1.0 for m in chosen], dtype=np.float64)
+        weights = raw / raw.sum()
+        probs = sum(w * fold_test_probs(run, k, data, tta, device) for w, (run, k) in zip(weights, chosen))
     labels = probs.argmax(1)
     frame = submission_frame(data.test.ids, probs, spec)
     validate_submission(frame, spec, expected_ids(data), str(output))
     with atomic_path(output) as tmp:
         frame.to_csv(tmp, index=False)
     counts = dict(sorted(Counter(labels.tolist()).items()))
-    return Submission(output, list(chosen), weights.tolist(), counts, probs)
+    return Submission(output, list(chosen), weights.tolist(), counts, probs, fit)
 
 
 def read_submission(path: Path, spec: CompetitionSpec, ids: list[str]) -> np.ndarray:

@@ -143,9 +143,8 @@ def oof_probs(run_dir: Path, n_rows: int, n_classes: int, n_folds: int) -> tuple
     test-time views."""
     probs = np.zeros((n_rows, n_classes), dtype=np.float32)
     probs_views = np.zeros_like(probs)
-    for fold in range(1, n_folds + 1):
-        rows, plain, views = RunDir(run_dir).fold(fold).read_valid_probs()
-        probs[rows], probs_views[rows] = plain, views
+    rows, _, plain, views = RunDir(run_dir).read_oof(range(1, n_folds + 1))
+    probs[rows], probs_views[rows] = plain, views
     return probs, probs_views
 
 

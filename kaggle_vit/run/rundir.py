@@ -9,7 +9,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -207,6 +207,15 @@ class RunDir:
         if not self.metrics.exists():
             raise KaggleVitError(f"{self.root}: not a kaggle-vit run (no {METRICS})")
         return _read(self.metrics, lambda path: RunMetrics.from_json(read_json(path)))
+
+    def read_oof(self, folds: Iterable[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The folds' validation rows (of train.csv) in row order, each row's fold, and their
+        probabilities: plain, and with the test-time views."""
+        parts = {k: self.fold(k).read_valid_probs() for k in folds}
+        rows, plain, views = (np.concatenate([part[i] for part in parts.values()]) for i in range(3))
+        fold_of_row = np.concatenate([np.full(len(part[0]), k) for k, part in parts.items()])
+        order = np.argsort(rows, kind="stable")
+        return rows[order], fold_of_row[order], plain[order], views[order]
 
     def finished_folds(self, n_folds: int | None = None) -> list[int]:
         """The folds that wrote their result, of the run's fold count."""
