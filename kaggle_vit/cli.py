@@ -66,7 +66,7 @@ CompetitionOpt = Annotated[
     Optional[str], typer.Option("--competition", "-c", help="Bundled name or spec .toml path (default: digit-recognizer).")
 ]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Competition files (default: data/NAME).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="kvit_* or a timm ViT such as vit_tiny_patch16_224.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="kvit_* or any timm image classifier such as convnext_atto.")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="cpu (default) or gpu.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="A run TOML (e.g. tune's best.toml).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]

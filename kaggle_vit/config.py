@@ -49,7 +49,7 @@ class TrainConfig:
     fields say; `resolve_config` leaves the PLANNED settings None unless given, for `plan_schedule`."""
 
     competition: str = setting("digit-recognizer", "a bundled competition's name or a spec .toml path")
-    model: str = setting("kvit_pico_patch4_28", "a kvit_* model, or a timm ViT such as vit_tiny_patch16_224")
+    model: str = setting("kvit_pico_patch4_28", "a kvit_* model, or any timm image classifier such as convnext_atto")
     # architecture overrides (None: the registered variant's value)
     patch_size: int | None = setting(None, "side of the square patches; must divide the image size")
     embed_dim: int | None = setting(None, "width of the tokens")

@@ -1,5 +1,5 @@
-"""Model factory: our registered ViTs and timm's reference ViTs, shaped to the competition, from
-scratch, from local weights, or from a fold checkpoint.
+"""Model factory: our registered ViTs and any timm image classifier (ViTs, ConvNeXt, ResNet, EfficientNet,
+...), shaped to the competition, from scratch, from local weights, or from a fold checkpoint.
 
 With weights, timm does the fitting: `create_model(name, pretrained=True, pretrained_cfg_overlay=...)`
 runs the model family's checkpoint filter (a ViT's position embedding resampled to the new patch
@@ -9,7 +9,11 @@ load stays strict: any other tensor that does not fit is an error, never a silen
 """
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import timm
@@ -32,29 +36,85 @@ def fitting_patch_size(spec: CompetitionSpec) -> int:
     return min(sizes, key=lambda p: abs(spec.height / p - 7))
 
 
+@functools.cache
+def constructor(name: str) -> Mapping[str, Any]:
+    """The keywords the class behind timm's `name` takes (through `**kwargs`, its bases' too), with
+    their defaults, from a build on the meta device (nothing allocated or initialised)."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    keywords: dict[str, Any] = {}
+    for cls in type(model).__mro__:  # DeiT's distilled ViT takes (*args, **kwargs) for VisionTransformer's
+        params = inspect.signature(cls.__init__).parameters.values()
+        keywords |= {p.name: p.default for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if all(p.kind != p.VAR_KEYWORD for p in params):
+            break
+    return MappingProxyType(keywords)
+
+
+@functools.cache
+def takes_images(name: str, shape: tuple[int, int, int], patch_size: int | None = None) -> bool:
+    """Whether `name` (with this stem patch size; None: its own) turns (C, H, W) images into logits,
+    by a forward on the meta device: shapes only, no arithmetic."""
+    extra = {} if patch_size is None else {"patch_size": patch_size}
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, in_chans=shape[0], **extra).eval()(torch.empty(1, *shape))
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+def fitting_stem(name: str, spec: CompetitionSpec, default: Any) -> int | None:
+    """A patchify stem's stride (ConvNeXt's) for small images: None while the model's own leaves its
+    last stage a pixel, else the largest divisor of the image below `default` that does (ConvNeXt at
+    28×28: 1, as its 2 strides the first stage too)."""
+    shape = (spec.channels, spec.height, spec.width)
+    below = range(default - 1, 0, -1) if isinstance(default, int) else ()
+    smaller = [p for p in below if not (spec.height % p or spec.width % p)]
+    return next((p for p in [None, *smaller] if takes_images(name, shape, p)), None)
+
+
 def model_kwargs(cfg: TrainConfig, spec: CompetitionSpec) -> dict[str, Any]:
     """Keyword arguments for timm.create_model: the competition's shape plus the config's choices."""
     if not timm.is_model(cfg.model):  # a name, or name.tag (a pretrained config of it)
-        raise KaggleVitError(f"unknown model '{cfg.model}' (ours: {', '.join(timm.list_models('kvit*'))}; or a timm ViT)")
+        raise KaggleVitError(f"unknown model '{cfg.model}' (ours: {', '.join(timm.list_models('kvit*'))}; "
+                             f"or any timm image classifier, such as convnext_atto or resnet18)")
     kwargs: dict[str, Any] = dict(
         num_classes=spec.num_classes, in_chans=spec.channels, img_size=(spec.height, spec.width),
         drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
         **cfg.model_overrides(),
     )
     if not cfg.model.startswith("kvit"):
-        for name in ("stem_channels", "stem_pool"):
-            if name in kwargs:
-                raise KaggleVitError(f"{name} applies to kvit models only, not '{cfg.model}'")
-        if cfg.pretrained:  # the weights fix the patch size and the image size (images are resized to it)
-            if "patch_size" in kwargs:
-                raise KaggleVitError(f"pretrained: {cfg.model} keeps the patch size of its weights; "
-                                     f"drop patch_size {kwargs['patch_size']}")
-            del kwargs["img_size"]
-            return kwargs
-        kwargs.setdefault("patch_size", fitting_patch_size(spec))
+        kwargs = _timm_kwargs(cfg, spec, kwargs)
     patch = kwargs.get("patch_size")
     if patch is not None and (spec.height % patch or spec.width % patch):
         raise KaggleVitError(f"patch_size {patch} does not divide {spec.height}x{spec.width}; use one of {spec.patch_sizes()}")
+    return kwargs
+
+
+def _timm_kwargs(cfg: TrainConfig, spec: CompetitionSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keywords a timm model's constructor takes (a CNN: no image or patch size), with a patch
+    size fitted to the image; a setting the model has no keyword for is refused, not ignored."""
+    takes = constructor(cfg.model)
+    drops = [k for k in ("drop_rate", "attn_drop_rate", "drop_path_rate") if getattr(cfg, k)]
+    refused = next((k for k in [*cfg.model_overrides(), *drops] if k not in takes), None)
+    if refused:
+        raise KaggleVitError(f"{refused} does not apply to {cfg.model} (its constructor takes no such keyword)")
+    kwargs = {k: v for k, v in kwargs.items() if k in takes}
+    if cfg.pretrained:  # the weights fix the patch size and the image size (images are resized to it)
+        if "patch_size" in kwargs:
+            raise KaggleVitError(f"pretrained: {cfg.model} keeps the patch size of its weights; "
+                                 f"drop patch_size {kwargs['patch_size']}")
+        kwargs.pop("img_size", None)
+        return kwargs
+    # the model's config says the competition's shape, so that no image is resized to ImageNet's 224
+    kwargs["pretrained_cfg_overlay"] = {"input_size": (spec.channels, spec.height, spec.width)}
+    if "patch_size" in takes and "img_size" in takes:  # a ViT's patch grid
+        kwargs.setdefault("patch_size", fitting_patch_size(spec))
+    elif "patch_size" in takes and "patch_size" not in kwargs:  # a patchify stem (ConvNeXt's)
+        stem = fitting_stem(cfg.model, spec, takes["patch_size"])
+        if stem is not None:
+            kwargs["patch_size"] = stem
     return kwargs
 
 

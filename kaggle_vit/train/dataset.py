@@ -55,11 +55,12 @@ class DataConfig:
 
 def _built_input(model: nn.Module, cfg_size: tuple[int, ...]) -> tuple[int, int, int]:
     """The (C, H, W) the model was built for (kvit: `in_chans`, `img_size`; timm ViTs: their patch
-    embedding's), where the pretrained config may still say what the weights were trained on."""
+    embedding's; CNNs: their first convolution's channels), where the pretrained config may still say
+    what the weights were trained on."""
     embed = getattr(model, "patch_embed", None)
     size = getattr(model, "img_size", None) or getattr(embed, "img_size", None)
-    proj = getattr(embed, "proj", embed)
-    chans = getattr(model, "in_chans", None) or getattr(proj, "in_channels", None) or cfg_size[0]
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)  # a ViT's: its patch embedding
+    chans = getattr(model, "in_chans", None) or getattr(first, "in_channels", None) or cfg_size[0]
     if not (isinstance(size, (tuple, list)) and len(size) == 2):
         size = cfg_size[-2:]
     return int(chans), int(size[0]), int(size[1])
