@@ -6,8 +6,9 @@ pixel CSVs (the offline build's rows), MNIST digits as PNG files in class folder
 files with a labels CSV of class numbers (Debian's `dataset-fashion-mnist`), and `photos-N`: 32x32 RGB
 patches of scikit-image's seven bundled photographs (`pip install scikit-image`) as PNG files with a
 labels CSV naming the photograph (spec `benchmarks/photos.toml`). Each photograph is downscaled to
-PHOTO_WIDTH columns and cut in two: training patches come from its left part, held-out patches from its
-right part, PHOTO_GAP columns away, so no held-out pixel is in any training patch. kaggle-vit runs with
+PHOTO_WIDTH columns and cut into vertical strips of PHOTO_STRIP columns: training patches come from the
+even strips, held-out patches from the odd ones, each patch inside its strip, so no held-out pixel is in
+any training patch, while both sets still see every part of the photograph. kaggle-vit runs with
 its defaults only (`cv --folds 5`, then `submit`), as a user would, one competition at a time; a logistic
 regression and a kNN (k picked by 5-fold CV) are fitted on the same training pixels and scored on the
 same held-out rows.
@@ -44,8 +45,7 @@ PHOTOS_SPEC = Path(__file__).with_name("photos.toml")
 PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket"]
 PHOTO_WIDTH = 256  # columns each photograph is downscaled to (1.8x to 5.5x): a patch holds shapes, not just texture
 PHOTO_PATCH = 32
-PHOTO_TRAIN_SHARE = 0.65  # the left part of each photograph's columns; the held-out part is right of the gap
-PHOTO_GAP = 32
+PHOTO_STRIP = 64  # columns per strip: even strips train, odd strips are held out
 PHOTO_TEST_PER_CLASS = 100
 PHOTO_SEED = 0
 
@@ -82,8 +82,8 @@ def _digits_rows(root: Path, n: int) -> tuple[Path, np.ndarray, np.ndarray, np.n
 
 
 def _photo_patches(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """n training patches (n / 7 per photograph) from the photographs' left parts and PHOTO_TEST_PER_CLASS
-    held-out patches per photograph from their right parts, at seeded random positions, in a seeded order."""
+    """n training patches (n / 7 per photograph) from the photographs' even strips and PHOTO_TEST_PER_CLASS
+    held-out patches per photograph from their odd strips, at seeded random positions, in a seeded order."""
     import skimage.data  # lazy: a benchmark-only dependency, for the photos sets alone
 
     rng = np.random.default_rng(PHOTO_SEED)
@@ -92,11 +92,11 @@ def _photo_patches(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
         photo = Image.fromarray(getattr(skimage.data, name)())
         height = round(photo.height * PHOTO_WIDTH / photo.width)
         pixels = np.asarray(photo.resize((PHOTO_WIDTH, height), Image.LANCZOS))
-        cut = round(PHOTO_TRAIN_SHARE * PHOTO_WIDTH)
-        for x, y, lo, hi, count in (("tx", "ty", 0, cut, n // len(PHOTOS)),
-                                    ("vx", "vy", cut + PHOTO_GAP, PHOTO_WIDTH, PHOTO_TEST_PER_CLASS)):
-            for left, top in zip(rng.integers(lo, hi - PHOTO_PATCH + 1, count),
-                                 rng.integers(0, height - PHOTO_PATCH + 1, count)):
+        strips = np.arange(PHOTO_WIDTH // PHOTO_STRIP) * PHOTO_STRIP
+        for x, y, starts, count in (("tx", "ty", strips[0::2], n // len(PHOTOS)),
+                                    ("vx", "vy", strips[1::2], PHOTO_TEST_PER_CLASS)):
+            lefts = rng.choice(starts, count) + rng.integers(0, PHOTO_STRIP - PHOTO_PATCH + 1, count)
+            for left, top in zip(lefts, rng.integers(0, height - PHOTO_PATCH + 1, count)):
                 parts[x].append(pixels[top:top + PHOTO_PATCH, left:left + PHOTO_PATCH])
             parts[y] += [label] * count
     train, test = rng.permutation(len(parts["ty"])), rng.permutation(len(parts["vy"]))
