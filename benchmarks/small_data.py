@@ -1,16 +1,24 @@
 """Default `cv` + `submit` on small competitions made from real data, beside scikit-learn baselines.
 
 Each competition is written in a real Kaggle layout from real images, with a held-out test set whose
-answers are kept apart: digit-recognizer pixel CSVs (the offline build's rows), MNIST digits as PNG files
-in class folders, and Fashion-MNIST as PNG files with a labels CSV of class numbers (Debian's
-`dataset-fashion-mnist`). kaggle-vit runs with its defaults only (`cv --folds 5`, then `submit`), as a
-user would, one competition at a time; a logistic regression and a kNN (k picked by 5-fold CV) are fitted
-on the same training pixels and scored on the same held-out rows.
+answers are kept apart (`OUT/sets/NAME-solution.csv`, beside the competition's folder): digit-recognizer
+pixel CSVs (the offline build's rows), MNIST digits as PNG files in class folders, Fashion-MNIST as PNG
+files with a labels CSV of class numbers (Debian's `dataset-fashion-mnist`), and `photos-N`: 32x32 RGB
+patches of scikit-image's seven bundled photographs (`pip install scikit-image`) as PNG files with a
+labels CSV naming the photograph (spec `benchmarks/photos.toml`). Each photograph is downscaled to
+PHOTO_WIDTH columns and cut into vertical strips of PHOTO_STRIP columns: training patches come from the
+even strips, held-out patches from the odd ones, each patch inside its strip, so no held-out pixel is in
+any training patch, while both sets still see every part of the photograph. kaggle-vit runs with
+its defaults only (`cv --folds 5`, then `submit`), as a user would, one competition at a time; a logistic
+regression and a kNN (k picked by 5-fold CV) are fitted on the same training pixels and scored on the
+same held-out rows.
 
     python benchmarks/small_data.py OUT_DIR [--sets digits-100,mnist-png-200,...] [-- extra cv options]
+    python benchmarks/small_data.py OUT_DIR --sets photos-2100 --build-only
 
 Prints one markdown row per competition: size, held-out score of kaggle-vit, its wall time, and the
-baselines' scores.
+baselines' scores. `--build-only` writes the competitions and prints each one's data folder, spec and
+answers, for runs of your own (`kaggle-vit score submission.csv -c SPEC --data-dir DATA --solution ANSWERS`).
 """
 from __future__ import annotations
 
@@ -29,7 +37,17 @@ from PIL import Image
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 N_TEST = 2000
 SETS = ("digits-100", "digits-1000", "mnist-png-200", "mnist-png-1000", "fashion-png-200", "fashion-png-1000",
-        "digits-42000")
+        "digits-42000", "photos-2100")  # the default: all but the last two (minutes; scikit-image)
+MNIST_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
+PHOTOS_SPEC = Path(__file__).with_name("photos.toml")
+PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket"]
+PHOTO_WIDTH = 256  # columns each photograph is downscaled to (1.8x to 5.5x): a patch holds shapes, not just texture
+PHOTO_PATCH = 32
+PHOTO_STRIP = 64  # columns per strip: even strips train, odd strips are held out
+PHOTO_TEST_PER_CLASS = 100
+PHOTO_SEED = 0
 
 
 def _idx(path: Path) -> np.ndarray:
@@ -40,9 +58,9 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def _fashion() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    return (_idx(FASHION / "train-images-idx3-ubyte.gz"), _idx(FASHION / "train-labels-idx1-ubyte.gz"),
-            _idx(FASHION / "t10k-images-idx3-ubyte.gz"), _idx(FASHION / "t10k-labels-idx1-ubyte.gz"))
+def _fashion(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    return (_idx(FASHION / "train-images-idx3-ubyte.gz")[:n], _idx(FASHION / "train-labels-idx1-ubyte.gz")[:n],
+            _idx(FASHION / "t10k-images-idx3-ubyte.gz")[:N_TEST], _idx(FASHION / "t10k-labels-idx1-ubyte.gz")[:N_TEST])
 
 
 def _digits_rows(root: Path, n: int) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -63,54 +81,102 @@ def _digits_rows(root: Path, n: int) -> tuple[Path, np.ndarray, np.ndarray, np.n
     return Path(spec.path), pool_x[train], pool_y[train], pool_x[test], pool_y[test]
 
 
-def _png_set(root: Path, images: tuple, n: int, layout: str, names: list[str]) -> Path:
-    """`folders` (train/<class>/x.png) or `files` (train/ID.png + train.csv of class numbers) layout."""
-    tx, ty, vx, vy = images
+def _photo_patches(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """n training patches (n / 7 per photograph) from the photographs' even strips and PHOTO_TEST_PER_CLASS
+    held-out patches per photograph from their odd strips, at seeded random positions, in a seeded order."""
+    import skimage.data  # lazy: a benchmark-only dependency, for the photos sets alone
+
+    rng = np.random.default_rng(PHOTO_SEED)
+    parts: dict[str, list] = {"tx": [], "ty": [], "vx": [], "vy": []}
+    for label, name in enumerate(PHOTOS):
+        photo = Image.fromarray(getattr(skimage.data, name)())
+        height = round(photo.height * PHOTO_WIDTH / photo.width)
+        pixels = np.asarray(photo.resize((PHOTO_WIDTH, height), Image.LANCZOS))
+        strips = np.arange(PHOTO_WIDTH // PHOTO_STRIP) * PHOTO_STRIP
+        for x, y, starts, count in (("tx", "ty", strips[0::2], n // len(PHOTOS)),
+                                    ("vx", "vy", strips[1::2], PHOTO_TEST_PER_CLASS)):
+            lefts = rng.choice(starts, count) + rng.integers(0, PHOTO_STRIP - PHOTO_PATCH + 1, count)
+            for left, top in zip(lefts, rng.integers(0, height - PHOTO_PATCH + 1, count)):
+                parts[x].append(pixels[top:top + PHOTO_PATCH, left:left + PHOTO_PATCH])
+            parts[y] += [label] * count
+    train, test = rng.permutation(len(parts["ty"])), rng.permutation(len(parts["vy"]))
+    return (np.stack(parts["tx"])[train], np.asarray(parts["ty"])[train], np.stack(parts["vx"])[test],
+            np.asarray(parts["vy"])[test])
+
+
+def _png_set(root: Path, images: tuple, layout: str, labels: list[str]) -> None:
+    """`folders` (train/<label>/x.png) or `files` (train/ID.png + train.csv of labels) layout; `labels` are
+    the classes as the files spell them."""
+    tx, ty, vx, _ = images
     (root / "train").mkdir(parents=True)
     (root / "test").mkdir()
     rows = []
-    for i in range(n):
-        folder = root / "train" / (names[ty[i]] if layout == "folders" else "")
+    for i, (image, y) in enumerate(zip(tx, ty)):
+        folder = root / "train" / (labels[y] if layout == "folders" else "")
         folder.mkdir(exist_ok=True)
-        Image.fromarray(tx[i]).save(folder / f"{i:05d}.png")
-        rows.append((f"{i:05d}", int(ty[i])))
-    ids = [f"t{i:05d}" for i in range(N_TEST)]
-    for i, image_id in enumerate(ids):
-        Image.fromarray(vx[i]).save(root / "test" / f"{image_id}.png")
+        Image.fromarray(image).save(folder / f"{i:05d}.png")
+        rows.append((f"{i:05d}", labels[y]))
+    ids = [f"t{i:05d}" for i in range(len(vx))]
+    for image, image_id in zip(vx, ids):
+        Image.fromarray(image).save(root / "test" / f"{image_id}.png")
     if layout == "files":
         pd.DataFrame(rows, columns=["id", "label"]).to_csv(root / "train.csv", index=False)
-        pd.DataFrame({"id": ids, "label": 0}).to_csv(root / "sample_submission.csv", index=False)
-        spec = (f'name = "fashion-{n}"\nmetric = "accuracy"\n\n[files]\nlayout = "files"\ntrain = "train.csv"\n'
-                'image_extension = ".png"\n\n[columns]\nid = "id"\nlabel = "label"\nsubmission = ["id", "label"]\n\n'
-                '[image]\nheight = 28\nwidth = 28\nchannels = 1\n\n[classes]\nnum_classes = 10\nnames = ['
-                + ", ".join(f'"{name}"' for name in names) + "]\n")
+        pd.DataFrame({"id": ids, "label": labels[0]}).to_csv(root / "sample_submission.csv", index=False)
     else:
-        files = [f"{image_id}.png" for image_id in ids]
-        pd.DataFrame({"file": files, "digit": names[0]}).to_csv(root / "sample_submission.csv", index=False)
-        spec = (f'name = "mnist-folders-{n}"\nmetric = "accuracy"\n\n[files]\nlayout = "folders"\n\n'
+        pd.DataFrame({"file": [f"{i}.png" for i in ids], "digit": labels[0]}).to_csv(root / "sample_submission.csv",
+                                                                                     index=False)
+
+
+def _png_spec(root: Path, layout: str, names: list[str]) -> Path:
+    """The spec of a 28x28 grey `_png_set`, beside its folder: class numbers shown by `names` (`files`), or
+    the folders' names (`folders`)."""
+    if layout == "files":
+        spec = (f'name = "{root.name}"\nmetric = "accuracy"\n\n[files]\nlayout = "files"\n'
+                'train = "train.csv"\nimage_extension = ".png"\n\n[columns]\nid = "id"\nlabel = "label"\n'
+                'submission = ["id", "label"]\n\n[image]\nheight = 28\nwidth = 28\nchannels = 1\n\n[classes]\n'
+                'num_classes = 10\nnames = [' + ", ".join(f'"{name}"' for name in names) + "]\n")
+    else:
+        spec = (f'name = "{root.name}"\nmetric = "accuracy"\n\n[files]\nlayout = "folders"\n\n'
                 '[columns]\nsubmission = ["file", "digit"]\n\n[image]\nheight = 28\nwidth = 28\nchannels = 1\n')
     path = root.parent / f"{root.name}.toml"
     path.write_text(spec)
     return path
 
 
+def answers_path(root: Path) -> Path:
+    """Where a competition's held-out answers are kept: beside its folder, never inside it."""
+    return root.parent / f"{root.name}-solution.csv"
+
+
 def build(name: str, root: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Write competition `name` into root; return its spec and the raw train/test pixels and labels."""
+    """Write competition `name` into root and its answers beside it; return its spec and the raw
+    train/test pixels and labels."""
     kind, n = name.rsplit("-", 1)
     n = int(n)
     if kind == "digits":
-        return _digits_rows(root, n)
-    if kind == "mnist-png":
+        spec, *images = _digits_rows(root, n)
+        labels = [str(k) for k in range(10)]
+    elif kind == "mnist-png":
         from kaggle_vit.data.fetch import load_mnist
 
-        images = load_mnist()
-        names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-        return (_png_set(root, images, n, "folders", names), images[0][:n], images[1][:n], images[2][:N_TEST],
-                images[3][:N_TEST])
-    images = _fashion()
-    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-    return (_png_set(root, images, n, "files", names), images[0][:n], images[1][:n], images[2][:N_TEST],
-            images[3][:N_TEST])
+        tx, ty, vx, vy = load_mnist()
+        images, labels = [tx[:n], ty[:n], vx[:N_TEST], vy[:N_TEST]], MNIST_NAMES
+        _png_set(root, images, "folders", labels)
+        spec = _png_spec(root, "folders", labels)
+    elif kind == "fashion-png":
+        images, labels = list(_fashion(n)), [str(k) for k in range(10)]
+        _png_set(root, images, "files", labels)
+        spec = _png_spec(root, "files", FASHION_NAMES)
+    elif kind == "photos":
+        images, labels = list(_photo_patches(n)), PHOTOS
+        _png_set(root, images, "files", labels)
+        spec = PHOTOS_SPEC
+    else:
+        raise SystemExit(f"unknown set {name!r}: one of {', '.join(SETS)} (any size)")
+    answers = pd.read_csv(root / "sample_submission.csv", dtype=str)
+    answers.iloc[:, 1] = [labels[y] for y in images[3]]
+    answers.to_csv(answers_path(root), index=False)
+    return spec, *images
 
 
 def baselines(tx: np.ndarray, ty: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> tuple[float, float]:
@@ -130,24 +196,23 @@ def baselines(tx: np.ndarray, ty: np.ndarray, vx: np.ndarray, vy: np.ndarray) ->
     return float((logreg.predict(b) == vy).mean()), float((knn.predict(b) == vy).mean())
 
 
-def held_out(submission: Path, vy: np.ndarray, name: str) -> float:
-    """Accuracy of a submission's second column against the true labels (in the held-out order)."""
-    frame = pd.read_csv(submission)
-    predicted = frame.iloc[:, 1].astype(str).to_numpy()
-    if name.startswith("mnist-png"):
-        names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-        truth = np.asarray([names[y] for y in vy])
-    else:
-        truth = vy.astype(str)
+def held_out(submission: Path, answers: Path) -> float:
+    """Accuracy of a submission's second column against the held-out answers (the same ids, in order)."""
+    predicted, truth = (pd.read_csv(path, dtype=str).iloc[:, 1].to_numpy() for path in (submission, answers))
     return float((predicted == truth).mean())
+
+
+def build_new(name: str, out: Path) -> tuple[Path, Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Build competition `name` under OUT/sets; its folder, spec and raw pixels and labels."""
+    data = out / "sets" / name
+    if data.exists():
+        raise SystemExit(f"{data} exists: give a new OUT_DIR")
+    return data, *build(name, data)
 
 
 def run(name: str, out: Path, extra: list[str]) -> str:
     """One competition: build, cv + submit with the defaults, score; the markdown row."""
-    data = out / "sets" / name
-    spec, tx, ty, vx, vy = build(name, data) if not data.exists() else (None, None, None, None, None)
-    if spec is None:
-        raise SystemExit(f"{data} exists: give a new OUT_DIR")
+    data, spec, tx, ty, vx, vy = build_new(name, out)
     work = out / "work" / name
     work.mkdir(parents=True)
     cli = [sys.executable, "-m", "kaggle_vit.cli"]
@@ -160,7 +225,7 @@ def run(name: str, out: Path, extra: list[str]) -> str:
     (work / "cv.log").write_text(cv.stdout + cv.stderr + sub.stdout + sub.stderr)
     if cv.returncode or sub.returncode:
         return f"| {name} | failed (see {work}/cv.log) | | | |"
-    score = held_out(work / "submission.csv", vy, name)
+    score = held_out(work / "submission.csv", answers_path(data))
     logreg, knn = baselines(tx, ty, vx, vy)
     return (f"| {name} | {len(ty):,} | {len(vy):,} | **{100 * score:.2f}%** | {seconds:.0f} s | {100 * logreg:.2f}% | "
             f"{100 * knn:.2f}% |")
@@ -169,10 +234,17 @@ def run(name: str, out: Path, extra: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--sets", default=",".join(SETS[:-1]))
+    parser.add_argument("--sets", default=",".join(SETS[:-2]))
+    parser.add_argument("--build-only", action="store_true",
+                        help="write the competitions and print each one's data folder, spec and answers; train nothing")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if args.build_only:
+        for name in args.sets.split(","):
+            data, spec, *_ = build_new(name, args.out)
+            print(f"{name}: --data-dir {data} -c {spec} --solution {answers_path(data)}", flush=True)
+        return
     print("| competition | training rows | held-out rows | kaggle-vit held-out | cv + submit | logistic regression | kNN |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in args.sets.split(","):
