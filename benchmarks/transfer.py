@@ -2,7 +2,9 @@
 another spec, against the same model trained from scratch, in validation accuracy per epoch.
 
     kaggle-vit data mnist --offline && kaggle-vit cv -c mnist --fold 1     # the weights
-    python benchmarks/transfer.py runs/mnist/kvit_pico_patch4_28-*/fold1/model.safetensors
+    python benchmarks/transfer.py runs/mnist/kvit_pico_patch4_28-*/fold1/model.safetensors [key=value ...]
+
+With settings after the weights (`layer_decay=0.75`, `mixup=0.2`), a third run fine-tunes with them.
 
 The other competition is UCI's optical digits (scikit-learn's `load_digits`: 1,797 digits by 43
 writers, 8x8 with 17 grey levels), written in digit-recognizer's layout at 28x28 for the spec
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from kaggle_vit.config import apply_overrides, parse_set
 from kaggle_vit.data.layouts import load_competition
 from kaggle_vit.run.cv import run_cv
 from kaggle_vit.run.settings import resolve_config
@@ -59,18 +62,24 @@ def accuracy_per_epoch(run_dir: Path, folds: int) -> np.ndarray:
     return (accs * sizes[:, None]).sum(0) / sizes.sum()
 
 
-def main(weights: Path, out: Path = Path("runs/transfer")) -> None:
-    """Train the optdigits folds from scratch and from `weights`; print accuracy per epoch for both."""
+def main(weights: Path, extra: dict, out: Path = Path("runs/transfer")) -> None:
+    """Train the optdigits folds from scratch, from `weights`, and (given `extra` settings) from
+    `weights` with them; print accuracy per epoch for each."""
     data = load_competition(load_spec(SPEC), build_optdigits(out / "data"))
     tuned = resolve_config(competition=str(SPEC), pretrained=str(weights), jobs=1)
     tuned, _ = plan_schedule(tuned, fold_rows(len(data.train), tuned.folds))  # the epochs printed below
     scratch = dataclasses.replace(tuned, pretrained=None)
     curves, seconds = {}, {}
-    for name, cfg in (("from scratch", scratch), ("fine-tuned from mnist", tuned)):
+    runs = [("from scratch", scratch), ("fine-tuned from mnist", tuned)]
+    if extra:
+        shown = " ".join(f"{k}={v}" for k, v in extra.items())
+        runs.append((f"fine-tuned with {shown}", apply_overrides(tuned, extra, "benchmarks/transfer.py")))
+    for name, cfg in runs:
         t0 = time.perf_counter()
-        run_cv(cfg, data, out / name.replace(" ", "-"), validate_only=True)
+        folder = out / name.replace(" ", "-").replace("=", "")
+        run_cv(cfg, data, folder, validate_only=True)
         seconds[name] = time.perf_counter() - t0
-        curves[name] = accuracy_per_epoch(out / name.replace(" ", "-"), cfg.folds)
+        curves[name] = accuracy_per_epoch(folder, cfg.folds)
     print(f"{tuned.model}, {tuned.folds} folds of {len(data.train)} optdigits rows, {tuned.epochs} epochs, lr {tuned.lr}")
     print("epoch | " + " | ".join(curves))
     for epoch in range(tuned.epochs):
@@ -79,4 +88,4 @@ def main(weights: Path, out: Path = Path("runs/transfer")) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), parse_set(sys.argv[2:]))
