@@ -436,7 +436,7 @@ def tune(
     out_dir: Annotated[Optional[Path], typer.Option("--out-dir", help="Default: runs/COMPETITION/tune-STUDY.")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Optuna search over patch size, depth, dropout, learning rate and width, pruning weak trials."""
+    """Optuna search over patch size, depth, dropout, learning rate and width (those the model takes), pruning weak trials."""
     # lazy: torch, optuna and the training code
     from .run.settings import resolve_config
     from .tune import check_budget, check_storage, load_space, make_pruner, run_tune
@@ -444,7 +444,7 @@ def tune(
     base = resolve_config(preset, config, **command_line(settings, competition=competition, epochs=epochs, folds=folds))
     check_budget(trials, timeout)
     make_pruner(pruner)
-    search = load_space(space) if space else None
+    search = load_space(space, base.model) if space else None
     if storage:  # a bad URL is one line before the data is read
         check_storage(storage)
     spec = load_spec(base.competition)

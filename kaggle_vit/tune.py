@@ -1,4 +1,4 @@
-"""Optuna search over the ViT's shape and training: a thin layer over `cv.run_cv`.
+"""Optuna search over a model's shape and training: a thin layer over `cv.run_cv`.
 
 Each trial samples a TrainConfig, trains and validates `tune_folds` folds through the same code as
 `kaggle-vit cv` (no test predictions, no test-time views: no trial needs them), and reports after
@@ -31,30 +31,38 @@ from .data.layouts import CompetitionData
 from .errors import KaggleVitError
 from .io import atomic_path, read_toml
 from .metrics import Metric, get_metric
+from .models.factory import MODEL_SETTINGS, check_settings, model_settings, patch_grid
 from .records import EpochRecord
 from .run.cv import run_cv
+from .spec import CompetitionSpec
 from .train.device import select_device
 from .train.schedule import fold_rows, plan_schedule
 
 HEADS = (2, 3, 4, 6, 8)
 
 
-def default_space(data: CompetitionData, device: str = "cpu", pretrained: bool = False) -> dict[str, dict[str, Any]]:
+def default_space(spec: CompetitionSpec, model: str, device: str = "cpu",
+                  pretrained: bool = False) -> dict[str, dict[str, Any]]:
     """Patch sizes that divide the image (4 up to a quarter of its side), depth, dropout, learning
     rate and width; narrower on a CPU, where a wide patch-4 trial would take most of an hour.
-    Pretrained weights fix the architecture: then dropout and learning rate only."""
-    spec = data.spec
+    Pretrained weights fix the architecture: then dropout and learning rate only. A model setting
+    `model` has no keyword for is left out (a ResNet: dropout and learning rate)."""
     patches = [p for p in spec.patch_sizes(limit=min(spec.height, spec.width) // 4) if p >= 4] or spec.patch_sizes()
     gpu = device.startswith("cuda")
     if pretrained:
-        return {"drop_rate": {"low": 0.0, "high": 0.3}, "lr": {"low": 1e-4, "high": 3e-3, "log": True}}
-    return {
-        "patch_size": {"choices": patches},
-        "depth": {"low": 4, "high": 10} if gpu else {"low": 2, "high": 6},
-        "drop_rate": {"low": 0.0, "high": 0.3},
-        "lr": {"low": 5e-4, "high": 5e-3, "log": True},
-        "embed_dim": {"choices": [96, 128, 192, 256] if gpu else [32, 48, 64, 96]},
-    }
+        space = {"drop_rate": {"low": 0.0, "high": 0.3}, "lr": {"low": 1e-4, "high": 3e-3, "log": True}}
+    else:
+        space = {
+            "patch_size": {"choices": patches},
+            "depth": {"low": 4, "high": 10} if gpu else {"low": 2, "high": 6},
+            "drop_rate": {"low": 0.0, "high": 0.3},
+            "lr": {"low": 5e-4, "high": 5e-3, "log": True},
+            "embed_dim": {"choices": [96, 128, 192, 256] if gpu else [32, 48, 64, 96]},
+        }
+    takes = model_settings(model)
+    if not patch_grid(model):  # a stem's stride (ConvNeXt's), fitted to the image: these sizes would overshrink it
+        takes -= {"patch_size"}
+    return {name: rule for name, rule in space.items() if name in takes or name not in MODEL_SETTINGS}
 
 
 def heads_for(embed_dim: int) -> int:
@@ -332,22 +340,23 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
     make_pruner(pruner)
     if storage:
         check_storage(storage)
+    device = str(select_device(base.device))
+    space = space or default_space(data.spec, base.model, device, bool(base.pretrained))
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     study_name = study_name or f"kvit-{data.spec.name}"
     study = open_study(storage, study_name, pruner, base.seed, get_metric(data.spec.metric).direction)
     study.set_user_attr("competition", data.spec.name)
-    device = str(select_device(base.device))
-    obj = objective(data, base, space or default_space(data, device, bool(base.pretrained)), list(range(1, tune_folds + 1)), out_dir / "trials",
-                    out_dir.parent)
+    obj = objective(data, base, space, list(range(1, tune_folds + 1)), out_dir / "trials", out_dir.parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(obj, n_trials=trials, timeout=timeout, catch=(KaggleVitError,))
     cfg, best_path, plots = write_outputs(study, base, out_dir)
     return TuneResult(study, cfg, best_path, plots)
 
 
-def load_space(path: Path) -> dict[str, dict[str, Any]]:
-    """A search space from TOML: one table per parameter, with `choices` or `low`/`high`[/`log`]."""
+def load_space(path: Path, model: str) -> dict[str, dict[str, Any]]:
+    """A search space from TOML: one table per parameter, with `choices` or `low`/`high`[/`log`];
+    a model setting `model` has no keyword for is refused before any trial."""
     space = read_toml(path, "search space")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for name, rule in space.items():
@@ -355,4 +364,5 @@ def load_space(path: Path) -> dict[str, dict[str, Any]]:
             raise KaggleVitError(f"{path}: [{name}] is not a TrainConfig setting")
         if not isinstance(rule, dict) or not ("choices" in rule or {"low", "high"} <= set(rule)):
             raise KaggleVitError(f"{path}: [{name}] needs choices = [...] or low and high")
+    check_settings(model, space, f"{path}: ")
     return space

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from kaggle_vit.cli import app
 from kaggle_vit.config import TrainConfig, to_toml
 from kaggle_vit.records import EpochRecord
-from kaggle_vit.tune import heads_for
+from kaggle_vit.spec import load_spec
+from kaggle_vit.tune import default_space, heads_for
 
 runner = CliRunner()
 BASE = dict(model="kvit_pico_patch7_28", embed_dim=32, depth=1, num_heads=2, epochs=3, batch_size=64, folds=2,
@@ -129,6 +130,45 @@ def test_unvalidated_epochs_report_nothing_and_folds_still_count_apart():
 
 def test_heads_fit_width():
     assert [heads_for(w) for w in (32, 48, 64, 96, 192)] == [2, 3, 4, 6, 8]
+
+
+VIT_SPACE = {"patch_size": {"choices": [4, 7]}, "depth": {"low": 2, "high": 6}, "drop_rate": {"low": 0.0, "high": 0.3},
+             "lr": {"low": 5e-4, "high": 5e-3, "log": True}, "embed_dim": {"choices": [32, 48, 64, 96]}}
+CNN_SPACE = {k: VIT_SPACE[k] for k in ("drop_rate", "lr")}
+
+
+@pytest.mark.parametrize("model,space", [("kvit_pico_patch7_28", VIT_SPACE), ("vit_tiny_patch16_224", VIT_SPACE),
+                                         ("resnet18", CNN_SPACE), ("efficientnet_b0", CNN_SPACE),
+                                         ("convnext_atto", CNN_SPACE)])  # its patch_size is a stem's stride
+def test_the_default_space_holds_only_what_the_model_takes(model, space):
+    assert default_space(load_spec("digit-recognizer"), model) == space
+
+
+def _cnn_base(root: Path) -> None:
+    """BASE without the ViT's shape: the base of a CNN's study, one epoch per trial."""
+    cfg = TrainConfig(**{**BASE, "embed_dim": None, "depth": None, "num_heads": None, "epochs": 1})
+    (root / "base.toml").write_text(to_toml(cfg))
+
+
+def test_a_cnn_tunes_its_default_space(setup, monkeypatch):
+    _cnn_base(setup)
+    monkeypatch.chdir(setup)
+    result = runner.invoke(app, ["tune", "--config", "base.toml", "--set", "model=resnet18", "--trials", "1"])
+    assert result.exit_code == 0, result.output
+    out = setup / "runs" / "digit-recognizer" / "tune-kvit-digit-recognizer"
+    trial, = optuna.load_study(study_name="kvit-digit-recognizer", storage=f"sqlite:///{out / 'study.db'}").trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and set(trial.params) == {"drop_rate", "lr"}
+    assert 'model = "resnet18"' in (out / "best.toml").read_text()
+
+
+def test_a_space_key_the_model_cannot_take_is_refused_before_any_trial(setup, monkeypatch):
+    _cnn_base(setup)
+    monkeypatch.chdir(setup)
+    result = runner.invoke(app, [*_tune_args(setup, "--trials", "1"), "--set", "model=resnet18"])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: {setup / 'space.toml'}: patch_size does not apply to resnet18 "
+                                     f"(its constructor takes no such keyword)")
+    assert not (setup / "runs").exists()
 
 
 @pytest.fixture

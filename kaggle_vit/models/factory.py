@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -20,12 +20,15 @@ import timm
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import ARCHITECTURE, TrainConfig
 from ..errors import KaggleVitError
 from ..records import CheckpointHeader
 from ..spec import CompetitionSpec
 from . import vit  # noqa: F401  (registers the kvit_* family with timm)
 from .pretrained import fresh_head, read_weights, source_channels
+
+DROPOUTS = ("drop_rate", "attn_drop_rate", "drop_path_rate")
+MODEL_SETTINGS = (*ARCHITECTURE, *DROPOUTS)  # the settings a model takes as keywords; the rest train any model
 
 
 def fitting_patch_size(spec: CompetitionSpec) -> int:
@@ -74,11 +77,43 @@ def fitting_stem(name: str, spec: CompetitionSpec, default: Any) -> int | None:
     return next((p for p in [None, *smaller] if takes_images(name, shape, p)), None)
 
 
+def _known_model(name: str) -> None:
+    """Refuse in one line a name timm has no model for."""
+    if not timm.is_model(name):  # a name, or name.tag (a pretrained config of it)
+        raise KaggleVitError(f"unknown model '{name}' (ours: {', '.join(timm.list_models('kvit*'))}; "
+                             f"or any timm image classifier, such as convnext_atto or resnet18)")
+
+
+def model_settings(name: str) -> frozenset[str]:
+    """The settings of MODEL_SETTINGS that `name` has a keyword for: all of them for ours, those its
+    constructor takes for a timm model (a ResNet: the dropouts only)."""
+    _known_model(name)
+    if name.startswith("kvit"):
+        return frozenset(MODEL_SETTINGS)
+    return frozenset(k for k in MODEL_SETTINGS if k in constructor(name))
+
+
+def check_settings(name: str, keys: Iterable[str], where: str = "") -> None:
+    """Refuse in one line the first model setting in `keys` that `name` has no keyword for: it would
+    change nothing, so it is an error, never silently ignored."""
+    taken = model_settings(name)
+    refused = next((k for k in keys if k in MODEL_SETTINGS and k not in taken), None)
+    if refused:
+        raise KaggleVitError(f"{where}{refused} does not apply to {name} (its constructor takes no such keyword)")
+
+
+def patch_grid(name: str) -> bool:
+    """Whether `name`'s patch_size cuts the image into a ViT's token grid (ours, timm's ViTs) rather
+    than setting a patchify stem's stride (ConvNeXt's), which `fitting_stem` fits to the image."""
+    if name.startswith("kvit"):
+        return True
+    takes = constructor(name)
+    return "patch_size" in takes and "img_size" in takes
+
+
 def model_kwargs(cfg: TrainConfig, spec: CompetitionSpec) -> dict[str, Any]:
     """Keyword arguments for timm.create_model: the competition's shape plus the config's choices."""
-    if not timm.is_model(cfg.model):  # a name, or name.tag (a pretrained config of it)
-        raise KaggleVitError(f"unknown model '{cfg.model}' (ours: {', '.join(timm.list_models('kvit*'))}; "
-                             f"or any timm image classifier, such as convnext_atto or resnet18)")
+    _known_model(cfg.model)
     kwargs: dict[str, Any] = dict(
         num_classes=spec.num_classes, in_chans=spec.channels, img_size=(spec.height, spec.width),
         drop_rate=cfg.drop_rate, attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate,
@@ -95,11 +130,8 @@ def model_kwargs(cfg: TrainConfig, spec: CompetitionSpec) -> dict[str, Any]:
 def _timm_kwargs(cfg: TrainConfig, spec: CompetitionSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The keywords a timm model's constructor takes (a CNN: no image or patch size), with a patch
     size fitted to the image; a setting the model has no keyword for is refused, not ignored."""
+    check_settings(cfg.model, [*cfg.model_overrides(), *(k for k in DROPOUTS if getattr(cfg, k))])
     takes = constructor(cfg.model)
-    drops = [k for k in ("drop_rate", "attn_drop_rate", "drop_path_rate") if getattr(cfg, k)]
-    refused = next((k for k in [*cfg.model_overrides(), *drops] if k not in takes), None)
-    if refused:
-        raise KaggleVitError(f"{refused} does not apply to {cfg.model} (its constructor takes no such keyword)")
     kwargs = {k: v for k, v in kwargs.items() if k in takes}
     if cfg.pretrained:  # the weights fix the patch size and the image size (images are resized to it)
         if "patch_size" in kwargs:
@@ -109,7 +141,7 @@ def _timm_kwargs(cfg: TrainConfig, spec: CompetitionSpec, kwargs: dict[str, Any]
         return kwargs
     # the model's config says the competition's shape, so that no image is resized to ImageNet's 224
     kwargs["pretrained_cfg_overlay"] = {"input_size": (spec.channels, spec.height, spec.width)}
-    if "patch_size" in takes and "img_size" in takes:  # a ViT's patch grid
+    if patch_grid(cfg.model):
         kwargs.setdefault("patch_size", fitting_patch_size(spec))
     elif "patch_size" in takes and "patch_size" not in kwargs:  # a patchify stem (ConvNeXt's)
         stem = fitting_stem(cfg.model, spec, takes["patch_size"])
