@@ -426,7 +426,7 @@ def tune(
     epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help="Epochs per trial.")] = None,
     tune_folds: Annotated[int, typer.Option("--tune-folds", help="Folds each trial trains (of --folds).")] = 1,
     folds: Annotated[Optional[int], typer.Option("--folds", help="How the data is split (default 5).")] = None,
-    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Default: kvit-COMPETITION.")] = None,
+    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Default: kvit-COMPETITION (MODEL-COMPETITION for a timm model).")] = None,
     storage: Annotated[Optional[str], typer.Option("--storage", help="sqlite:///FILE (default: in the runs folder), postgresql://... or mysql+pymysql://...; workers that share it run trials in parallel.")] = None,
     pruner: Annotated[str, typer.Option("--pruner", help="median, hyperband or none.")] = "median",
     space: Annotated[Optional[Path], typer.Option("--space", help="TOML search space overriding the default.")] = None,
@@ -439,7 +439,7 @@ def tune(
     """Optuna search over patch size, depth, dropout, learning rate and width (those the model takes), pruning weak trials."""
     # lazy: torch, optuna and the training code
     from .run.settings import resolve_config
-    from .tune import check_budget, check_storage, load_space, make_pruner, run_tune
+    from .tune import check_budget, check_storage, default_study_name, load_space, make_pruner, run_tune
 
     base = resolve_config(preset, config, **command_line(settings, competition=competition, epochs=epochs, folds=folds))
     check_budget(trials, timeout)
@@ -449,7 +449,7 @@ def tune(
         check_storage(storage)
     spec = load_spec(base.competition)
     data = load_data(spec, data_dir)
-    name = study_name or f"kvit-{spec.name}"
+    name = study_name or default_study_name(base.model, spec.name)
     target = out_dir or Path("runs") / spec.name / f"tune-{name}"
     result = run_tune(data, base, target, storage, name, trials, timeout, tune_folds, pruner, search)
     states = [t.state.name.lower() for t in result.study.trials]

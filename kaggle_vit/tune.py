@@ -324,6 +324,12 @@ def check_budget(trials: int | None, timeout: float | None) -> None:
         raise KaggleVitError(f"--timeout must be positive, got {timeout}")
 
 
+def default_study_name(model: str, competition: str) -> str:
+    """kvit-COMPETITION for our models (as studies have always been named), MODEL-COMPETITION for
+    any other, so tuning a CNN never resumes, and mixes its trials into, a kvit study."""
+    return f"kvit-{competition}" if model.startswith("kvit") else f"{model}-{competition}"
+
+
 def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: str | None = None,
              study_name: str | None = None, trials: int | None = 20, timeout: float | None = None, tune_folds: int = 1,
              pruner: str = "median", space: dict | None = None) -> TuneResult:
@@ -344,7 +350,7 @@ def run_tune(data: CompetitionData, base: TrainConfig, out_dir: Path, storage: s
     space = space or default_space(data.spec, base.model, device, bool(base.pretrained))
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
-    study_name = study_name or f"kvit-{data.spec.name}"
+    study_name = study_name or default_study_name(base.model, data.spec.name)
     study = open_study(storage, study_name, pruner, base.seed, get_metric(data.spec.metric).direction)
     study.set_user_attr("competition", data.spec.name)
     obj = objective(data, base, space, list(range(1, tune_folds + 1)), out_dir / "trials", out_dir.parent)

@@ -155,8 +155,8 @@ def test_a_cnn_tunes_its_default_space(setup, monkeypatch):
     monkeypatch.chdir(setup)
     result = runner.invoke(app, ["tune", "--config", "base.toml", "--set", "model=resnet18", "--trials", "1"])
     assert result.exit_code == 0, result.output
-    out = setup / "runs" / "digit-recognizer" / "tune-kvit-digit-recognizer"
-    trial, = optuna.load_study(study_name="kvit-digit-recognizer", storage=f"sqlite:///{out / 'study.db'}").trials
+    out = setup / "runs" / "digit-recognizer" / "tune-resnet18-digit-recognizer"
+    trial, = optuna.load_study(study_name="resnet18-digit-recognizer", storage=f"sqlite:///{out / 'study.db'}").trials
     assert trial.state == optuna.trial.TrialState.COMPLETE and set(trial.params) == {"drop_rate", "lr"}
     assert 'model = "resnet18"' in (out / "best.toml").read_text()
 
