@@ -132,3 +132,16 @@ def test_cli_distils_with_set_teacher_and_refuses_another_split_with_exit_2(smal
     good = runner.invoke(app, base + ["--run-dir", str(tmp_path / "good")])
     assert good.exit_code == 0, good.output
     assert (tmp_path / "good" / "oof.csv").is_file()
+
+
+def test_a_time_budget_measures_the_steps_with_the_teachers_forward_passes(small_comp, small_spec):
+    from kaggle_vit.train.schedule import PROBE_STEPS, measure
+
+    data = load_competition(small_spec, small_comp)
+    teacher_model = Always(3)
+    calls = []
+    teacher_model.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    folds = np.arange(len(data.train.labels)) % 2 + 1
+    cfg = dataclasses.replace(TINY, batch_size=8, epochs=1, warmup_epochs=0.0, lr=1e-3)
+    measure(cfg, data, folds, 1, teacher=lambda student: Teacher(teacher_model, student, student))
+    assert len(calls) >= PROBE_STEPS  # every timed step paid the teacher's forward pass

@@ -33,7 +33,7 @@ from ..spec import CompetitionSpec
 from ..train.device import auto_jobs, visible_devices
 from ..train.engine import NoProgress, Progress
 from ..train.schedule import Plan, budget_plan, fold_rows, plan_schedule, read_plan, write_plan
-from .fold import train_fold
+from .fold import fold_teacher, train_fold
 from .jobs import train_folds_parallel
 from .rundir import RunDir, shared_folds
 from .sources import check_source
@@ -167,15 +167,17 @@ def _write_oof(run_dir: Path, data: CompetitionData, folds: np.ndarray, n_folds:
             "oof_score": metric(labels, probs), "oof_score_views": metric(labels, probs_views), "oof_loss_views": loss}
 
 
-def _plan(cfg: TrainConfig, plan: Plan, data: CompetitionData, folds: np.ndarray, run: RunDir, n_folds: int,
+def _plan(cfg: TrainConfig, plan: Plan, data: CompetitionData, folds: np.ndarray, run: RunDir, wanted: list[int],
           started: float) -> Plan:
     """The run's plan: with a time budget, the one it made when it started (plan.json), else one
-    fitted now to the budget by measuring; without one, `plan` (the settings decide it)."""
+    fitted now to the budget by measuring (with the teacher of the first fold wanted, whose forward
+    passes each step pays); without one, `plan` (the settings decide it)."""
     if not cfg.time_budget:
         return plan
     if run.plan.exists():
         return read_plan(run.plan)
-    return budget_plan(cfg, plan, data, folds, n_folds, started)
+    teacher = (lambda student: fold_teacher(cfg, wanted[0], data, student)) if cfg.teacher else None
+    return budget_plan(cfg, plan, data, folds, cfg.folds, started, teacher)
 
 
 def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: list[int] | None = None,
@@ -205,7 +207,7 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     if cfg.teacher:
         check_source(Path(cfg.teacher), folds, wanted, len(data.test.images), key="teacher", spec=spec)
     run = RunDir(run_dir)
-    plan = _plan(cfg, plan, data, folds, run, cfg.folds, started)  # a budget too small: said before any write
+    plan = _plan(cfg, plan, data, folds, run, wanted, started)  # a budget too small: said before any write
     _check_writable(run_dir)
     _prepare_run_dir(run_dir, cfg, spec)  # the settings as given: a time budget's epochs are in plan.json
     if new_split:

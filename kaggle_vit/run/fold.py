@@ -53,7 +53,7 @@ def _predict(model, result: FitResult, cfg: TrainConfig, valid: ImageDataset, te
     return valid_probs, cfg.tta
 
 
-def _teacher(cfg: TrainConfig, fold: int, data: CompetitionData, student: DataConfig) -> Teacher | None:
+def fold_teacher(cfg: TrainConfig, fold: int, data: CompetitionData, student: DataConfig) -> Teacher | None:
     """The teacher run's fold `fold` model, reading the student's batches (`cfg.teacher`), or None."""
     if not cfg.teacher:
         return None
@@ -90,7 +90,7 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
         result = fit(model, train, valid, cfg, seed=cfg.seed + fold,
                      state_path=state_path, resume=_resume_state(state_path, fold, cfg.epochs, not handover),
                      progress=progress, on_epoch=on_epoch, metric=metric, stop_after=until_epoch,
-                     teacher=_teacher(cfg, fold, data, data_config))
+                     teacher=fold_teacher(cfg, fold, data, data_config))
     except KaggleVitError as error:
         raise KaggleVitError(f"fold {fold}: {error}") from None
     if len(result.history) < cfg.epochs:  # stopped at until_epoch: state.pt carries the fold on

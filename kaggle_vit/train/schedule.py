@@ -21,6 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,9 +32,13 @@ from ..errors import KaggleVitError
 from ..io import read_json, write_json
 from ..models.factory import create_model
 from .batches import batches_per_epoch, easy_share, skips_rows, train_batches
-from .dataset import ImageDataset, resolve_data_config
+from .dataset import DataConfig, ImageDataset, resolve_data_config
+from .distill import Teacher
 from .device import auto_jobs, inference_amp, select_device, visible_devices
 from .engine import NoProgress, make_trainer, predict_probs, seed_everything, train_one_epoch, validates
+
+# A fold's teacher for a student that reads its input as the DataConfig says (None: no teacher).
+TeacherFor = Callable[[DataConfig], "Teacher | None"]
 
 # The rules, in one table.
 MIN_STEPS_PER_EPOCH = 16  # the batch is halved while an epoch would have fewer steps than this ...
@@ -211,11 +216,13 @@ def _rate(count) -> float:
     return n / (time.perf_counter() - start)
 
 
-def measure(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, threads: int) -> Throughput:
+def measure(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, threads: int,
+            teacher: TeacherFor | None = None) -> Throughput:
     """Training and prediction images/s of one fold worker with `threads` CPU threads, on the real
-    model and data: PROBE_WARMUP_STEPS untimed steps, PROBE_STEPS timed training steps of fold 1's
-    training rows at the planned batch (augmented as in training), then an untimed prediction batch
-    and a timed pass of PROBE_PREDICT_BATCHES over its validation rows."""
+    model and data (and fold 1's teacher, whose forward passes each step pays): PROBE_WARMUP_STEPS
+    untimed steps, PROBE_STEPS timed training steps of fold 1's training rows at the planned batch
+    (augmented as in training), then an untimed prediction batch and a timed pass of
+    PROBE_PREDICT_BATCHES over its validation rows."""
     # the probe's own schedule (its learning rates) does not change its speed
     cfg = dataclasses.replace(cfg, epochs=cfg.epochs or MIN_EPOCHS, warmup_epochs=cfg.warmup_epochs or 0.0)
     device, previous = select_device(cfg.device), torch.get_num_threads()
@@ -228,7 +235,8 @@ def measure(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, threads:
         train = np.flatnonzero(folds != 1)[: PROBE_STEPS * cfg.batch_size]
         valid = np.flatnonzero(folds == 1)[: PROBE_PREDICT_BATCHES * cfg.eval_batch_size]
         batches = train_batches(ImageDataset(images[train], labels[train], data_config=data_config), cfg, device)
-        trainer = make_trainer(model, cfg, len(batches), rows=len(train))
+        trainer = make_trainer(model, cfg, len(batches), rows=len(train),
+                               teacher=None if teacher is None else teacher(data_config))
         batches.set_epoch(cfg.seed)
         train_one_epoch(trainer, itertools.islice(batches, PROBE_WARMUP_STEPS), 0, NoProgress())
         train_rate = _rate(lambda: train_one_epoch(trainer, batches, 0, NoProgress())["seen"])
@@ -244,14 +252,14 @@ def measure(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, threads:
 
 
 def budget_plan(cfg: TrainConfig, plan: Plan, data: CompetitionData, folds: np.ndarray, n_folds: int,
-                started: float) -> Plan:
+                started: float, teacher: TeacherFor | None = None) -> Plan:
     """The plan fitted to cfg.time_budget, counted from `started` (time.monotonic()): the throughput
     measured with the threads each of the fold workers `cv` will start has (one per `auto_jobs`
-    job), then `fit_epochs` for `n_folds` folds."""
+    job), and with fold 1's `teacher` when there is one, then `fit_epochs` for `n_folds` folds."""
     devices = visible_devices(cfg)
     jobs = auto_jobs(cfg, devices, n_folds, data.spec.height * data.spec.width)
     threads = torch.get_num_threads() if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
-    rates = measure(plan.fill(cfg), data, folds, threads)
+    rates = measure(plan.fill(cfg), data, folds, threads, teacher)
     n_valid = len(folds) / cfg.folds
     # folds sharing a GPU share its throughput: only distinct devices add to it
     at_once = jobs if devices == ["cpu"] else min(jobs, len(devices))
