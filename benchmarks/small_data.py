@@ -3,18 +3,18 @@
 Each competition is written in a real Kaggle layout from real images, with a held-out test set whose
 answers are kept apart (`OUT/sets/NAME-solution.csv`, beside the competition's folder): digit-recognizer
 pixel CSVs (the offline build's rows), MNIST digits as PNG files in class folders, Fashion-MNIST as PNG
-files with a labels CSV of class numbers (Debian's `dataset-fashion-mnist`), and `photos-N`: 32x32 RGB
-patches of scikit-image's seven bundled photographs (`pip install scikit-image`) as PNG files with a
-labels CSV naming the photograph (spec `benchmarks/photos.toml`). Each photograph is downscaled to
-PHOTO_WIDTH columns and cut into vertical strips of PHOTO_STRIP columns: training patches come from the
-even strips, held-out patches from the odd ones, each patch inside its strip, so no held-out pixel is in
-any training patch, while both sets still see every part of the photograph. kaggle-vit runs with
+files with a labels CSV of class numbers (Debian's `dataset-fashion-mnist`), and `photos-W`: 32x32 RGB
+tiles of scikit-image's seven bundled photographs (`pip install scikit-image`) as PNG files with a
+labels CSV naming the photograph (spec `benchmarks/photos.toml`). Each photograph is downscaled to W
+columns and cut into a grid of non-overlapping tiles; every third column of tiles is held out, so no
+two images (training, held-out, or of two cv folds) share a pixel, while both sets see every part of
+each photograph. kaggle-vit runs with
 its defaults only (`cv --folds 5`, then `submit`), as a user would, one competition at a time; a logistic
 regression and a kNN (k picked by 5-fold CV) are fitted on the same training pixels and scored on the
 same held-out rows.
 
     python benchmarks/small_data.py OUT_DIR [--sets digits-100,mnist-png-200,...] [-- extra cv options]
-    python benchmarks/small_data.py OUT_DIR --sets photos-2100 --build-only
+    python benchmarks/small_data.py OUT_DIR --sets photos-384 --build-only
 
 Prints one markdown row per competition: size, held-out score of kaggle-vit, its wall time, and the
 baselines' scores. `--build-only` writes the competitions and prints each one's data folder, spec and
@@ -37,16 +37,13 @@ from PIL import Image
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 N_TEST = 2000
 SETS = ("digits-100", "digits-1000", "mnist-png-200", "mnist-png-1000", "fashion-png-200", "fashion-png-1000",
-        "digits-42000", "photos-2100")  # the default: all but the last two (minutes; scikit-image)
+        "digits-42000", "photos-384")  # the default: all but the last two (minutes; scikit-image)
 MNIST_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                  "Ankle boot"]
 PHOTOS_SPEC = Path(__file__).with_name("photos.toml")
 PHOTOS = ["astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket"]
-PHOTO_WIDTH = 256  # columns each photograph is downscaled to (1.8x to 5.5x): a patch holds shapes, not just texture
 PHOTO_PATCH = 32
-PHOTO_STRIP = 64  # columns per strip: even strips train, odd strips are held out
-PHOTO_TEST_PER_CLASS = 100
 PHOTO_SEED = 0
 
 
@@ -81,24 +78,24 @@ def _digits_rows(root: Path, n: int) -> tuple[Path, np.ndarray, np.ndarray, np.n
     return Path(spec.path), pool_x[train], pool_y[train], pool_x[test], pool_y[test]
 
 
-def _photo_patches(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """n training patches (n / 7 per photograph) from the photographs' even strips and PHOTO_TEST_PER_CLASS
-    held-out patches per photograph from their odd strips, at seeded random positions, in a seeded order."""
+def _photo_tiles(width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The photographs, each downscaled to `width` columns, cut into a grid of non-overlapping
+    PHOTO_PATCH-square tiles: every third column of tiles is held out, the rest train; shuffled
+    (seeded). No two tiles share a pixel, so neither the held-out rows nor the cv folds do."""
     import skimage.data  # lazy: a benchmark-only dependency, for the photos sets alone
 
     rng = np.random.default_rng(PHOTO_SEED)
     parts: dict[str, list] = {"tx": [], "ty": [], "vx": [], "vy": []}
     for label, name in enumerate(PHOTOS):
         photo = Image.fromarray(getattr(skimage.data, name)())
-        height = round(photo.height * PHOTO_WIDTH / photo.width)
-        pixels = np.asarray(photo.resize((PHOTO_WIDTH, height), Image.LANCZOS))
-        strips = np.arange(PHOTO_WIDTH // PHOTO_STRIP) * PHOTO_STRIP
-        for x, y, starts, count in (("tx", "ty", strips[0::2], n // len(PHOTOS)),
-                                    ("vx", "vy", strips[1::2], PHOTO_TEST_PER_CLASS)):
-            lefts = rng.choice(starts, count) + rng.integers(0, PHOTO_STRIP - PHOTO_PATCH + 1, count)
-            for left, top in zip(lefts, rng.integers(0, height - PHOTO_PATCH + 1, count)):
+        height = round(photo.height * width / photo.width)
+        pixels = np.asarray(photo.resize((width, height), Image.LANCZOS))
+        for row in range(height // PHOTO_PATCH):
+            for col in range(width // PHOTO_PATCH):
+                x, y = ("vx", "vy") if col % 3 == 1 else ("tx", "ty")
+                top, left = row * PHOTO_PATCH, col * PHOTO_PATCH
                 parts[x].append(pixels[top:top + PHOTO_PATCH, left:left + PHOTO_PATCH])
-            parts[y] += [label] * count
+                parts[y].append(label)
     train, test = rng.permutation(len(parts["ty"])), rng.permutation(len(parts["vy"]))
     return (np.stack(parts["tx"])[train], np.asarray(parts["ty"])[train], np.stack(parts["vx"])[test],
             np.asarray(parts["vy"])[test])
@@ -168,7 +165,7 @@ def build(name: str, root: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarr
         _png_set(root, images, "files", labels)
         spec = _png_spec(root, "files", FASHION_NAMES)
     elif kind == "photos":
-        images, labels = list(_photo_patches(n)), PHOTOS
+        images, labels = list(_photo_tiles(n)), PHOTOS
         _png_set(root, images, "files", labels)
         spec = PHOTOS_SPEC
     else:
