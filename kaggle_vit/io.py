@@ -20,9 +20,11 @@ def _umask() -> int:
     return mask
 
 
-_HOST = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:40] or "host"
-# .NAME.kvPID@HOST.RANDOM.tmp: a temporary file says who writes it, so a later run can tell a
-# killed writer's leftover (its process gone) from a file still being written
+# This machine's name as files written by its processes carry it: .NAME.kvPID@HOST.RANDOM.tmp, a
+# temporary file, says who writes it, so a later run can tell a killed writer's leftover (its
+# process gone) from a file still being written, and a run folder shared by several machines
+# tells whose process a fold's claim or a staging folder is
+HOST = re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:40] or "host"
 _TEMP = re.compile(r"^\..+\.kv(\d+)@([A-Za-z0-9-]*)\.[^.]+\.tmp$")
 
 
@@ -41,7 +43,7 @@ def _remove_orphans(folder: Path) -> None:
     """Remove the temporary files that killed writers of this machine left in `folder`."""
     for entry in os.scandir(folder):
         match = _TEMP.match(entry.name)
-        if match and match[2] == _HOST and not is_running(int(match[1])) and entry.is_file(follow_symlinks=False):
+        if match and match[2] == HOST and not is_running(int(match[1])) and entry.is_file(follow_symlinks=False):
             Path(entry.path).unlink(missing_ok=True)
 
 
@@ -50,7 +52,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename. An error
     names `path`, not the temporary file (a full disk, a read-only folder, a folder in the way)."""
     path = Path(path)
-    prefix = f".{path.name}.kv{os.getpid()}@{_HOST}."
+    prefix = f".{path.name}.kv{os.getpid()}@{HOST}."
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_orphans(path.parent)
@@ -83,6 +85,20 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def write_new(path: str | os.PathLike[str], text: str) -> bool:
+    """Create `path` holding `text` unless it exists (O_EXCL: of two processes, one creates it);
+    False when it exists. Not atomic: a process killed while writing leaves a short file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return True
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -1,7 +1,7 @@
 """What a run folder's files hold, one dataclass per file (`run.rundir.RunDir` reads and writes
-them): an epoch of a fold (a row of history.csv), a finished fold (result.json), the run
-(metrics.json) and a fold checkpoint's header (the JSON in model.safetensors). No torch: `submit`
-and `report` read them before any model is built.
+them): an epoch of a fold (a row of history.csv), a finished fold (result.json), a fold being
+trained (claim.json), the run (metrics.json) and a fold checkpoint's header (the JSON in
+model.safetensors). No torch: `submit` and `report` read them before any model is built.
 
 One name per quantity: a score without suffix is the plain validation (one view of each image, the
 one the best epoch is chosen on); `_views` is with the run's test-time views (the predictor the
@@ -84,6 +84,22 @@ class FoldResult:
     @classmethod
     def from_json(cls, entries: dict[str, Any]) -> FoldResult:
         return _from(cls, _renamed_views(entries, ("valid_acc", "valid_score")))
+
+
+@dataclass(frozen=True)
+class FoldClaim:
+    """A fold being trained (claim.json, while it is): by which process of which machine, since
+    when, and its last heartbeat (seconds since 1970, by that machine's clock)."""
+
+    host: str
+    pid: int
+    started: float
+    heartbeat: float
+
+    @classmethod
+    def from_json(cls, entries: dict[str, Any]) -> FoldClaim:
+        return _from(cls, entries, host=str(entries["host"]), pid=int(entries["pid"]),
+                     started=float(entries["started"]), heartbeat=float(entries["heartbeat"]))
 
 
 @dataclass(frozen=True)

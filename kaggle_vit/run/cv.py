@@ -5,7 +5,9 @@ a fold with only `state.pt` resumes from its last completed epoch. Every file is
 atomically, so a kill at any moment loses at most the epoch in progress; a damaged file costs at
 most its fold, which is trained again (an unreadable `state.pt` restarts the fold). The schedule
 is planned from the training rows (`schedule`), or fitted to a time budget, before the first step,
-and kept in `plan.json`: a resumed run trains to the plan it started with.
+and kept in `plan.json`: a resumed run trains to the plan it started with. Several processes, on
+one machine or many, may share a run folder: the files they share are written under its lock, and
+each fold is trained by the process that claimed it (`claims`; docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from ..spec import CompetitionSpec
 from ..train.device import auto_jobs, visible_devices
 from ..train.engine import NoProgress, Progress
 from ..train.schedule import Plan, budget_plan, fold_rows, plan_schedule, read_plan, write_plan
+from .claims import FoldClaims, finished
 from .fold import fold_teacher, train_fold
 from .jobs import train_folds_parallel
 from .rundir import RunDir, shared_folds
@@ -96,20 +99,6 @@ def _check_writable(run_dir: Path) -> None:
     except OSError as error:
         raise KaggleVitError(f"{run_dir}: cannot write to the run folder ({error.strerror}); "
                              f"choose another --run-dir") from None
-
-
-def _finished(run_dir: Path, fold: int) -> bool:
-    """Whether a fold is done: result.json written and every file of it readable. A fold with a
-    damaged or missing file is marked unfinished (its result.json removed) so it trains again."""
-    files = RunDir(run_dir).fold(fold)
-    if not files.result.exists():
-        return False
-    problem = files.problem()
-    if problem:
-        notice(f"fold {fold}: {problem}; training the fold again")
-        files.result.unlink()
-        return False
-    return True
 
 
 class _Tracked:
@@ -184,14 +173,15 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
            progress: Progress | None = None, on_epoch=None, runs_root: Path | None = None,
            validate_only: bool = False, started: float | None = None,
            on_plan: Callable[[Plan], None] | None = None) -> CVResult:
-    """Train every fold not yet finished (or only `only_folds`), then write OOF scores and metrics.
-    Folds train as many at a time as `device.auto_jobs` picks, in a process pool (`jobs`),
-    or in this process when one at a time or when `on_epoch` (tune's pruning hook) must see every
-    epoch. `validate_only` (a tuning trial) skips the test predictions and test-time views. The
-    schedule's unset settings are planned first, and the plan handed to `on_plan` before the first
-    step (the CLI prints it); a time budget counts from `started` (time.monotonic(); default: now).
-    Its model was checked when `cfg` was resolved (`settings.resolve_config`); one that cannot be
-    built fails when its first fold starts."""
+    """Train every fold not yet finished (or only `only_folds`) that no other process sharing the
+    run folder trains (`claims.FoldClaims`), then write OOF scores and metrics. Folds train as many
+    at a time as `device.auto_jobs` picks, in a process pool (`jobs`), or in this process when one
+    at a time or when `on_epoch` (tune's pruning hook) must see every epoch. `validate_only` (a
+    tuning trial) skips the test predictions and test-time views. The schedule's unset settings are
+    planned first, and the plan handed to `on_plan` before the first step (the CLI prints it); a
+    time budget counts from `started` (time.monotonic(); default: now). Its model was checked when
+    `cfg` was resolved (`settings.resolve_config`); one that cannot be built fails when its first
+    fold starts."""
     started = time.monotonic() if started is None else started
     progress = _Tracked(progress or NoProgress())
     spec = data.spec
@@ -209,39 +199,48 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     run = RunDir(run_dir)
     plan = _plan(cfg, plan, data, folds, run, wanted, started)  # a budget too small: said before any write
     _check_writable(run_dir)
-    _prepare_run_dir(run_dir, cfg, spec)  # the settings as given: a time budget's epochs are in plan.json
-    if new_split:
-        save_folds(shared, folds, data.train.labels)
-    if not run.folds.exists():
-        save_folds(run.folds, folds, data.train.labels)
-    if not run.plan.exists():
-        write_plan(run.plan, plan)
+    with run.locked():  # processes sharing the folder (docs/distributed.md): the first writes what they share
+        _prepare_run_dir(run_dir, cfg, spec)  # the settings as given: a time budget's epochs are in plan.json
+        if new_split:
+            save_folds(shared, folds, data.train.labels)
+        if not run.folds.exists():
+            save_folds(run.folds, folds, data.train.labels)
+        if not run.plan.exists():
+            write_plan(run.plan, plan)
+        plan = _plan(cfg, plan, data, folds, run, wanted, started)  # a budget's: the one written first
+        todo = [k for k in wanted if not finished(run_dir, k)]
+    for k in only_folds or []:
+        if k not in todo:
+            notice(f"fold {k}: already finished; skipped")
     cfg = plan.fill(cfg)
     if on_plan is not None:
         on_plan(plan)
-    trained = [k for k in wanted if not _finished(run_dir, k)]
     devices = visible_devices(cfg)
-    jobs = 1 if on_epoch is not None else auto_jobs(cfg, devices, len(trained), spec.height * spec.width)
+    jobs = 1 if on_epoch is not None else auto_jobs(cfg, devices, len(todo), spec.height * spec.width)
     try:
-        if jobs > 1:
-            train_folds_parallel(cfg, data, folds, trained, run_dir, jobs, progress, devices)
-        else:
-            one = cfg if devices == ["cpu"] else dataclasses.replace(cfg, device=devices[0])
-            for fold in trained:
-                train_fold(one, data, folds, fold, run_dir, progress, on_epoch, validate_only)
+        with FoldClaims(run) as claims:  # each fold claimed before it trains: another process may share the folder
+            if jobs > 1:
+                train_folds_parallel(cfg, data, folds, todo, run_dir, jobs, progress, devices, claims)
+            else:
+                one = cfg if devices == ["cpu"] else dataclasses.replace(cfg, device=devices[0])
+                for fold in todo:
+                    if claims.take(fold):
+                        train_fold(one, data, folds, fold, run_dir, progress, on_epoch, validate_only)
+                        claims.release(fold)
     except KeyboardInterrupt:
         raise Interrupted.during(progress.running) from None
-    summaries = tuple(run.fold(k).read_result() for k in range(1, cfg.folds + 1) if run.fold(k).result.exists())
-    oof = dict.fromkeys(OOF_SCORES)
-    if len(summaries) == cfg.folds:
-        oof = _write_oof(run_dir, data, folds, cfg.folds)
-    metrics = RunMetrics(competition=spec.name, model=cfg.model, class_names=tuple(spec.class_names),
-                         metric=spec.metric, n_folds=cfg.folds, folds=summaries, tta=cfg.tta, **oof,
-                         train_seconds=sum(s.train_seconds for s in summaries),
-                         predict_seconds=sum(s.predict_seconds for s in summaries),
-                         version=__version__, git=git_hash(), config=to_toml(cfg))
-    run.write_metrics(metrics)
-    return CVResult(run_dir, metrics, trained, plan, time.monotonic() - started)
+    with run.locked():  # what every process finished so far: the last to finish a fold writes the OOF
+        summaries = tuple(run.fold(k).read_result() for k in range(1, cfg.folds + 1) if run.fold(k).result.exists())
+        oof = dict.fromkeys(OOF_SCORES)
+        if len(summaries) == cfg.folds:
+            oof = _write_oof(run_dir, data, folds, cfg.folds)
+        metrics = RunMetrics(competition=spec.name, model=cfg.model, class_names=tuple(spec.class_names),
+                             metric=spec.metric, n_folds=cfg.folds, folds=summaries, tta=cfg.tta, **oof,
+                             train_seconds=sum(s.train_seconds for s in summaries),
+                             predict_seconds=sum(s.predict_seconds for s in summaries),
+                             version=__version__, git=git_hash(), config=to_toml(cfg))
+        run.write_metrics(metrics)
+    return CVResult(run_dir, metrics, claims.taken, plan, time.monotonic() - started)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ from ..notices import log, notice
 from ..spec import CompetitionSpec
 from ..train.batches import easy_share, skips_rows
 from ..train.engine import validates
+from .claims import FoldClaims
 from .fold import train_fold
 from .sources import pseudo_labels
 from .rundir import RunDir
@@ -444,44 +445,80 @@ def _error(futures: dict[cf.Future, Segment], staging: Path, running: dict[int, 
 
 class _Dispatch:
     """Hands the segments to the pool in `dispatch_order`, one per free process (so each goes to the
-    first process free), a fold's later segment only once its earlier one has ended."""
+    first process free), a fold's later segment only once its earlier one has ended. A fold's first
+    segment is handed out only once this process has claimed the fold: one that another process
+    sharing the run folder trains or finished is left out."""
 
-    def __init__(self, pool: cf.ProcessPoolExecutor, order: list[Segment], jobs: int, epochs: int):
-        self.pool, self.order, self.jobs, self.epochs = pool, deque(order), jobs, epochs
+    def __init__(self, order: list[Segment], jobs: int, epochs: int, claims: FoldClaims):
+        self.order, self.jobs, self.epochs, self.claims = deque(order), jobs, epochs, claims
+        self.pool: cf.ProcessPoolExecutor | None = None
         self.futures: dict[cf.Future, Segment] = {}
         self.running: set[cf.Future] = set()
         self.handed: set[int] = set()  # folds whose first segment has ended
 
+    def pick(self) -> Segment | None:
+        """The next segment ready to run (its fold claimed), taken out of the order; None when none is."""
+        while True:
+            segment = next((s for s in self.order if s.first == 1 or s.fold in self.handed), None)
+            if segment is None or segment.first > 1 or self.claims.take(segment.fold):
+                if segment is not None:
+                    self.order.remove(segment)
+                return segment
+            self.order = deque(s for s in self.order if s.fold != segment.fold)
+
+    def ready(self, n: int) -> list[Segment]:
+        """Up to `n` segments ready to run, their folds claimed, taken out of the order."""
+        picked: list[Segment] = []
+        while len(picked) < n and (segment := self.pick()) is not None:
+            picked.append(segment)
+        return picked
+
+    def start(self, pool: cf.ProcessPoolExecutor, first: list[Segment]) -> None:
+        """Submit the first segments, picked before the pool's processes start (a spawn pool starts
+        them at its first submit), so that what claiming them says reaches the terminal."""
+        self.pool = pool
+        for segment in first:
+            self._submit(segment)
+
     def fill(self) -> None:
         """Submit ready segments while a process is free."""
-        while len(self.running) < self.jobs:
-            segment = next((s for s in self.order if s.first == 1 or s.fold in self.handed), None)
-            if segment is None:
-                return
-            self.order.remove(segment)
-            future = self.pool.submit(_train, segment)
-            self.futures[future] = segment
-            self.running.add(future)
+        for segment in self.ready(self.jobs - len(self.running)):
+            self._submit(segment)
+
+    def _submit(self, segment: Segment) -> None:
+        future = self.pool.submit(_train, segment)
+        self.futures[future] = segment
+        self.running.add(future)
 
     def wait(self) -> list[Segment]:
-        """Wait a moment for segments to end; returns the first segments of folds that ended, now handed on."""
+        """Wait a moment for segments to end, giving up the claims of folds finished; returns the
+        first segments of folds that ended, now handed on."""
         done, self.running = cf.wait(self.running, timeout=0.2, return_when=cf.FIRST_COMPLETED)
-        ended = [self.futures[f] for f in done if f.exception() is None and self.futures[f].last < self.epochs]
+        ok = [self.futures[f] for f in done if f.exception() is None]
+        for segment in ok:
+            if segment.last == self.epochs:
+                self.claims.release(segment.fold)
+        ended = [segment for segment in ok if segment.last < self.epochs]
         self.handed.update(segment.fold for segment in ended)
         return ended
 
 
 def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, todo: list[int], run_dir: Path,
-                         jobs: int, progress, devices: list[str] | None = None) -> None:
+                         jobs: int, progress, devices: list[str], claims: FoldClaims) -> None:
     """Train the `todo` folds in a pool of `jobs` processes, as `plan_segments` shares them out (a
     fold cut between two processes moves through its state file), worker i on devices[i % n] with an
-    equal share of the cores. The plan and the thread counts, and so every fold's numbers, do not
+    equal share of the cores, each fold once `claims` has claimed it (another process sharing the
+    run folder may train some). The plan and the thread counts, and so every fold's numbers, do not
     depend on timing. Raises KaggleVitError naming the first failed fold (the segments running
     finish first), and Interrupted (after stopping the workers) on Ctrl-C."""
-    devices, jobs = devices or ["cpu"], max(1, min(jobs, len(todo)))
+    jobs = max(1, min(jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs)
     costs = plan_costs(data, folds, cfg)
-    order = dispatch_order(plan_segments(todo, cfg.epochs, jobs, *costs), *costs)
+    dispatch = _Dispatch(dispatch_order(plan_segments(todo, cfg.epochs, jobs, *costs), *costs), jobs, cfg.epochs,
+                         claims)
+    first = dispatch.ready(jobs)
+    if not first:  # every fold is trained, or was finished, by other processes sharing the run folder
+        return
     relay = FoldRelay(progress)
     staging, shared = _share(data, folds, run_dir)
     ctx = mp.get_context("spawn")
@@ -495,8 +532,7 @@ def train_folds_parallel(cfg: TrainConfig, data: CompetitionData, folds: np.ndar
                 slots.put(devices[i % len(devices)])
             pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start_worker,
                                           initargs=(cfg, shared, run_dir, threads, os.getpid(), slots, events))
-            dispatch = _Dispatch(pool, order, jobs, cfg.epochs)
-            dispatch.fill()  # the first segment of each process: a spawn pool starts its processes here
+            dispatch.start(pool, first)  # the first segment of each process: a spawn pool starts its processes here
             procs = [p for p in mp.active_children() if p not in before]
         error = _run(dispatch, events, relay, staging)
     except KeyboardInterrupt:

@@ -5,19 +5,24 @@ finished) and `submit`/`report` (using it) read a damaged file the same way (a f
 format: `models.checkpoint`)."""
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import re
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from ..errors import KaggleVitError
-from ..io import atomic_path, read_json, write_json
+from ..io import HOST, atomic_path, read_json, write_json, write_new
 from ..models.checkpoint import checkpoint_header, save_checkpoint
-from ..records import CheckpointHeader, EpochRecord, FoldResult, RunMetrics, to_json
+from ..records import CheckpointHeader, EpochRecord, FoldClaim, FoldResult, RunMetrics, to_json
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +32,11 @@ if TYPE_CHECKING:
 
 OLD_FORMAT = "in the old pickle format, which is never loaded (a pickle can run code)"
 METRICS = "metrics.json"
+# NFS emulates flock with POSIX locks, which are the process's, not the file handle's: two threads
+# of one process would both get it, and either closing its file would unlock the other's. So a
+# process's threads take the run folder's lock one at a time.
+_ONE_THREAD = threading.Lock()
+STAGING = re.compile(r"^\.arrays-(\d+)@([A-Za-z0-9-]*)-")  # .arrays-PID@HOST-RANDOM: whose workers use it
 T = TypeVar("T")
 
 
@@ -55,6 +65,10 @@ def _read(path: Path, reader: Callable[[Path], T]) -> T:
 
 def _result(path: Path) -> FoldResult:
     return FoldResult.from_json(read_json(path))
+
+
+def _claim(path: Path) -> FoldClaim:
+    return FoldClaim.from_json(read_json(path))
 
 
 def _history(path: Path) -> list[EpochRecord]:
@@ -90,6 +104,7 @@ class FoldDir:
     valid_probs = _File("valid_probs.npz")  # the fold's rows and their probabilities, plain and with the views
     test_probs = _File("test_probs.npy")  # test.csv's probabilities under the run's test-time views
     result = _File("result.json")  # the FoldResult, written last: it marks the fold finished
+    claim = _File("claim.json")  # the FoldClaim of the process training the fold, while it does (`run.claims`)
 
     def _load(self, path: Path, reader: Callable[[Path], T]) -> tuple[T | None, str | None]:
         """(contents, None), or (None, 'PATH is missing' / 'unreadable' / in the old format)."""
@@ -177,6 +192,19 @@ class FoldDir:
         """The finished fold's result (a file of the old names read in today's); a damaged one is one line."""
         return _read(self.result, _result)
 
+    def read_claim(self) -> tuple[FoldClaim | None, str | None]:
+        """The fold's claim, or (None, 'RUN/foldK/claim.json is unreadable'); (None, None) when no
+        process claims the fold."""
+        return self._load(self.claim, _claim) if self.claim.exists() else (None, None)
+
+    def create_claim(self, claim: FoldClaim) -> bool:
+        """Claim the fold unless a claim exists (False then)."""
+        return write_new(self.claim, json.dumps(to_json(claim), indent=2) + "\n")
+
+    def write_claim(self, claim: FoldClaim) -> None:
+        """Rewrite this process's claim (its heartbeat)."""
+        write_json(self.claim, to_json(claim))
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -189,6 +217,20 @@ class RunDir:
     plan = _File("plan.json")  # the schedule the folds train to (`schedule.Plan`): kept, so a resumed run keeps it
     oof = _File("oof.csv")
     metrics = _File(METRICS)  # the RunMetrics
+    lock = _File(".lock")  # locked while a process writes what the processes sharing the folder share
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run folder's lock (fcntl.flock on .lock), which every process sharing the folder,
+        on this machine or another, takes to write the shared files and the folds' claims."""
+        with _ONE_THREAD, open(self.lock, "a") as fh:  # "a": created where missing, never emptied
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            except OSError as error:
+                raise KaggleVitError(f"{self.lock}: cannot lock it ({error.strerror}); processes sharing a run "
+                                     f"folder need a file system with locks (NFS has them; Lustre needs its flock "
+                                     f"mount option)") from None
+            yield  # the file closed after: unlocked
 
     def plot(self, name: str) -> Path:
         """A view of the run: curves, confusion, test_predictions, mistakes, attention."""
@@ -227,14 +269,15 @@ class RunDir:
         return {k: self.fold(k).read_history() for k in folds}
 
     def new_staging(self) -> Path:
-        """A private folder for the fold workers' setup and any array no cache file holds (`.arrays-PID-*`,
-        removed after)."""
-        return Path(tempfile.mkdtemp(prefix=f".arrays-{os.getpid()}-", dir=self.root))
+        """A private folder for the fold workers' setup and any array no cache file holds
+        (`.arrays-PID@HOST-*`, removed after)."""
+        return Path(tempfile.mkdtemp(prefix=f".arrays-{os.getpid()}@{HOST}-", dir=self.root))
 
     def stagings(self) -> list[tuple[int, Path]]:
-        """(pid, folder) of the staging folders present, left behind when a cv was killed."""
-        found = [(p.name.split("-")[1], p) for p in self.root.glob(".arrays-*-*")]
-        return [(int(pid), p) for pid, p in found if pid.isdigit()]
+        """(pid, folder) of this machine's staging folders present, left behind when a cv was killed
+        (another machine sharing the run folder keeps its own)."""
+        found = [(STAGING.match(p.name), p) for p in self.root.glob(".arrays-*")]
+        return [(int(match[1]), p) for match, p in found if match and match[2] == HOST]
 
 
 def shared_folds(run_dir: Path, competition: str, n_folds: int, seed: int, runs_root: Path | None = None) -> Path:
