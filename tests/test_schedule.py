@@ -134,7 +134,7 @@ def test_a_resumed_run_keeps_its_plan_and_is_not_measured_again(small_comp, smal
     data = load_competition(small_spec, small_comp)
     measured = []
 
-    def fake_measure(cfg, data, folds, threads):
+    def fake_measure(cfg, data, folds, threads, teacher=None):
         measured.append(cfg.batch_size)
         return Throughput(30.0, 3000.0) if len(measured) == 1 else Throughput(3000.0, 300_000.0)
 
@@ -177,7 +177,7 @@ def test_cv_prints_its_plan_before_the_first_step_and_the_budget_against_the_tim
     assert "time budget" not in result.output
 
     # 2 folds of 300 rows, 200 test rows, 3 views: 20.2 s an epoch + 0.8 s at these rates; about 50 s fit 2 epochs
-    monkeypatch.setattr(schedule, "measure", lambda cfg, data, folds, threads: Throughput(30.0, 3000.0))
+    monkeypatch.setattr(schedule, "measure", lambda cfg, data, folds, threads, teacher=None: Throughput(30.0, 3000.0))
     seconds = round(52 / BUDGET_SHARE)
     budget = runner.invoke(app, ["cv", "--config", str(tiny), "--data-dir", str(small_comp), "--time-budget",
                                  f"{seconds}s", "--fold", "1", "--quiet"])
@@ -193,7 +193,7 @@ def test_cv_prints_its_plan_before_the_first_step_and_the_budget_against_the_tim
 def test_a_budget_too_small_is_one_line_before_anything_is_written(small_comp, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tiny = _tiny_toml(tmp_path / "tiny.toml")
-    monkeypatch.setattr(schedule, "measure", lambda cfg, data, folds, threads: Throughput(3.0, 300.0))
+    monkeypatch.setattr(schedule, "measure", lambda cfg, data, folds, threads, teacher=None: Throughput(3.0, 300.0))
     result = runner.invoke(app, ["cv", "--config", str(tiny), "--data-dir", str(small_comp), "--time-budget", "30s"])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
