@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import TINY as TINY_SETTINGS
+
 import kaggle_vit.run.fold as fold_module
 from kaggle_vit.cli import app
 from kaggle_vit.config import TrainConfig, validate_config
@@ -24,16 +26,13 @@ from kaggle_vit.train.engine import fit, predict_probs
 from kaggle_vit.train.device import inference_amp
 
 runner = CliRunner()
-TINY = TrainConfig(model="kvit_pico_patch7_28", embed_dim=32, depth=2, num_heads=2, epochs=1, batch_size=64,
-                   folds=2, device="cpu", num_workers=0, tta=1, jobs=1)
+TINY = TrainConfig(**{**TINY_SETTINGS, "epochs": 1, "tta": 1})  # the student; its folds are the teacher's
 
 
-@pytest.fixture(scope="module")
-def teacher_run(small_comp, small_spec, tmp_path_factory):
-    """A finished 2-fold run to distil from."""
-    run = tmp_path_factory.mktemp("teacher") / "teacher"
-    run_cv(TINY, load_competition(small_spec, small_comp), run)
-    return run
+@pytest.fixture
+def teacher_run(finished):
+    """A finished 2-fold run of the small competition to distil from (read only)."""
+    return finished[0]
 
 
 def test_a_batch_converted_between_normalisations_equals_one_prepared_for_the_target():

@@ -19,8 +19,8 @@ from ..train.dataset import DataConfig, ImageDataset, resolve_data_config
 from ..train.device import inference_amp, select_device
 from ..train.distill import Teacher
 from ..train.engine import FitResult, Progress, fit, maybe_compile, predict_probs, read_state, seed_everything
-from .sources import pseudo_labels, teacher_model
 from .rundir import FoldDir, RunDir
+from .sources import pseudo_labels
 
 
 def _resume_state(path: Path, fold: int, epochs: int, announce: bool = True) -> dict | None:
@@ -54,10 +54,12 @@ def _predict(model, result: FitResult, cfg: TrainConfig, valid: ImageDataset, te
 
 
 def fold_teacher(cfg: TrainConfig, fold: int, data: CompetitionData, student: DataConfig) -> Teacher | None:
-    """The teacher run's fold `fold` model, reading the student's batches (`cfg.teacher`), or None."""
+    """The teacher run's fold `fold` model (`cfg.teacher`), which never trained on fold `fold`'s
+    validation rows, reading the student's batches; None without a teacher. A model trained for
+    another image size or class count is refused in one line."""
     if not cfg.teacher:
         return None
-    model = teacher_model(Path(cfg.teacher), fold, data.spec)
+    model = RunDir(Path(cfg.teacher)).fold(fold).read_model(data.spec)
     return Teacher(model, student, resolve_data_config(model), cfg.distill, cfg.distill_alpha, cfg.distill_temperature)
 
 

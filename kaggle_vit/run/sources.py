@@ -19,8 +19,6 @@ from ..errors import KaggleVitError
 from .rundir import RunDir
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from ..spec import CompetitionSpec
 
 
@@ -71,8 +69,3 @@ def pseudo_labels(source: Path, fold: int, threshold: float) -> tuple[np.ndarray
     rows = np.flatnonzero(probs.max(axis=1) >= threshold)
     return rows, probs[rows].argmax(axis=1)
 
-
-def teacher_model(source: Path, fold: int, spec: CompetitionSpec) -> nn.Module:
-    """The source run's fold `fold` model (never trained on fold `fold`'s validation rows), in eval
-    mode; refused in one line when it was trained for another image size or class count."""
-    return RunDir(source).fold(fold).read_model(spec)

@@ -219,7 +219,7 @@ def _rate(count) -> float:
 def measure(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, threads: int,
             teacher: TeacherFor | None = None) -> Throughput:
     """Training and prediction images/s of one fold worker with `threads` CPU threads, on the real
-    model and data (and fold 1's teacher, whose forward passes each step pays): PROBE_WARMUP_STEPS
+    model and data (and a fold's teacher, whose forward passes each step pays): PROBE_WARMUP_STEPS
     untimed steps, PROBE_STEPS timed training steps of fold 1's training rows at the planned batch
     (augmented as in training), then an untimed prediction batch and a timed pass of
     PROBE_PREDICT_BATCHES over its validation rows."""
@@ -255,7 +255,7 @@ def budget_plan(cfg: TrainConfig, plan: Plan, data: CompetitionData, folds: np.n
                 started: float, teacher: TeacherFor | None = None) -> Plan:
     """The plan fitted to cfg.time_budget, counted from `started` (time.monotonic()): the throughput
     measured with the threads each of the fold workers `cv` will start has (one per `auto_jobs`
-    job), and with fold 1's `teacher` when there is one, then `fit_epochs` for `n_folds` folds."""
+    job), and with a fold's `teacher` when there is one, then `fit_epochs` for `n_folds` folds."""
     devices = visible_devices(cfg)
     jobs = auto_jobs(cfg, devices, n_folds, data.spec.height * data.spec.width)
     threads = torch.get_num_threads() if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
