@@ -5,7 +5,7 @@
 # carry [".whl", ".gpu"] and
 #   bash benchmarks/gpu_check.sh a      (timeout_s 590)
 # and, if device time is left, `... b`. Logs come back in $OUT (steps.log first; under 8 files).
-# A dry run of the plumbing on a CPU: OUT=/tmp/out CHECK_ARGS="--device cpu --set compile=false --epochs 1
+# A dry run of the plumbing on a CPU: OUT=/tmp/out CHECK_ARGS="--set device=cpu --set compile=false --epochs 1
 # -m kvit_pico_patch4_28" BENCH_DEVICE=cpu with a stub `nvidia-smi` on PATH.
 #   a: the gpu preset's 5-fold cv as a user runs it (on an H200, all five folds share the GPU, and
 #      the notice saying so is logged), submit and score, under bf16

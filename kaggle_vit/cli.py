@@ -230,34 +230,94 @@ def cv(
     epochs: Annotated[Optional[int], typer.Option("--epochs", "-e", help="Default: planned from the training rows.")] = None,
     time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Fit the epochs of all folds, with their predictions, into this wall time, measured on the first steps: 90s, 10m, 1.5h (0: off).")] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="CV once per seed (seed, seed + 1, ...), each its own run; submit then averages them all.")] = 1,
-    device: DeviceOpt = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Folds trained at once (0: auto: 2 on a CPU; one per GPU, or all the folds on a large GPU with small images).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Default: runs/COMPETITION/MODEL-HASH.")] = None,
     data_dir: DataDirOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="One line per fold; no live display.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Train each fold data-parallel in N processes on this machine (torchrun; one per GPU, or CPU processes sharing the cores).")] = 1,
 ) -> None:
     """Train one model per stratified fold; write checkpoints, OOF and test probabilities, curves."""
     started = time.monotonic()  # a time budget counts from here
     # lazy: torch, timm and the training code load only for a command that trains
-    from .run.cv import default_run_dir, run_cv
+    from .run.cv import check_data_parallel, default_run_dir, run_cv
     from .run.settings import resolve_config
     from .train.schedule import fold_rows, parse_duration, plan_schedule
 
     budget = parse_duration(time_budget) if time_budget is not None else None
     cfg = resolve_config(preset, config, **command_line(settings, competition=competition, folds=folds, model=model,
-                                                        epochs=epochs, time_budget=budget, device=device, jobs=jobs))
+                                                        epochs=epochs, time_budget=budget, jobs=jobs))
     if seeds != 1 and run_dir is not None:
         raise KaggleVitError("--run-dir names one run, and --seeds makes one per seed; leave --run-dir out")
     spec = load_spec(cfg.competition)
-    data = load_data(spec, data_dir)
+    data = load_data(spec, data_dir)  # under --nproc, here first: the ranks find the image cache built
     cfg, _ = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))  # before the run folder is named from it
-    progress = LineProgress(err) if quiet else RichProgress(err)
+    if nproc > 1 or _data_parallel():
+        check_data_parallel(cfg, seeds, nproc if nproc > 1 else int(os.environ["WORLD_SIZE"]))
+    if nproc > 1:
+        raise typer.Exit(_torchrun(nproc))
+    if _data_parallel():
+        cfg = _join_ranks(cfg)
+    progress = (LineProgress(err) if quiet else RichProgress(err)) if _is_main() else LineProgress(Console(quiet=True))
     if seeds != 1:
         _cv_seeds(cfg, data, seeds, _parse_folds(fold), progress)
         return
     result = run_cv(cfg, data, run_dir or default_run_dir(cfg, spec), _parse_folds(fold), progress, started=started,
-                    on_plan=_show_plan)
-    _show_cv(result, len(data.train), cfg.tta)
+                    on_plan=_show_plan if _is_main() else None)
+    if _is_main():
+        _show_cv(result, len(data.train), cfg.tta)
+    _leave_ranks()
+
+
+def _torchrun(nproc: int) -> int:
+    """`cv --nproc N`: this command again under torchrun, N processes on this machine (without
+    --nproc), each with its share of the cores; returns the exit status of the first rank that
+    failed (which said why in one line), or 0."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # lazy: torch
+    from torch.distributed.run import get_args_parser, run
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            args.append(arg)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "kaggle_vit", *args]))
+    except ChildFailedError as error:
+        codes = [f.exitcode for f in error.failures.values()]
+        return next((c for c in codes if c > 0), 1)
+    return 0
+
+
+def _data_parallel() -> bool:
+    """Whether this process is one of torchrun's ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _join_ranks(cfg: "TrainConfig") -> "TrainConfig":
+    """Join torchrun's other ranks; this rank's device and one fold at a time. Ranks other than 0
+    print nothing (rank 0 speaks for all)."""
+    from .train import ddp  # lazy: torch
+
+    device = ddp.start(cfg.device)
+    if not ddp.is_main():
+        logging.getLogger("kaggle_vit").setLevel(logging.ERROR)
+    return dataclasses.replace(cfg, device=device, jobs=1)
+
+
+def _is_main() -> bool:
+    """Rank 0 under torchrun, or the only process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _leave_ranks() -> None:
+    if _data_parallel():
+        from .train import ddp  # lazy: torch
+
+        ddp.stop()
 
 
 def _show_plan(plan: "Plan") -> None:

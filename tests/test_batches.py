@@ -105,6 +105,6 @@ def test_gpu_settings_refuse_bad_values_in_one_line(small_comp, tmp_path, settin
 
     from kaggle_vit.cli import app
 
-    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--device", "auto",
+    result = CliRunner().invoke(app, ["cv", "--data-dir", str(small_comp), "--run-dir", str(tmp_path / "r"), "--set", "device=auto",
                                       "--set", setting])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [f"error: {message}"], result.output

@@ -26,7 +26,7 @@ def test_cv_help_lists_at_most_sixteen_options():
     options = _options("cv")
     assert "--help" in options and len(options) == len(set(options)) <= 16, options
     assert {"--competition", "--folds", "--fold", "--model", "--preset", "--config", "--set", "--epochs",
-            "--time-budget", "--device", "--jobs", "--quiet"} <= set(options)
+            "--time-budget", "--jobs", "--nproc", "--quiet"} <= set(options)
     command = typer.main.get_command(app).commands["cv"]
     assert len(command.get_params(command.make_context("cv", []))) == len(options)  # the help text hides none
 

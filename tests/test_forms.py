@@ -22,7 +22,7 @@ model = "kvit_pico_patch7_28"
 embed_dim = 32
 depth = 2
 num_heads = 2
-epochs = 1
+epochs = 4
 folds = 2
 batch_size = 64
 device = "cpu"
@@ -92,7 +92,7 @@ def test_score_is_scikit_learns_metric_of_the_submission(competition):
     if form == "probability":
         assert list(truth.columns) == ["ImageId", "IsOdd"]
         expected = roc_auc_score(truth["IsOdd"] == 1, frame["IsOdd"])  # the class number, as train.csv holds it
-        assert expected > 0.6  # real digits: one epoch on 300 images already ranks odd above even
+        assert expected > 0.6  # real digits: four epochs on 300 images already rank odd above even
     else:
         assert list(truth.columns) == ["ImageId", "label"]
         expected = log_loss(truth["label"], clip_probs(frame.iloc[:, 1:].to_numpy()), labels=np.arange(10))

@@ -32,6 +32,7 @@ from ..metrics import get_metric
 from ..notices import notice
 from ..records import EpochRecord, FoldResult, RunMetrics, SeedEnsemble
 from ..spec import CompetitionSpec
+from ..train import ddp
 from ..train.device import auto_jobs, visible_devices
 from ..train.engine import NoProgress, Progress
 from ..train.schedule import Plan, budget_plan, fold_rows, plan_schedule, read_plan, write_plan
@@ -197,18 +198,10 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     if cfg.teacher:
         check_source(Path(cfg.teacher), folds, wanted, len(data.test.images), key="teacher", spec=spec)
     run = RunDir(run_dir)
-    plan = _plan(cfg, plan, data, folds, run, wanted, started)  # a budget too small: said before any write
-    _check_writable(run_dir)
-    with run.locked():  # processes sharing the folder (docs/distributed.md): the first writes what they share
-        _prepare_run_dir(run_dir, cfg, spec)  # the settings as given: a time budget's epochs are in plan.json
-        if new_split:
-            save_folds(shared, folds, data.train.labels)
-        if not run.folds.exists():
-            save_folds(run.folds, folds, data.train.labels)
-        if not run.plan.exists():
-            write_plan(run.plan, plan)
-        plan = _plan(cfg, plan, data, folds, run, wanted, started)  # a budget's: the one written first
-        todo = [k for k in wanted if not finished(run_dir, k)]
+    if on_epoch is not None and ddp.active():
+        raise KaggleVitError("tune under torchrun: tune trials one process each; run tune without torchrun or --nproc")
+    plan, todo = ddp.from_main(_start_run(cfg, plan, data, folds, new_split, shared, run, wanted, started)
+                               if ddp.is_main() else None)  # rank 0 alone writes; every rank trains to its plan
     for k in only_folds or []:
         if k not in todo:
             notice(f"fold {k}: already finished; skipped")
@@ -216,31 +209,91 @@ def run_cv(cfg: TrainConfig, data: CompetitionData, run_dir: Path, only_folds: l
     if on_plan is not None:
         on_plan(plan)
     devices = visible_devices(cfg)
-    jobs = 1 if on_epoch is not None else auto_jobs(cfg, devices, len(todo), spec.height * spec.width)
+    jobs = 1 if on_epoch is not None or ddp.active() else auto_jobs(cfg, devices, len(todo), spec.height * spec.width)
     try:
-        with FoldClaims(run) as claims:  # each fold claimed before it trains: another process may share the folder
+        with _claims(run) as claims:  # each fold claimed before it trains: another process may share the folder
             if jobs > 1:
                 train_folds_parallel(cfg, data, folds, todo, run_dir, jobs, progress, devices, claims)
             else:
-                one = cfg if devices == ["cpu"] else dataclasses.replace(cfg, device=devices[0])
+                one = cfg if devices == ["cpu"] or ddp.active() else dataclasses.replace(cfg, device=devices[0])
                 for fold in todo:
-                    if claims.take(fold):
+                    if ddp.from_main(claims.take(fold)):
                         train_fold(one, data, folds, fold, run_dir, progress, on_epoch, validate_only)
                         claims.release(fold)
     except KeyboardInterrupt:
         raise Interrupted.during(progress.running) from None
-    with run.locked():  # what every process finished so far: the last to finish a fold writes the OOF
+    metrics, trained = ddp.from_main((_write_metrics(cfg, data, folds, run), claims.taken) if ddp.is_main() else None)
+    return CVResult(run_dir, metrics, trained, plan, time.monotonic() - started)
+
+
+def _start_run(cfg: TrainConfig, plan: Plan, data: CompetitionData, folds: np.ndarray, new_split: bool, shared: Path,
+               run: RunDir, wanted: list[int], started: float) -> tuple[Plan, list[int]]:
+    """Write what the processes sharing the run folder share, once (docs/distributed.md), and return
+    the run's plan and the folds of `wanted` not yet finished."""
+    plan = _plan(cfg, plan, data, folds, run, wanted, started)  # a budget too small: said before any write
+    _check_writable(run.root)
+    with run.locked():  # processes sharing the folder (docs/distributed.md): the first writes what they share
+        _prepare_run_dir(run.root, cfg, data.spec)  # the settings as given: a time budget's epochs are in plan.json
+        if new_split:
+            save_folds(shared, folds, data.train.labels)
+        if not run.folds.exists():
+            save_folds(run.folds, folds, data.train.labels)
+        if not run.plan.exists():
+            write_plan(run.plan, plan)
+        plan = _plan(cfg, plan, data, folds, run, wanted, started)  # a budget's: the one written first
+        return plan, [k for k in wanted if not finished(run.root, k)]
+
+
+def _write_metrics(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, run: RunDir) -> RunMetrics:
+    """metrics.json of every fold finished so far, by this process or another sharing the folder; the
+    last to finish a fold writes the OOF."""
+    spec = data.spec
+    with run.locked():
         summaries = tuple(run.fold(k).read_result() for k in range(1, cfg.folds + 1) if run.fold(k).result.exists())
         oof = dict.fromkeys(OOF_SCORES)
         if len(summaries) == cfg.folds:
-            oof = _write_oof(run_dir, data, folds, cfg.folds)
+            oof = _write_oof(run.root, data, folds, cfg.folds)
         metrics = RunMetrics(competition=spec.name, model=cfg.model, class_names=tuple(spec.class_names),
                              metric=spec.metric, n_folds=cfg.folds, folds=summaries, tta=cfg.tta, **oof,
                              train_seconds=sum(s.train_seconds for s in summaries),
                              predict_seconds=sum(s.predict_seconds for s in summaries),
                              version=__version__, git=git_hash(), config=to_toml(cfg))
         run.write_metrics(metrics)
-    return CVResult(run_dir, metrics, claims.taken, plan, time.monotonic() - started)
+    return metrics
+
+
+def check_data_parallel(cfg: TrainConfig, seeds: int, nproc: int) -> None:
+    """Refuse, in one line and before any process starts, what data-parallel training (`cv --nproc`,
+    torchrun) does not do. `cfg` is planned (`schedule.plan_schedule`)."""
+    if cfg.time_budget:
+        raise KaggleVitError("--time-budget with --nproc or torchrun: the budget is measured in one process; "
+                             "give --epochs instead")
+    if seeds != 1:
+        raise KaggleVitError("--seeds with --nproc or torchrun: start one per seed (--set seed=N)")
+    if cfg.batch_size is not None and cfg.batch_size < nproc:
+        raise KaggleVitError(f"batch_size {cfg.batch_size} is smaller than the {nproc} processes sharing each batch; "
+                             f"give a larger batch_size")
+
+
+class _RankClaims:
+    """What a rank other than 0 holds instead of the fold claims: rank 0 claims for all ranks."""
+
+    def __enter__(self) -> _RankClaims:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def take(self, fold: int) -> None:
+        return None  # rank 0's answer decides (`ddp.from_main`)
+
+    def release(self, fold: int) -> None:
+        return None
+
+
+def _claims(run: RunDir) -> FoldClaims | _RankClaims:
+    """The fold claims of this process: rank 0's (or the only process's) are real."""
+    return FoldClaims(run) if ddp.is_main() else _RankClaims()
 
 
 @dataclass(frozen=True)

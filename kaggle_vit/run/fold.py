@@ -15,6 +15,7 @@ from ..metrics import get_metric
 from ..models.factory import create_model, model_kwargs
 from ..notices import notice
 from ..records import CheckpointHeader, FoldResult
+from ..train import ddp
 from ..train.dataset import DataConfig, ImageDataset, resolve_data_config
 from ..train.device import inference_amp, select_device
 from ..train.distill import Teacher
@@ -49,7 +50,8 @@ def _predict(model, result: FitResult, cfg: TrainConfig, valid: ImageDataset, te
     valid_probs = predict_probs(predictor, valid, device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile,
                                 cfg.tta_mode, plain=result.valid_probs)
     test_probs = predict_probs(predictor, test, device, amp, cfg.eval_batch_size, cfg.tta, cfg.compile, cfg.tta_mode)
-    out.write_test_probs(test_probs)
+    if ddp.is_main():
+        out.write_test_probs(test_probs)
     return valid_probs, cfg.tta
 
 
@@ -69,9 +71,11 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     """Train one fold and write its checkpoint, history, validation and (unless `validate_only`, as
     a tuning trial asks) test probabilities under the test-time views, and return its result.
     With `until_epoch` below cfg.epochs it trains that far and returns None, leaving the fold's
-    state for a later call (`handover`: that call is planned, so it resumes without a notice)."""
+    state for a later call (`handover`: that call is planned, so it resumes without a notice).
+    Under data parallelism every rank trains and predicts its share, and rank 0 alone writes."""
     spec, out, metric = data.spec, RunDir(run_dir).fold(fold), get_metric(data.spec.metric)
-    out.root.mkdir(parents=True, exist_ok=True)
+    if ddp.is_main():
+        out.root.mkdir(parents=True, exist_ok=True)
     state_path = out.state
     # rows of the data's arrays, never copies of their images: a fold's memory does not grow with the data
     tr, va = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
@@ -98,18 +102,21 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
     if len(result.history) < cfg.epochs:  # stopped at until_epoch: state.pt carries the fold on
         return None
     best = result.history[result.best_epoch - 1]
-    out.write_checkpoint(result.best_state, CheckpointHeader(
-        model=cfg.model, kwargs=kwargs, fold=fold, competition=spec.name,
-        input_size=(spec.channels, spec.height, spec.width), num_classes=spec.num_classes,
-        class_names=tuple(spec.class_names), valid_acc=best.valid_acc))
+    main = ddp.is_main()
+    if main:
+        out.write_checkpoint(result.best_state, CheckpointHeader(
+            model=cfg.model, kwargs=kwargs, fold=fold, competition=spec.name,
+            input_size=(spec.channels, spec.height, spec.width), num_classes=spec.num_classes,
+            class_names=tuple(spec.class_names), valid_acc=best.valid_acc))
     t0 = time.perf_counter()
     if validate_only:  # a tuning trial: its score is the best epoch's plain validation; no test set, no views
         probs_views, views = result.valid_probs.astype(np.float32), 1
     else:
         test = ImageDataset(data.test.images, data_config=data_config)
         probs_views, views = _predict(model, result, cfg, valid, test, out)
-    out.write_valid_probs(va, result.valid_probs.astype(np.float32), probs_views)
-    out.write_history(result.history)
+    if main:
+        out.write_valid_probs(va, result.valid_probs.astype(np.float32), probs_views)
+        out.write_history(result.history)
     summary = FoldResult(
         fold=fold, best_epoch=result.best_epoch, epochs=len(result.history), metric=metric.name,
         valid_loss=best.valid_loss, valid_acc=best.valid_acc, valid_score=best.valid_score,
@@ -118,7 +125,9 @@ def train_fold(cfg: TrainConfig, data: CompetitionData, folds: np.ndarray, fold:
         train_seconds=result.train_seconds, predict_seconds=time.perf_counter() - t0,
         images_per_s=float(np.median([r.images_per_s for r in result.history])),
         amp=result.amp, device=str(select_device(cfg.device)), pseudo_rows=len(pseudo))
-    out.write_result(summary)
-    state_path.unlink(missing_ok=True)
+    if main:
+        out.write_result(summary)
+        state_path.unlink(missing_ok=True)
+    ddp.barrier()  # no rank moves on (to the OOF, another fold) before the fold's files are there
     progress.end_fold(summary)
     return summary

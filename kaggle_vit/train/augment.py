@@ -115,11 +115,17 @@ def warp(images: torch.Tensor, warps: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def augment_on_device(images: torch.Tensor, r: AugRanges | None, gen: torch.Generator) -> torch.Tensor:
-    """A batch of uint8 images augmented where they are (GPU), each image its own draw; float pixels."""
+def augment_on_device(images: torch.Tensor, r: AugRanges | None, gen: torch.Generator,
+                      part: slice | None = None, total: int = 0) -> torch.Tensor:
+    """A batch of uint8 images augmented where they are (GPU), each image its own draw; float pixels.
+    With `part`, `images` are that part of a batch of `total`: the whole batch's warps are drawn (the
+    generator advances as for the whole batch) and the part's applied, as a data-parallel rank does."""
     if r is None:
         return images.float()
-    return warp(images, sample_warps(r, len(images), tuple(images.shape[-2:]), gen, images.device))
+    size = tuple(images.shape[-2:])
+    if part is None:
+        return warp(images, sample_warps(r, len(images), size, gen, images.device))
+    return warp(images, sample_warps(r, total, size, gen, images.device)[part])
 
 
 # One-pixel shifts in the order TTA adds them: right, left, down, up, then the diagonals.

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..config import TrainConfig
+from . import ddp
 from .augment import aug_ranges, augment_on_device, train_transform
 from .dataset import ImageDataset, keep_batch
 
@@ -43,6 +44,11 @@ def batches_per_epoch(n: int, batch_size: int) -> int:
     """Full batches only (a last, short batch is dropped), except that fewer rows than one batch
     make one batch."""
     return n // batch_size if n > batch_size else min(n, 1)
+
+
+def whole_batch(n: int, batch_size: int) -> int:
+    """Rows in each whole batch of an epoch of `n` rows (`batches_per_epoch`: full batches, or one of all n)."""
+    return min(n, batch_size)
 
 
 def skips_rows(epoch: int, cfg: TrainConfig) -> bool:
@@ -74,16 +80,18 @@ def skip_easy_rows(row_loss: torch.Tensor, ratio: float, gen: torch.Generator) -
 
 
 class SeededBatch(list):
-    """A batch's row indices, with the seed its augmentation draws from (it travels to loader workers)."""
+    """A batch's row indices, with the seed its augmentation draws from (it travels to loader workers)
+    and, under data parallelism, where this rank's share starts in the whole batch (`offset`)."""
 
-    def __init__(self, indices: list[int], seed: int):
+    def __init__(self, indices: list[int], seed: int, offset: int = 0):
         super().__init__(indices)
-        self.seed = seed
+        self.seed, self.offset = seed, offset
 
 
 class EpochBatchSampler(Sampler[SeededBatch]):
     """Shuffled batches of row indices (of every row, or of the epoch's `rows`); the order and every
-    batch's seed follow from `set_epoch`."""
+    batch's seed follow from `set_epoch`. Under data parallelism each batch is this rank's share of
+    the whole batch (`ddp.share`): together the ranks see exactly the rows one process sees."""
 
     def __init__(self, n: int, batch_size: int):
         self.n, self.batch_size, self.seed, self.rows = n, batch_size, 0, None
@@ -99,7 +107,9 @@ class EpochBatchSampler(Sampler[SeededBatch]):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
         order = (order if self.rows is None else self.rows.cpu()[order]).tolist()
         for i in range(len(self)):
-            yield SeededBatch(order[i * self.batch_size : (i + 1) * self.batch_size], (self.seed * 100_003 + i) % 2**31)
+            whole = order[i * self.batch_size : (i + 1) * self.batch_size]
+            part = ddp.share(len(whole))
+            yield SeededBatch(whole[part], (self.seed * 100_003 + i) % 2**31, part.start)
 
 
 def _loader_worker_init(worker_id: int) -> None:
@@ -124,6 +134,11 @@ class HostBatches:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    @property
+    def whole_batch(self) -> int:
+        """Rows in each step's whole batch, over all ranks (`step_weight`)."""
+        return whole_batch(self.sampler.n if self.sampler.rows is None else len(self.sampler.rows), self.sampler.batch_size)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         # The sampler repeats its order from the seed, so a second pass names each batch's rows.
         for (x, y), rows in zip(self.loader, self.sampler):
@@ -146,14 +161,21 @@ class DeviceBatches:
     def __len__(self) -> int:
         return batches_per_epoch(len(self.images) if self.rows is None else len(self.rows), self.batch_size)
 
+    @property
+    def whole_batch(self) -> int:
+        """Rows in each step's whole batch, over all ranks (`step_weight`)."""
+        return whole_batch(len(self.images) if self.rows is None else len(self.rows), self.batch_size)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         n = len(self.images) if self.rows is None else len(self.rows)
         order = torch.randperm(n, generator=self.gen, device=self.images.device)
         if self.rows is not None:
             order = self.rows.to(order.device)[order]
         for i in range(len(self)):
-            rows = order[i * self.batch_size : (i + 1) * self.batch_size]
-            images = augment_on_device(self.images[rows], self.ranges, self.gen)
+            whole = order[i * self.batch_size : (i + 1) * self.batch_size]
+            part = ddp.share(len(whole))  # this rank's share; every rank draws the whole batch's warps
+            rows = whole[part]
+            images = augment_on_device(self.images[rows], self.ranges, self.gen, part, len(whole))
             yield self.data_config.prepare(images), self.labels[rows], rows
 
 

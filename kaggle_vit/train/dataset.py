@@ -77,6 +77,12 @@ def resolve_data_config(model: nn.Module) -> DataConfig:
 Transform = Callable[..., dict]
 
 
+def group_seed(seed: int, position: int) -> int:
+    """The augmentation seed of the group of images that starts at `position` of a batch seeded
+    `seed`: a data-parallel rank holding part of the batch draws what one process would."""
+    return (seed + 7919 * position) % 2**31
+
+
 # Rows copied to the device at a time: the host never holds more than this many bytes of them.
 DEVICE_CHUNK_BYTES = 64 << 20
 
@@ -117,6 +123,17 @@ class ImageDataset(Dataset):
         """The size of the dataset's images, wherever they are."""
         return len(self) * self.images[:1].nbytes
 
+    def part(self, rows: slice) -> ImageDataset:
+        """The dataset's rows `rows` (a data-parallel rank's share), nothing copied; itself when that is all of them."""
+        if rows.start == 0 and rows.stop >= len(self):
+            return self
+        if self.extra is not None:
+            raise ValueError("a part of a dataset with extra rows")
+        labels = None if self.labels is None else self.labels[rows]
+        if self.rows is None:
+            return ImageDataset(self.images[rows], labels, self.transform, self.group, self.data_config)
+        return ImageDataset(self.images, labels, self.transform, self.group, self.data_config, self.rows[rows])
+
     def with_augmentation(self, transform: Transform | None, group: int) -> ImageDataset:
         """The same images, labels and normalisation with another augmentation (a fresh draw per epoch)."""
         return ImageDataset(self.images, self.labels, transform, group, self.data_config, self.rows, self.extra)
@@ -154,9 +171,13 @@ class ImageDataset(Dataset):
     def _batch_uint8(self, indices: list[int]) -> torch.Tensor:
         batch = self.gather(indices)
         if self.transform is not None:
-            if getattr(indices, "seed", None) is not None:  # a batch from batches.EpochBatchSampler
-                self.transform.set_random_seed(indices.seed)
-            batch = np.concatenate([self._augment(batch[i : i + self.group]) for i in range(0, len(batch), self.group)])
+            seed, offset = getattr(indices, "seed", None), getattr(indices, "offset", 0)  # batches.SeededBatch
+            groups = []
+            for i in range(0, len(batch), self.group):
+                if seed is not None:  # each group's draw follows from its place in the whole batch
+                    self.transform.set_random_seed(group_seed(seed, offset + i))
+                groups.append(self._augment(batch[i : i + self.group]))
+            batch = np.concatenate(groups)
         return torch.from_numpy(np.ascontiguousarray(batch))
 
     def _augment(self, images: np.ndarray) -> np.ndarray:

@@ -20,12 +20,14 @@ from timm.data.mixup import mixup_target
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..config import TrainConfig
 from ..errors import KaggleVitError
 from ..io import atomic_path
 from ..metrics import Metric, get_metric
 from ..records import EpochRecord, FoldResult, to_json
+from . import ddp
 from .augment import tta_views
 from .batches import DeviceBatches, HostBatches, skip_easy_rows, skips_rows, train_batches
 from .dataset import ImageDataset
@@ -138,13 +140,14 @@ def _batches(dataset: ImageDataset, batch_size: int, device: torch.device, pad: 
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset: ImageDataset, device: torch.device, amp: Amp, batch_size: int = 256,
                    pad: bool = False) -> torch.Tensor:
-    """Logits for a dataset's images, batched, in eval mode, as float32 on the CPU (copied once, at the end)."""
+    """Logits for a dataset's images, batched, in eval mode, as float32 on the CPU (copied once, at the
+    end). Under data parallelism each rank predicts its share of the rows and every rank gets them all."""
     model.eval()
     outs = []
-    for x, n in _batches(dataset, batch_size, device, pad):
+    for x, n in _batches(dataset.part(ddp.share(len(dataset))), batch_size, device, pad):
         with autocast(device, amp):
             outs.append(model(x)[:n].float().clone())  # a CUDA-graph output is overwritten by the next batch
-    return torch.cat(outs).cpu()
+    return ddp.gather_rows(torch.cat(outs).cpu())
 
 
 @torch.no_grad()
@@ -154,10 +157,12 @@ def predict_probs(model: nn.Module, dataset: ImageDataset, device: torch.device,
     shifts, or mirror images for photos), float32 (N, classes). cv uses it for both the OOF and the
     test predictions, so the OOF score measures the predictor the submission uses. `plain`: the
     first (plain) view's probabilities when already known, as a fold's validation gives them, so
-    that view is not computed twice."""
+    that view is not computed twice. Under data parallelism each rank predicts its share of the rows
+    and every rank gets them all."""
     model.eval()
-    transforms, outs, start = tta_views(mode, views), [], 0
-    for x, n in _batches(dataset, batch_size, device, pad):
+    share = ddp.share(len(dataset))
+    transforms, outs, start = tta_views(mode, views), [], share.start
+    for x, n in _batches(dataset.part(share), batch_size, device, pad):
         total = 0
         for i, view in enumerate(transforms):
             if i == 0 and plain is not None:
@@ -167,7 +172,7 @@ def predict_probs(model: nn.Module, dataset: ImageDataset, device: torch.device,
                 total = total + model(view(x))[:n].float().softmax(1)
         outs.append(total / len(transforms))
         start += n
-    return torch.cat(outs).cpu().numpy()
+    return ddp.gather_rows(torch.cat(outs).cpu()).numpy()
 
 
 @dataclass
@@ -273,6 +278,7 @@ class Trainer:
 
     model: nn.Module
     forward: nn.Module
+    evaluator: nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -284,6 +290,7 @@ class Trainer:
     row_weight: torch.Tensor | None = None
     mixup: Mixup | None = None
     teacher: Teacher | None = None
+    row_mine: torch.Tensor | None = None
 
     @property
     def eval_model(self) -> nn.Module:
@@ -322,17 +329,26 @@ def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, rows:
                  teacher: Teacher | None = None) -> Trainer:
     """The model moved to cfg's device, with its optimiser, schedule, scaler, AMP, (compiled)
     forward and Mixup; with cfg.skip_easy, a loss per training row (`rows` of them) to choose epochs'
-    rows by; the `teacher`, if any, frozen on the same device."""
+    rows by; the `teacher`, if any, frozen on the same device. Under data parallelism the training
+    forward is DistributedDataParallel's (gradients averaged over the ranks); evaluation uses the model itself."""
     device = select_device(cfg.device)
     amp = amp_for(cfg.amp, device)
     model.to(device)
+    if ddp.active() and device.type == "cuda":  # batch statistics over the whole batch, as one process has them
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=amp.scaler)
     row_loss = torch.zeros(rows, device=device) if cfg.skip_easy and rows else None
-    return Trainer(model, maybe_compile(model, cfg, device), opt, sched, scaler, amp, device, cfg, make_ema(model, cfg.ema),
+    evaluator = maybe_compile(model, cfg, device)
+    forward = evaluator
+    if ddp.active():
+        forward = maybe_compile(DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None),
+                                cfg, device)
+    return Trainer(model, forward, evaluator, opt, sched, scaler, amp, device, cfg, make_ema(model, cfg.ema),
                    row_loss, mixup=make_mixup(cfg, model.num_classes),
-                   teacher=None if teacher is None else teacher.to(device))
+                   teacher=None if teacher is None else teacher.to(device),
+                   row_mine=None if row_loss is None or not ddp.active() else torch.zeros_like(row_loss))
 
 
 def _loss(t: Trainer, x: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
@@ -351,7 +367,19 @@ def _loss(t: Trainer, x: torch.Tensor, logits: torch.Tensor, target: torch.Tenso
     if t.row_loss is None or rows is None:
         return losses.mean()
     t.row_loss[rows] = losses.detach().float()
+    if t.row_mine is not None:
+        t.row_mine[rows] = 1.0
     return losses.mean() if t.row_weight is None else (losses * t.row_weight[rows]).mean()
+
+
+def share_row_losses(t: Trainer) -> None:
+    """Under data parallelism, every rank's row losses of the epoch given to every rank (each rank
+    recorded only its own rows'), so all ranks choose the same rows next epoch."""
+    if t.row_mine is None:
+        return
+    losses, mine = ddp.all_sum(t.row_loss * t.row_mine), ddp.all_sum(t.row_mine)
+    t.row_loss.copy_(torch.where(mine > 0, losses, t.row_loss))
+    t.row_mine.zero_()
 
 
 def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], epoch: int,
@@ -360,8 +388,11 @@ def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tens
     the device when mixup or cutmix is on (so both batch sources get it); returns the epoch's mean
     loss and accuracy. The sums stay on the device and are read once, at the end: a
     read per step would make the host wait for the GPU at every step. On a CPU, where a read costs
-    nothing, the display also gets each step's loss."""
+    nothing, the display also gets each step's loss. Under data parallelism each rank's batch is its
+    share of the step's whole batch, weighted so that DDP's mean of the ranks' gradients is the
+    whole batch's (`step_weight`), and the epoch's sums are added up over the ranks."""
     t.model.train()
+    whole = getattr(batches, "whole_batch", 0)
     loss_sum = torch.zeros((), device=t.device)
     correct = torch.zeros((), dtype=torch.long, device=t.device)
     seen, show_loss = 0, t.device.type == "cpu"
@@ -373,7 +404,7 @@ def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tens
             logits = t.forward(x)
             loss = _loss(t, x, logits, target, rows)
         t.opt.zero_grad(set_to_none=True)
-        t.scaler.scale(loss).backward()
+        t.scaler.scale(loss if whole == 0 or not ddp.active() else loss * step_weight(len(y), whole)).backward()
         t.scaler.unscale_(t.opt)
         nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip, foreach=True)
         t.scaler.step(t.opt)
@@ -387,9 +418,19 @@ def train_one_epoch(t: Trainer, batches: Iterable[tuple[torch.Tensor, torch.Tens
         correct += (logits.argmax(1) == (target if target.ndim == 1 else target.argmax(1))).sum()
         seen += n
         progress.step(loss.item() if show_loss else None, n)
+    if ddp.active():
+        sums = ddp.all_sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=t.device,
+                                                                                            dtype=torch.float64)]))
+        loss_sum, correct, seen = sums[0], sums[1], int(sums[2].item())
     mean_loss = loss_sum.item() / max(1, seen)
     _check_finite(mean_loss, "loss", epoch)
     return {"train_loss": mean_loss, "train_acc": correct.item() / max(1, seen), "seen": seen}
+
+
+def step_weight(rows: int, whole: int) -> float:
+    """What a rank's mean loss over its `rows` of a step's `whole` batch is scaled by, so that the mean
+    of the ranks' gradients (DDP's) is the gradient of the whole batch's mean loss, whatever the shares."""
+    return rows * ddp.world() / whole
 
 
 def evaluate(forward: nn.Module, dataset: ImageDataset, device: torch.device, amp: Amp, batch_size: int, pad: bool,
@@ -456,7 +497,7 @@ def fit(
     valid = _on_device(valid, batches, device)
     t = make_trainer(model, cfg, max(1, len(batches)), rows=len(train), teacher=teacher)
     st = _State() if resume is None else _restore(resume, t)
-    eval_forward = t.forward if t.ema is None else maybe_compile(t.ema.module, cfg, device)
+    eval_forward = t.evaluator if t.ema is None else maybe_compile(t.ema.module, cfg, device)
     last = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
     while st.epoch < last:
         epoch = st.epoch + 1
@@ -466,6 +507,7 @@ def fit(
         t.sched.lr_lambdas[0].begin_epoch(epoch, t.sched.last_epoch, len(batches))
         progress.start_epoch(epoch, cfg.epochs, len(batches))
         trained = train_one_epoch(t, batches, epoch, progress)
+        share_row_losses(t)
         train_time = time.perf_counter() - t0
         probs, scores = None, dict.fromkeys(("valid_loss", "valid_acc", "valid_score"), math.nan)
         if validates(epoch, cfg):
@@ -483,7 +525,7 @@ def fit(
             st.best_state = {k: v.detach().cpu().clone() for k, v in t.eval_model.state_dict().items()}
             st.best_probs = probs
         progress.end_epoch(record)
-        if state_path is not None:
+        if state_path is not None and ddp.is_main():  # one writer; every rank resumes from it
             _save_state(state_path, t, st)
         if on_epoch is not None:
             on_epoch(record)
