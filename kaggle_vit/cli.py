@@ -92,8 +92,10 @@ def _root() -> None:
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    """Print the one line (`error:` first for exit 2) and return the exit to raise."""
-    err.print(("[bold red]error:[/] " if code == 2 else "") + escape(message), highlight=False, soft_wrap=True)
+    """Print the one line (`error:` first for exit 2) and return the exit to raise. Under torchrun an
+    interruption is said by rank 0 alone (every rank stops at once)."""
+    if code == 2 or _is_main():
+        err.print(("[bold red]error:[/] " if code == 2 else "") + escape(message), highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -272,7 +274,8 @@ def _torchrun(nproc: int) -> int:
     """`cv --nproc N`: this command again under torchrun, N processes on this machine (without
     --nproc), each with its share of the cores; returns the exit status of the first rank that
     failed (which said why in one line), or 0."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # lazy: torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException  # lazy: torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args, skip = [], False
@@ -284,11 +287,16 @@ def _torchrun(nproc: int) -> int:
         if not skip:
             args.append(arg)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for name in list(logging.root.manager.loggerDict):  # rank 0 says what happened, in one line
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "kaggle_vit", *args]))
     except ChildFailedError as error:
         codes = [f.exitcode for f in error.failures.values()]
         return next((c for c in codes if c > 0), 1)
+    except SignalException:  # Ctrl-C or SIGTERM: torchrun stopped the ranks, and rank 0 said what was kept
+        return 130
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,3 +155,24 @@ def test_what_data_parallel_does_not_do_is_refused_in_one_line_before_it_starts(
     assert result.exit_code == 2
     assert one_line(result) == line
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_with_one_line_and_keeps_the_last_epoch(comp, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(to_toml(TrainConfig(**{**EQUAL, "epochs": 400, "batch_size": 8})))
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cv(cfg, comp, run, "--fold", "1", "--nproc", "2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    state = RunDir(run).fold(1).state
+    deadline = time.monotonic() + 240
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert state.exists(), proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"interrupted during fold 1, epoch \d+ of 400; the same command resumes",
+                                            lines[0]), err
+    assert state.exists() and not RunDir(run).fold(1).result.exists()
