@@ -20,11 +20,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .config import parse_set
+from .config import DEFAULT_MODEL, SMALL_DATA_MODEL, parse_set
 from .errors import Interrupted, KaggleVitError
 from .metrics import get_metric
 from .notebook import write_notebook
-from .notices import log
+from .notices import log, notice
 from .progress import LineProgress, RichProgress
 from .spec import CompetitionSpec, SpecFacts, load_spec, shown, spec_facts
 
@@ -252,7 +252,10 @@ def cv(
         raise KaggleVitError("--run-dir names one run, and --seeds makes one per seed; leave --run-dir out")
     spec = load_spec(cfg.competition)
     data = load_data(spec, data_dir)  # under --nproc, here first: the ranks find the image cache built
-    cfg, _ = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))  # before the run folder is named from it
+    cfg, plan = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))  # before the run folder is named from it
+    if plan.model == SMALL_DATA_MODEL and _is_main():
+        notice(f"{plan.rows:,} training rows per fold: the model is {plan.model}, a small CNN, which learns more "
+                    f"than a ViT from so few images (--model {DEFAULT_MODEL} trains the ViT)")
     if nproc > 1 or _data_parallel():
         check_data_parallel(cfg, seeds, nproc if nproc > 1 else int(os.environ["WORLD_SIZE"]))
     if nproc > 1:
@@ -510,6 +513,7 @@ def tune(
     from .tune import check_budget, check_storage, default_study_name, load_space, make_pruner, run_tune
 
     base = resolve_config(preset, config, **command_line(settings, competition=competition, epochs=epochs, folds=folds))
+    base = dataclasses.replace(base, model=base.model or DEFAULT_MODEL)  # tune searches the ViT's settings
     check_budget(trials, timeout)
     make_pruner(pruner)
     search = load_space(space, base.model) if space else None
@@ -571,6 +575,7 @@ def bench(
     from .train.schedule import fold_rows, plan_schedule
 
     cfg = resolve_config(preset, None, **command_line(settings, competition=competition, model=model, device=device))
+    cfg = dataclasses.replace(cfg, model=cfg.model or DEFAULT_MODEL)  # bench measures a kvit
     spec = load_spec(cfg.competition)
     ours = create_model(cfg, spec)
     if not hasattr(ours, "attention_maps"):

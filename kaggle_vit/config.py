@@ -26,6 +26,10 @@ from .io import read_toml, write_text
 ARCHITECTURE = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "stem_channels", "stem_pool")
 # The schedule's settings that `schedule.plan_schedule` plans when they are None (not given).
 PLANNED = ("epochs", "batch_size", "lr", "warmup_epochs")
+# The model a run trains when none is given (`schedule.planned_model`): the kvit, or below
+# SMALL_ROWS training rows a fold, where a ViT from scratch learns less than a linear model on the
+# pixels, a small CNN (benchmarks/RESULTS.md, "Any dataset size").
+DEFAULT_MODEL, SMALL_DATA_MODEL, SMALL_ROWS = "kvit_pico_patch4_28", "resnet10t", 300
 
 
 Aug = Literal["rotate", "affine", "flip", "crop", "none"]
@@ -49,7 +53,8 @@ class TrainConfig:
     fields say; `resolve_config` leaves the PLANNED settings None unless given, for `plan_schedule`."""
 
     competition: str = setting("digit-recognizer", "a bundled competition's name or a spec .toml path")
-    model: str = setting("kvit_pico_patch4_28", "a kvit_* model, or any timm image classifier such as convnext_atto")
+    model: str | None = setting(DEFAULT_MODEL, "a kvit_* model, or any timm image classifier such as convnext_atto "
+                                "(not given: kvit_pico_patch4_28, or resnet10t below 300 training rows a fold)")
     # architecture overrides (None: the registered variant's value)
     patch_size: int | None = setting(None, "side of the square patches; must divide the image size")
     embed_dim: int | None = setting(None, "width of the tokens")

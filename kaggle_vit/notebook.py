@@ -103,7 +103,7 @@ def _cells(spec: CompetitionSpec) -> list[tuple[str, str]]:
         ("code", "# Cross-validation: one model per stratified fold\n"
                  "from kaggle_vit import run_cv\n"
                  "from kaggle_vit.progress import LineProgress\n"
-                 "run_dir = work_dir / 'runs' / spec.name / cfg.model\n"
+                 "run_dir = work_dir / 'runs' / spec.name / 'cv'\n"
                  "cv = run_cv(cfg, data, run_dir, progress=LineProgress(), on_plan=lambda plan: print(plan.line()))\n"
                  "print(f'OOF {cv.metrics.metric} {cv.metrics.oof_score_views:.4f}, accuracy {100 * cv.metrics.oof_acc_views:.2f}%')"),
         ("code", "# Curves, test predictions, OOF mistakes, confusion matrix, attention\n"

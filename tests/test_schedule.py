@@ -45,6 +45,24 @@ def test_the_schedule_is_planned_from_the_training_rows(preset, rows, expected):
     assert plan.steps_per_epoch >= MIN_STEPS_PER_EPOCH or plan.batch_size == MIN_BATCH
 
 
+@pytest.mark.parametrize("rows, given, expected", [
+    (80, {}, "resnet10t"),  # a hundred images: a small CNN
+    (299, {}, "resnet10t"),
+    (300, {}, "kvit_pico_patch4_28"),  # from SMALL_ROWS on, the ViT
+    (33_600, {}, "kvit_pico_patch4_28"),
+    (80, {"model": "kvit_pico_patch4_28"}, "kvit_pico_patch4_28"),  # a model given is kept
+    (80, {"depth": 4}, "kvit_pico_patch4_28"),  # a ViT's setting asks for the ViT
+    (80, {"drop_path_rate": 0.1}, "kvit_pico_patch4_28"),
+])
+def test_the_model_not_given_is_planned_from_the_training_rows(rows, given, expected):
+    cfg = resolve_config(**given)
+    assert cfg.model == given.get("model")  # not given: planned
+    planned, plan = plan_schedule(cfg, rows)
+    assert planned.model == expected
+    assert plan.model == (None if "model" in given else expected)
+    assert resolve_config("gpu").model == "kvit_small_patch4_28"  # a preset's model is given
+
+
 @pytest.mark.parametrize("preset, fingerprint, expected", [("cpu", "3f0788e8", (11, 64, 4e-3, 0.5)),
                                                            ("gpu", "b3a216fa", (30, 512, 2.8e-3, 2.0))])
 def test_digit_recognizers_defaults_resolve_to_the_recipes_and_run_folders_of_before(preset, fingerprint, expected):

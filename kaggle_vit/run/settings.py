@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ..config import ARCHITECTURE, PLANNED, PRESETS, TrainConfig, apply_overrides, load_toml, validate_config
+from ..config import ARCHITECTURE, DEFAULT_MODEL, PLANNED, PRESETS, TrainConfig, apply_overrides, load_toml, validate_config
 from ..errors import KaggleVitError
 from ..models.factory import create_model
 from ..models.pretrained import weights_architecture
@@ -18,15 +18,15 @@ from ..spec import load_spec
 def resolve_config(preset: str | None = None, config_file: Path | None = None, **cli: Any) -> TrainConfig:
     """Preset, then the competition spec's [train] table, then TOML file, then command-line
     settings (None = not given) → one TrainConfig. A photo competition's spec can so choose flips, a
-    digit one rotation. The PLANNED settings none of them gives stay None, for
-    `schedule.plan_schedule`. The model is built once here, so that an unknown model, an
+    digit one rotation. The PLANNED settings and the model, where none of them gives them, stay
+    None, for `schedule.plan_schedule`. The model is built once here, so that an unknown model, an
     impossible shape or unfitting weights fail before any data is read or folder written."""
     from_file = load_toml(config_file) if config_file else {}
     name = preset or from_file.pop("preset", None) or "cpu"
     from_file.pop("preset", None)
     if name not in PRESETS:
         raise KaggleVitError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
-    cfg = apply_overrides(TrainConfig(**dict.fromkeys(PLANNED)), PRESETS[name], f"preset {name}")
+    cfg = apply_overrides(TrainConfig(**dict.fromkeys((*PLANNED, "model"))), PRESETS[name], f"preset {name}")
     competition = cli.get("competition") or from_file.get("competition") or cfg.competition
     spec = load_spec(competition)
     cfg = apply_overrides(cfg, dict(spec.train_defaults), f"{spec.path} [train]")
@@ -34,7 +34,7 @@ def resolve_config(preset: str | None = None, config_file: Path | None = None, *
     cfg = apply_overrides(cfg, cli, "command line")
     validate_config(cfg)
     cfg = with_weights_architecture(cfg)
-    create_model(cfg, spec)
+    create_model(cfg if cfg.model else dataclasses.replace(cfg, model=DEFAULT_MODEL), spec)
     return cfg
 
 

@@ -26,11 +26,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..config import BUDGETS, Budget, TrainConfig, validate_config
+from ..config import BUDGETS, DEFAULT_MODEL, SMALL_DATA_MODEL, SMALL_ROWS, Budget, TrainConfig, validate_config
 from ..data.layouts import CompetitionData
 from ..errors import KaggleVitError
 from ..io import read_json, write_json
-from ..models.factory import create_model
+from ..models.factory import MODEL_SETTINGS, create_model
 from .batches import batches_per_epoch, easy_share, skips_rows, train_batches
 from .dataset import DataConfig, ImageDataset, resolve_data_config
 from .distill import Teacher
@@ -96,6 +96,7 @@ class Plan:
     lr: float
     warmup_epochs: float | None
     time_budget: float = 0.0
+    model: str | None = None  # the model planned for the rows (`planned_model`); None when one was given
     train_images_per_s: float | None = None
     predict_images_per_s: float | None = None
     estimated_seconds: float | None = None
@@ -105,9 +106,9 @@ class Plan:
         return batches_per_epoch(self.rows, self.batch_size)
 
     def fill(self, cfg: TrainConfig) -> TrainConfig:
-        """`cfg` with this plan's epochs, batch size, learning rate and warm-up."""
+        """`cfg` with this plan's epochs, batch size, learning rate and warm-up, and its model if it planned one."""
         return dataclasses.replace(cfg, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
-                                   warmup_epochs=self.warmup_epochs)
+                                   warmup_epochs=self.warmup_epochs, model=self.model or cfg.model)
 
     def line(self) -> str:
         """The plan in one line: '800 training rows per fold: 300 epochs × 25 steps of 32 = 7,500 steps (...)'."""
@@ -151,8 +152,17 @@ def plan_schedule(cfg: TrainConfig, rows: int) -> tuple[TrainConfig, Plan]:
     warmup = cfg.warmup_epochs
     if warmup is None and epochs is not None:
         warmup = planned_warmup(budget, epochs)
-    plan = Plan(rows, epochs, batch, lr, warmup, cfg.time_budget)
+    model = cfg.model or planned_model(cfg, rows)
+    plan = Plan(rows, epochs, batch, lr, warmup, cfg.time_budget, model=None if cfg.model else model)
     return plan.fill(cfg), plan
+
+
+def planned_model(cfg: TrainConfig, rows: int) -> str:
+    """The model of a run that names none: below SMALL_ROWS training rows a fold a small CNN, which
+    learns more from a few hundred images than a ViT from scratch (benchmarks/RESULTS.md), unless a
+    model setting (architecture, dropouts: the kvit's) or pretrained weights say otherwise."""
+    vit_only = [k for k in MODEL_SETTINGS if getattr(cfg, k)] or cfg.pretrained
+    return SMALL_DATA_MODEL if rows < SMALL_ROWS and not vit_only else DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
