@@ -253,13 +253,13 @@ def cv(
     spec = load_spec(cfg.competition)
     data = load_data(spec, data_dir)  # under --nproc, here first: the ranks find the image cache built
     cfg, plan = plan_schedule(cfg, fold_rows(len(data.train), cfg.folds))  # before the run folder is named from it
-    if plan.model == SMALL_DATA_MODEL and _is_main():
-        notice(f"{plan.rows:,} training rows per fold: the model is {plan.model}, a small CNN, which learns more "
-                    f"than a ViT from so few images (--model {DEFAULT_MODEL} trains the ViT)")
     if nproc > 1 or _data_parallel():
         check_data_parallel(cfg, seeds, nproc if nproc > 1 else int(os.environ["WORLD_SIZE"]))
     if nproc > 1:
         raise typer.Exit(_torchrun(nproc))
+    if plan.model == SMALL_DATA_MODEL and _is_main():
+        notice(f"{plan.rows:,} training rows per fold: the model is {plan.model}, a small CNN, which learns more "
+               f"than a ViT from so few images (--model {DEFAULT_MODEL} trains the ViT)")
     if _data_parallel():
         cfg = _join_ranks(cfg)
     progress = (LineProgress(err) if quiet else RichProgress(err)) if _is_main() else LineProgress(Console(quiet=True))

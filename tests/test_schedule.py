@@ -221,3 +221,16 @@ def test_a_budget_too_small_is_one_line_before_anything_is_written(small_comp, t
     both = runner.invoke(app, ["cv", "--config", str(tiny), "--data-dir", str(small_comp), "--time-budget", "10m",
                                "--epochs", "3"])
     assert both.exit_code == 2 and "plans the epochs: leave epochs out" in both.output
+
+
+def test_cv_on_a_few_hundred_images_trains_the_small_cnn_and_says_so(small_spec, mnist, tmp_path, monkeypatch):
+    from conftest import build_small
+
+    data = build_small(tmp_path / "data", small_spec, mnist, 200, 50)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["cv", "--data-dir", str(data), "--folds", "2", "--epochs", "1", "--quiet",
+                                 "--set", "tta=1", "--set", "device=cpu"])
+    assert result.exit_code == 0, result.output
+    assert ("note: 100 training rows per fold: the model is resnet10t, a small CNN, which learns more than a ViT from "
+            "so few images (--model kvit_pico_patch4_28 trains the ViT)") in result.output
+    assert [p.name.split("-")[0] for p in (tmp_path / "runs" / "digit-recognizer").iterdir()] == ["resnet10t"]
