@@ -14,7 +14,6 @@ import os
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -101,13 +100,11 @@ def all_sum(values: torch.Tensor) -> torch.Tensor:
     return moved.to(values.device)
 
 
-def gather_rows(part: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """Each rank's `share` of the rows of an array, put back together in rank order on every rank."""
+def gather_rows(part: torch.Tensor) -> torch.Tensor:
+    """Each rank's `share` of the rows of a tensor, put back together in rank order on every rank."""
     if not active():
         return part
-    numpy = isinstance(part, np.ndarray)
-    local = torch.from_numpy(part) if numpy else part
-    moved = local.to(_collective_device())
+    moved = part.to(_collective_device())
     sizes = [torch.zeros((), dtype=torch.long, device=moved.device) for _ in range(world())]
     dist.all_gather(sizes, torch.tensor(len(moved), device=moved.device))
     longest = int(max(s.item() for s in sizes))
@@ -115,8 +112,7 @@ def gather_rows(part: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     padded[: len(moved)] = moved
     parts = [torch.empty_like(padded) for _ in range(world())]
     dist.all_gather(parts, padded)
-    whole = torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(local.device)
-    return whole.numpy() if numpy else whole
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)]).to(part.device)
 
 
 def from_main(value: Any) -> Any:
